@@ -1,2 +1,43 @@
-"""fineflow: pure ASGI middleware for distributed rate limiting and circuit breaking."""
+"""fineflow: pure ASGI middleware for distributed rate limiting and circuit breaking.
+
+Rate limiting keeps its state in PostgreSQL by default, so every instance of a service
+shares one limit; circuit breakers guard routes of your app and outbound calls.
+"""
+
+from ._algorithms import Algorithm, BucketState, Decision
+from ._errors import (
+    CircuitOpenError,
+    ConfigurationError,
+    FineflowError,
+    SchemaVersionError,
+    StorageClosedError,
+    StorageError,
+)
+from ._limiter import Decisions, LimiterMetrics, RateLimiter
+from ._memory import MemoryStorage
+from ._quota import Quota
+from ._storage import Hit, KeyStatus, StatsRow, Storage
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Algorithm",
+    "BucketState",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "Decision",
+    "Decisions",
+    "FineflowError",
+    "Hit",
+    "KeyStatus",
+    "LimiterMetrics",
+    "MemoryStorage",
+    "Quota",
+    "RateLimiter",
+    "SchemaVersionError",
+    "StatsRow",
+    "Storage",
+    "StorageClosedError",
+    "StorageError",
+    "__version__",
+]

@@ -199,10 +199,7 @@ def sliding_window_step(
         new_state = state if cost == 0 else BucketState(start, used, prev)
         return _decision(True, quota, remaining, reset, 0), new_state
     remaining = (limit * period - weighted_prev - count * period) // period
-    if count > 0:
-        reset = start + 2 * period - now
-    else:
-        reset = start + period - now
+    reset = start + (2 if count > 0 else 1) * period - now
     if cost > limit:
         return _decision(False, quota, remaining, reset, None, COST_TOO_HIGH), state
     # Earliest fit in this window: prev * (period - e) <= (limit - count - cost) * period.
@@ -216,9 +213,7 @@ def sliding_window_step(
     return _decision(False, quota, remaining, reset, start + period + need - now), state
 
 
-StepFunction = Callable[
-    [BucketState | None, int, Quota, int], tuple[Decision, BucketState | None]
-]
+StepFunction = Callable[[BucketState | None, int, Quota, int], tuple[Decision, BucketState | None]]
 
 ALGORITHMS: dict[str, StepFunction] = {
     "gcra": gcra_step,
@@ -259,9 +254,10 @@ def step_all(
     results = [fn(s, now, q, cost) for s, q in zip(states, quotas, strict=True)]
     if all(d.allowed for d, _ in results):
         return [d for d, _ in results], [s for _, s in results]
-    decisions = [d if not d.allowed else fn(s, now, q, 0)[0] for (d, _), s, q in zip(
-        results, states, quotas, strict=True
-    )]
+    decisions = [
+        d if not d.allowed else fn(s, now, q, 0)[0]
+        for (d, _), s, q in zip(results, states, quotas, strict=True)
+    ]
     return decisions, list(states)
 
 

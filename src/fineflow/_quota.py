@@ -92,7 +92,7 @@ class Quota:
             raise ConfigurationError("Quota name must be a non-empty string or None")
 
     @classmethod
-    def parse(cls, text: str, *, name: str | None = None) -> Quota:
+    def parse(cls, text: str | Quota, *, name: str | None = None) -> Quota:
         """Parse ``"<limit>/<period>[;burst=<n>]"``, e.g. ``"100/minute"`` or ``"5/30s"``.
 
         Raises:

@@ -151,8 +151,19 @@ class ThrowawayCluster:
         cluster = cls(bindir, root, user)
         atexit.register(cluster.close)
         try:
-            cluster._run("initdb", "-D", str(cluster.data), "-U", "postgres", "-A", "trust",
-                         "--no-sync", "-E", "UTF8", "--locale=C")
+            cluster._run(
+                "initdb",
+                "-D",
+                str(cluster.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            )
             cluster.start()
         except BaseException:
             cluster.close()
@@ -175,16 +186,13 @@ class ThrowawayCluster:
         return f"host={self.socket_dir} port={self.port} user=postgres dbname=postgres"
 
     def _run(self, tool: str, *args: str) -> None:
-        kwargs: dict[str, object] = {}
-        if self.user is not None:
-            kwargs["user"] = self.user
         result = subprocess.run(
             [str(self.bindir / tool), *args],
             capture_output=True,
             text=True,
             cwd=self.root,
             check=False,
-            **kwargs,  # type: ignore[arg-type]
+            user=self.user,
         )
         if result.returncode != 0:
             raise PostgresNotFoundError(
@@ -197,8 +205,19 @@ class ThrowawayCluster:
             f"-c listen_addresses='' -k {self.socket_dir} -p {self.port} -c fsync=off "
             "-c max_connections=200 -c shared_buffers=64MB"
         )
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
-                  "-o", options, "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
         """Stop the server (``immediate`` is a crash, as a power cut would be)."""
@@ -265,8 +284,7 @@ def find_postgres(*, throwaway: bool | None = None) -> PostgresServer:
             if _answers(env):
                 return PostgresServer(env, "env")
             raise PostgresNotFoundError(
-                f"{ENV_DSN} is set but the server does not answer: {env!r}. "
-                "Fix or unset it."
+                f"{ENV_DSN} is set but the server does not answer: {env!r}. Fix or unset it."
             )
         reasons.append(f"{ENV_DSN} is not set")
         for dsn in ("", LOCAL_FALLBACK_DSN):

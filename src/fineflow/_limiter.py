@@ -1,0 +1,284 @@
+"""RateLimiter: decisions with a time budget and a policy for when the storage fails."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+
+from ._algorithms import Decision, validate_algorithm
+from ._errors import ConfigurationError, StorageError
+from ._quota import Quota
+from ._storage import Hit, KeyStatus, Storage
+
+__all__ = ["Decisions", "LimiterMetrics", "RateLimiter"]
+
+logger = logging.getLogger("fineflow.limiter")
+
+STORAGE_UNAVAILABLE = "storage unavailable"
+
+
+class Decisions(tuple[Decision, ...]):
+    """The decisions of one request over several quotas (all or nothing).
+
+    A tuple of :class:`Decision`, one per quota in order, plus the combined view.
+    """
+
+    __slots__ = ()
+
+    @property
+    def allowed(self) -> bool:
+        """True if every quota admitted the request (and all were charged)."""
+        return all(d.allowed for d in self)
+
+    @property
+    def retry_after(self) -> float | None:
+        """0.0 if allowed; else the longest wait among denying quotas (``None``: never)."""
+        waits = [d.retry_after for d in self if not d.allowed]
+        if not waits:
+            return 0.0
+        if any(w is None for w in waits):
+            return None
+        return max(w for w in waits if w is not None)
+
+    @property
+    def denied(self) -> list[Decision]:
+        """The decisions that denied the request."""
+        return [d for d in self if not d.allowed]
+
+    @property
+    def storage_failed(self) -> bool:
+        """True if these decisions were made by ``on_storage_error`` policy, not storage."""
+        return any(d.reason == STORAGE_UNAVAILABLE for d in self)
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterMetrics:
+    """A snapshot of a limiter's counters."""
+
+    decisions: int
+    allowed: int
+    denied: int
+    storage_errors: int
+    storage_timeouts: int
+    failed_open: int
+    failed_closed: int
+    short_circuited: int
+    storage_healthy: bool
+
+
+class _StoreGuard:
+    """A small breaker around the store: after ``threshold`` consecutive failures it stops
+    calling the store for ``cooldown`` seconds, then lets one probe through."""
+
+    __slots__ = ("clock", "cooldown", "failures", "open_until", "probing", "threshold")
+
+    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float]) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.failures = 0
+        self.open_until = 0.0
+        self.probing = False
+
+    def admit(self) -> bool:
+        if self.failures < self.threshold:
+            return True
+        if self.probing or self.clock() < self.open_until:
+            return False
+        self.probing = True
+        return True
+
+    def success(self) -> None:
+        self.failures = 0
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.failures >= self.threshold:
+            self.open_until = self.clock() + self.cooldown
+
+    def retry_after(self) -> float:
+        return max(self.open_until - self.clock(), 0.0)
+
+
+class RateLimiter:
+    """Decide whether a caller may do something now, against a shared storage.
+
+    Args:
+        storage: where state lives: :class:`PostgresStorage` (shared by every instance) or
+            :class:`MemoryStorage` (one process).
+        algorithm: ``"gcra"`` (default), ``"fixed_window"`` or ``"sliding_window"``.
+        on_storage_error: ``"allow"`` (fail open, default) or ``"deny"`` (fail closed) when
+            the storage errors, times out, or is being skipped after repeated failures.
+        timeout: the time budget per decision in seconds (default 0.05); ``None`` for none.
+            Not applied to in-process storages, which cannot hang.
+        failure_threshold: consecutive storage failures after which the limiter stops
+            calling the storage (default 3) ...
+        recovery_time: ... for this many seconds, then probes it with one request (default 1.0).
+
+    Raises:
+        ConfigurationError: for an unknown algorithm or policy, or a bad timeout.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        algorithm: str = "gcra",
+        on_storage_error: Literal["allow", "deny"] = "allow",
+        timeout: float | None = 0.05,
+        failure_threshold: int = 3,
+        recovery_time: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.algorithm = validate_algorithm(algorithm)
+        if on_storage_error not in ("allow", "deny"):
+            raise ConfigurationError(
+                f"on_storage_error must be 'allow' or 'deny', got {on_storage_error!r}"
+            )
+        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+            raise ConfigurationError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+        if not isinstance(failure_threshold, int) or failure_threshold < 1:
+            raise ConfigurationError("failure_threshold must be an int >= 1")
+        if not (isinstance(recovery_time, int | float) and recovery_time > 0):
+            raise ConfigurationError("recovery_time must be seconds > 0")
+        self.storage = storage
+        self.on_storage_error = on_storage_error
+        self.timeout = None if getattr(storage, "local", False) else timeout
+        self._guard = _StoreGuard(failure_threshold, float(recovery_time), clock)
+        self._counts = [0, 0, 0, 0, 0, 0, 0, 0]
+        self._failing_since: int | None = None
+
+    async def __aenter__(self) -> RateLimiter:
+        await self.storage.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.storage.close()
+
+    async def hit(
+        self, key: str, quota: Quota | str, cost: int = 1, *, endpoint: str = "", tier: str = ""
+    ) -> Decision:
+        """Charge ``cost`` against ``quota`` for ``key`` if it fits; return the decision."""
+        return (await self.decide([Hit(key, _quota(quota), cost, endpoint, tier)]))[0]
+
+    async def hit_all(
+        self,
+        key: str,
+        quotas: Iterable[Quota | str],
+        cost: int = 1,
+        *,
+        endpoint: str = "",
+        tier: str = "",
+    ) -> Decisions:
+        """Charge every quota or none (one round trip); ``.allowed`` says which."""
+        return await self.decide([Hit(key, _quota(q), cost, endpoint, tier) for q in quotas])
+
+    async def peek(self, key: str, quota: Quota | str, *, endpoint: str = "") -> Decision:
+        """The decision a request of cost 0 gets: the current state, charging nothing."""
+        return (await self.decide([Hit(key, _quota(quota), 0, endpoint)]))[0]
+
+    async def reset(self, key: str, *, endpoint: str | None = None) -> int:
+        """Forget ``key``'s state; return how many entries were removed."""
+        return await self.storage.reset(key, endpoint=endpoint)
+
+    async def status(self, key: str) -> list[KeyStatus]:
+        """The live state of ``key`` under every endpoint and quota."""
+        return await self.storage.status(key)
+
+    async def decide(self, hits: Sequence[Hit], *, now: int | None = None) -> Decisions:
+        """Decide the hits of one request all or nothing, within the time budget.
+
+        Never raises for storage failures: ``on_storage_error`` decides instead. Raises
+        ``ValueError`` for a bad cost (negative, not an int).
+        """
+        counts = self._counts
+        counts[0] += 1
+        guard = self._guard
+        if not guard.admit():
+            counts[5] += 1
+            return self._fallback(hits, None)
+        try:
+            if self.timeout is None:
+                decisions = await self.storage.decide(self.algorithm, hits, now=now)
+            else:
+                with anyio.fail_after(self.timeout):
+                    decisions = await self.storage.decide(self.algorithm, hits, now=now)
+        except TimeoutError as exc:
+            counts[4] += 1
+            guard.failure()
+            return self._fallback(hits, exc)
+        except (StorageError, OSError) as exc:
+            counts[3] += 1
+            guard.failure()
+            return self._fallback(hits, exc)
+        if guard.failures:
+            self._recovered()
+        guard.success()
+        result = Decisions(decisions)
+        if result.allowed:
+            counts[1] += 1
+        else:
+            counts[2] += 1
+        return result
+
+    def _fallback(self, hits: Sequence[Hit], exc: BaseException | None) -> Decisions:
+        allow = self.on_storage_error == "allow"
+        self._counts[6 if allow else 7] += 1
+        if self._failing_since is None:
+            self._failing_since = self._counts[0]
+            what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
+            logger.warning(
+                "rate-limit storage %s; %s requests until it recovers (logged once per burst)",
+                what,
+                "allowing" if allow else "denying",
+            )
+        retry = None if allow else max(self._guard.retry_after(), 1.0)
+        return Decisions(
+            Decision(
+                allow,
+                h.quota.limit,
+                h.quota.limit if allow else 0,
+                0.0,
+                0.0 if allow else retry,
+                h.quota.policy,
+                h.quota.period,
+                STORAGE_UNAVAILABLE,
+            )
+            for h in hits
+        )
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            logger.warning(
+                "rate-limit storage recovered after %d requests decided by on_storage_error",
+                self._counts[0] - self._failing_since,
+            )
+            self._failing_since = None
+
+    def metrics(self) -> LimiterMetrics:
+        """A snapshot of the limiter's counters."""
+        c = self._counts
+        return LimiterMetrics(
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[6],
+            c[7],
+            c[5],
+            self._guard.failures < self._guard.threshold,
+        )
+
+
+def _quota(value: Quota | str) -> Quota:
+    if isinstance(value, Quota):
+        return value
+    return Quota.parse(value)

@@ -15,6 +15,7 @@ from ._errors import (
 )
 from ._limiter import Decisions, LimiterMetrics, RateLimiter
 from ._memory import MemoryStorage
+from ._postgres import PostgresStorage
 from ._quota import Quota
 from ._storage import Hit, KeyStatus, StatsRow, Storage
 
@@ -32,6 +33,7 @@ __all__ = [
     "KeyStatus",
     "LimiterMetrics",
     "MemoryStorage",
+    "PostgresStorage",
     "Quota",
     "RateLimiter",
     "SchemaVersionError",

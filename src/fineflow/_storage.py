@@ -18,12 +18,23 @@ MAX_KEY_BYTES = 128
 
 
 def storage_key(text: str) -> str:
-    """``text`` itself if short, else ``"sha256:" + hexdigest`` (fixed size)."""
-    if len(text) <= MAX_KEY_BYTES // 4:
-        return text
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) <= MAX_KEY_BYTES and "\x00" not in text:
-        return text
+    """``text`` itself if it is short, NUL-free, valid UTF-8; else ``"sha256:" + hex``.
+
+    Long or odd keys are stored as a fixed-size digest, so a caller cannot bloat an index
+    (or memory) with huge keys, and any string is storable in PostgreSQL ``text``.
+    """
+    if text.isascii():
+        if len(text) <= MAX_KEY_BYTES and "\x00" not in text:
+            return text
+        raw = text.encode("ascii")
+    else:
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        else:
+            if len(raw) <= MAX_KEY_BYTES and "\x00" not in text:
+                return text
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 

@@ -1,0 +1,502 @@
+"""PostgresStorage: rate-limit state shared by every instance of a service.
+
+Each decision is one statement and one round trip, on the database clock. While a statement
+is in flight, decisions that arrive are coalesced and sent together as one statement (a
+batch), so throughput grows with concurrency instead of the database becoming the
+bottleneck; a lone request goes out at once and never waits for a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from ._algorithms import ALGORITHMS, COST_TOO_HIGH, NS, BucketState, Decision, validate_algorithm
+from ._errors import ConfigurationError, SchemaVersionError, StorageClosedError, StorageError
+from ._postgres_sql import LATEST_VERSION, MIGRATIONS, PEEK, SINGLE_GCRA, STATUS, render
+from ._quota import Quota
+from ._storage import Hit, KeyStatus, StatsRow, check_hits, storage_key
+
+__all__ = ["PostgresStorage"]
+
+logger = logging.getLogger("fineflow.storage")
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_TIER_MAX = 64
+
+
+@dataclass(slots=True)
+class _Request:
+    hits: Sequence[Hit]
+    now: int | None
+    future: asyncio.Future[Any] | None = None
+    result: list[Decision] = field(default_factory=list)
+
+
+class PostgresStorage:
+    """Rate-limit state in PostgreSQL (psycopg 3 + ``AsyncConnectionPool``).
+
+    Args:
+        dsn: a libpq connection string or URL; ``None`` takes ``FINEFLOW_DSN``, else
+            libpq's own ``PG*`` environment and defaults.
+        pool: a pool you own (opened and closed by you; connections must be autocommit).
+            Mutually exclusive with ``dsn``.
+        schema: the schema holding fineflow's objects (default ``"fineflow"``); must be a
+            plain identifier.
+        unlogged: create the table ``UNLOGGED`` (about twice the write speed; its state is
+            lost on a crash and not replicated).
+        synchronous_commit: ``False`` runs decisions with ``synchronous_commit = off``: a crash
+            may forget the last fraction of a second of counting, never corrupts.
+        min_size, max_size: pool size when the storage owns the pool (default 1 and 10).
+        coalesce: batch decisions that arrive while others are in flight (default True).
+        max_in_flight: statements in flight at once before arrivals are batched (default 2).
+        max_batch: the most requests in one batch (default 512).
+        connect_timeout: seconds to wait for a new connection (default 5).
+        statement_timeout: server-side cap in seconds on any statement (default 5).
+
+    Raises:
+        ConfigurationError: for a bad schema name or option, or both ``dsn`` and ``pool``.
+    """
+
+    local = False
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: AsyncConnectionPool[Any] | None = None,
+        schema: str = "fineflow",
+        unlogged: bool = False,
+        synchronous_commit: bool = True,
+        min_size: int = 1,
+        max_size: int = 10,
+        coalesce: bool = True,
+        max_in_flight: int = 2,
+        max_batch: int = 512,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(schema, str) or not _IDENTIFIER.match(schema):
+            raise ConfigurationError(
+                f"schema must be a plain SQL identifier (letters, digits, _; at most 63), "
+                f"got {schema!r}"
+            )
+        if dsn is not None and pool is not None:
+            raise ConfigurationError("give PostgresStorage a dsn or a pool, not both")
+        if dsn is not None and not isinstance(dsn, str):
+            raise ConfigurationError(f"dsn must be a string, got {type(dsn).__name__}")
+        if dsn is None and pool is None:
+            dsn = os.environ.get("FINEFLOW_DSN", "")
+        if dsn is not None:
+            try:
+                psycopg.conninfo.conninfo_to_dict(dsn)
+            except psycopg.ProgrammingError as exc:
+                raise ConfigurationError(f"invalid PostgreSQL DSN: {exc}") from None
+        for name, value in (
+            ("min_size", min_size),
+            ("max_size", max_size),
+            ("max_in_flight", max_in_flight),
+            ("max_batch", max_batch),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
+        if min_size > max_size:
+            raise ConfigurationError("min_size must not exceed max_size")
+        self.dsn = dsn
+        self.schema = schema
+        self.unlogged = unlogged
+        self.synchronous_commit = synchronous_commit
+        self.coalesce = coalesce
+        self.max_in_flight = max_in_flight if coalesce else 1 << 30
+        self.max_batch = max_batch
+        self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._min_size = min_size
+        self._max_size = max_size
+        self._opened = False
+        self._closed = False
+        self._in_flight = 0
+        self._pending: list[_Request] = []
+        self.batches = 0
+        self._fast_path = True  # tests turn it off to hold the batch statement to the model
+        self.batched_requests = 0
+        self._single = render(SINGLE_GCRA, schema)
+        self._decide = sql.SQL(
+            "SELECT * FROM {}.decide(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(sql.Identifier(schema))
+        self._peek = render(PEEK, schema)
+        self._status = render(STATUS, schema)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> PostgresStorage:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open the pool (connections are made in the background; a database that is down
+        does not stop your app from starting). Idempotent."""
+        if self._closed:
+            raise StorageClosedError("this PostgresStorage was closed; create a new one")
+        if self._opened:
+            return
+        if self._pool is None:
+            options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
+            if not self.synchronous_commit:
+                options += " -c synchronous_commit=off"
+            self._pool = AsyncConnectionPool(
+                self.dsn or "",
+                min_size=self._min_size,
+                max_size=self._max_size,
+                kwargs={
+                    "autocommit": True,
+                    "options": options,
+                    "connect_timeout": max(int(self.connect_timeout), 1),
+                },
+                timeout=self.connect_timeout,
+                open=False,
+                name=f"fineflow-{self.schema}",
+            )
+            await self._pool.open(wait=False)
+        self._opened = True
+
+    async def close(self) -> None:
+        """Close the pool if this storage owns it; the storage refuses use afterwards."""
+        self._closed = True
+        if self._pool is not None and self._owns_pool:
+            await self._pool.close()
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The connection pool (after ``open()``)."""
+        if self._pool is None or not self._opened or self._closed:
+            raise StorageClosedError(
+                "PostgresStorage is not open: use `async with storage:` or `await storage.open()`"
+            )
+        return self._pool
+
+    async def migrate(self) -> None:
+        """Create or upgrade the schema; idempotent and safe when instances run it at once.
+
+        Raises:
+            SchemaVersionError: the database holds a newer schema than this code knows.
+            StorageError: the database could not be reached or refused.
+        """
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"fineflow:{self.schema}",)
+                )
+                ident = sql.Identifier(self.schema)
+                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+                await conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {}.schema_version (version int NOT NULL, "
+                        "applied_at timestamptz NOT NULL DEFAULT now())"
+                    ).format(ident)
+                )
+                cur = await conn.execute(
+                    sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_version").format(ident)
+                )
+                row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+                if current > LATEST_VERSION:
+                    raise SchemaVersionError(
+                        f"schema {self.schema!r} is at version {current}, newer than this "
+                        f"fineflow knows ({LATEST_VERSION}); upgrade fineflow"
+                    )
+                for version in range(current + 1, LATEST_VERSION + 1):
+                    for statement in MIGRATIONS[version - 1]:
+                        await conn.execute(render(statement, self.schema, unlogged=self.unlogged))
+                    await conn.execute(
+                        sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(
+                            ident
+                        ),
+                        (version,),
+                    )
+                    logger.info("migrated schema %r to version %d", self.schema, version)
+        except psycopg.Error as exc:
+            raise StorageError(f"migration of schema {self.schema!r} failed: {exc}") from exc
+
+    # -- decisions -------------------------------------------------------------------------
+
+    async def decide(
+        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+    ) -> list[Decision]:
+        """Decide ``hits`` for one request, all or nothing, in one statement (see
+        :class:`fineflow.Storage`)."""
+        validate_algorithm(algorithm)
+        check_hits(hits)
+        if not hits:
+            return []
+        if all(h.cost == 0 for h in hits):
+            return await self._peek_hits(algorithm, hits, now)
+        request = _Request(hits, now)
+        if self._in_flight < self.max_in_flight and not self._pending:
+            self._in_flight += 1
+            try:
+                await self._run(algorithm, [request])
+            finally:
+                self._in_flight -= 1
+                self._dispatch()
+            return request.result
+        return await self._wait_in_batch(algorithm, request)
+
+    async def _wait_in_batch(self, algorithm: str, request: _Request) -> list[Decision]:
+        loop = asyncio.get_running_loop()
+        request.future = loop.create_future()
+        self._pending.append(request)
+        try:
+            batch = await request.future
+        except asyncio.CancelledError:
+            fut = request.future
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                led = fut.result()
+                if led is not None:  # we were to lead: hand the batch back
+                    self._in_flight -= 1
+                    self._pending[:0] = [r for r in led if r is not request]
+                    self._dispatch()
+            raise
+        if batch is None:
+            return request.result
+        # This request leads the batch: run it and wake the others.
+        try:
+            await self._run(algorithm, batch)
+        except BaseException as exc:
+            error = (
+                exc
+                if isinstance(exc, StorageError)
+                else StorageError(f"the batch this request was in failed: {exc!r}")
+            )
+            for other in batch:
+                if other is not request and other.future and not other.future.done():
+                    other.future.set_exception(error)
+            raise
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
+        for other in batch:
+            if other is not request and other.future and not other.future.done():
+                other.future.set_result(None)
+        return request.result
+
+    def _dispatch(self) -> None:
+        """Start the next batch (if any) by making its first live request the leader."""
+        while self._pending and self._in_flight < self.max_in_flight:
+            live = [r for r in self._pending if r.future is not None and not r.future.done()]
+            batch, rest = live[: self.max_batch], live[self.max_batch :]
+            self._pending = rest
+            if not batch:
+                return
+            self._in_flight += 1
+            leader = batch[0].future
+            assert leader is not None
+            leader.set_result(batch)
+
+    async def _run(self, algorithm: str, batch: list[_Request]) -> None:
+        try:
+            if (
+                self._fast_path
+                and len(batch) == 1
+                and algorithm == "gcra"
+                and len(batch[0].hits) == 1
+            ):
+                await self._run_single(batch[0])
+            else:
+                await self._run_batch(algorithm, batch)
+        except psycopg.Error as exc:
+            raise StorageError(f"rate-limit decision failed: {exc}") from exc
+
+    async def _run_single(self, request: _Request) -> None:
+        hit = request.hits[0]
+        quota = hit.quota
+        interval = quota.emission_interval_ns
+        cap = quota.capacity
+        cost = min(hit.cost, cap + 1)
+        params = {
+            "key": storage_key(hit.key),
+            "endpoint": storage_key(hit.endpoint),
+            "policy": quota.policy,
+            "tier": _tier(hit.tier),
+            "lim": quota.limit,
+            "period": quota.period_ns,
+            "cap": cap,
+            "cost": cost,
+            "iv": interval,
+            "now": request.now,
+        }
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self._single, params, prepare=True)
+            row = await cur.fetchone()
+        assert row is not None
+        ok, tat, now = row
+        tau = cap * interval
+        if ok:
+            request.result = [_make(True, quota, (now + tau - tat) // interval, tat - now, 0)]
+            return
+        tat = max(tat, now)
+        if cost > cap:
+            decision = _make(False, quota, (now + tau - tat) // interval, tat - now, None)
+        else:
+            retry = tat + cost * interval - tau - now
+            decision = _make(False, quota, (now + tau - tat) // interval, tat - now, retry)
+        request.result = [decision]
+
+    async def _run_batch(self, algorithm: str, batch: list[_Request]) -> None:
+        cols: list[list[Any]] = [[] for _ in range(10)]
+        (
+            now_col,
+            req_col,
+            key_col,
+            ep_col,
+            pol_col,
+            tier_col,
+            lim_col,
+            per_col,
+            cap_col,
+            cost_col,
+        ) = cols
+        for index, request in enumerate(batch):
+            for hit in request.hits:
+                quota = hit.quota
+                cap = quota.capacity if algorithm == "gcra" else quota.limit
+                now_col.append(request.now)
+                req_col.append(index)
+                key_col.append(storage_key(hit.key))
+                ep_col.append(storage_key(hit.endpoint))
+                pol_col.append(quota.policy)
+                tier_col.append(_tier(hit.tier))
+                lim_col.append(quota.limit)
+                per_col.append(quota.period_ns)
+                cap_col.append(quota.capacity)
+                cost_col.append(min(hit.cost, cap + 1))
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self._decide, [algorithm, *cols], prepare=True)
+            rows = await cur.fetchall()
+        self.batches += 1
+        self.batched_requests += len(batch)
+        position = 0
+        for request in batch:
+            out = []
+            for hit in request.hits:
+                ok, remaining, reset_ns, retry_ns, _now = rows[position]
+                position += 1
+                out.append(_make(ok, hit.quota, remaining, reset_ns, retry_ns))
+            request.result = out
+
+    async def _peek_hits(
+        self, algorithm: str, hits: Sequence[Hit], now: int | None
+    ) -> list[Decision]:
+        params = {
+            "key": [storage_key(h.key) for h in hits],
+            "endpoint": [storage_key(h.endpoint) for h in hits],
+            "policy": [h.quota.policy for h in hits],
+        }
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(self._peek, params, prepare=True)
+                rows = await cur.fetchall()
+        except psycopg.Error as exc:
+            raise StorageError(f"rate-limit peek failed: {exc}") from exc
+        step = ALGORITHMS[algorithm]
+        out = []
+        for hit, (_, alg, t, count, prev, db_now) in zip(hits, rows, strict=True):
+            state = None if alg != algorithm or t is None else BucketState(t, count, prev)
+            out.append(step(state, db_now if now is None else now, hit.quota, 0)[0])
+        return out
+
+    # -- administration --------------------------------------------------------------------
+
+    async def status(self, key: str, *, now: int | None = None) -> list[KeyStatus]:
+        """The live state of every (endpoint, quota) of ``key``, decided as a peek."""
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(self._status, {"key": storage_key(key), "now": now})
+                rows = await cur.fetchall()
+        except psycopg.Error as exc:
+            raise StorageError(f"status query failed: {exc}") from exc
+        out = []
+        for k, ep, policy, tier, alg, t, count, prev, lim, period, cap, ok_n, no_n, db_now in rows:
+            quota = Quota(lim, period / NS, None if cap == lim else cap, name=policy)
+            at = db_now if now is None else now
+            decision = ALGORITHMS[alg](BucketState(t, count, prev), at, quota, 0)[0]
+            out.append(KeyStatus(k, ep, policy, tier, alg, decision, ok_n, no_n))
+        return out
+
+    async def reset(self, key: str, *, endpoint: str | None = None) -> int:
+        """Delete ``key``'s rows (of one endpoint, or all); return how many."""
+        query = sql.SQL("DELETE FROM {}.buckets WHERE key = %s").format(sql.Identifier(self.schema))
+        params: list[str] = [storage_key(key)]
+        if endpoint is not None:
+            query = query + sql.SQL(" AND endpoint = %s")
+            params.append(storage_key(endpoint))
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query, params)
+                return int(cur.rowcount)
+        except psycopg.Error as exc:
+            raise StorageError(f"reset failed: {exc}") from exc
+
+    async def cleanup(self, *, batch_size: int = 1000, now: int | None = None) -> int:
+        """Delete expired rows in batches of ``batch_size`` (short locks, skipping rows in
+        use) until none are left; return how many were deleted. Lossless: an expired row
+        is equivalent to no row."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        query = sql.SQL("SELECT {}.cleanup(%s, %s)").format(sql.Identifier(self.schema))
+        removed = 0
+        try:
+            while True:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(query, (batch_size, now))
+                    row = await cur.fetchone()
+                done = int(row[0]) if row else 0
+                removed += done
+                if done < batch_size:
+                    return removed
+        except psycopg.Error as exc:
+            raise StorageError(f"cleanup failed: {exc}") from exc
+
+    async def stats(self) -> list[StatsRow]:
+        """Allowed and denied counts grouped by endpoint and tier (the ``stats`` view)."""
+        query = sql.SQL(
+            "SELECT endpoint, tier, keys, allowed, denied FROM {}.stats ORDER BY 1, 2"
+        ).format(sql.Identifier(self.schema))
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query)
+                rows = await cur.fetchall()
+        except psycopg.Error as exc:
+            raise StorageError(f"stats query failed: {exc}") from exc
+        return [StatsRow(e, t, int(k), int(a), int(d)) for e, t, k, a, d in rows]
+
+
+def _tier(tier: str) -> str:
+    return storage_key(tier)[:_TIER_MAX]
+
+
+def _make(ok: bool, quota: Quota, remaining: int, reset_ns: int, retry_ns: int | None) -> Decision:
+    return Decision(
+        ok,
+        quota.limit,
+        max(int(remaining), 0),
+        max(int(reset_ns), 0) / NS,
+        None if retry_ns is None else max(int(retry_ns), 0) / NS,
+        quota.policy,
+        quota.period,
+        COST_TOO_HIGH if (retry_ns is None and not ok) else None,
+    )

@@ -1,0 +1,185 @@
+"""PostgresStorage on a real server: concurrency, processes, migrations, durability options."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+
+from fineflow import (
+    ConfigurationError,
+    Hit,
+    PostgresStorage,
+    Quota,
+    RateLimiter,
+    SchemaVersionError,
+    StorageClosedError,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def storage(pg_dsn: str, pg_schema: str) -> AsyncIterator[PostgresStorage]:
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as pg:
+        await pg.migrate()
+        yield pg
+
+
+async def test_500_concurrent_decisions_on_one_key_admit_exactly_100(
+    storage: PostgresStorage,
+) -> None:
+    limiter = RateLimiter(storage, timeout=None)
+    quota = Quota.parse("100/hour")
+    results = await asyncio.gather(*(limiter.hit("hot", quota) for _ in range(500)))
+    assert sum(d.allowed for d in results) == 100
+    assert storage.batches > 0  # arrivals were coalesced into batches
+    remaining = sorted(d.remaining for d in results if d.allowed)
+    assert remaining == list(range(100))  # each admitted request saw a distinct serial slot
+
+
+async def test_distinct_keys_never_interfere(storage: PostgresStorage) -> None:
+    limiter = RateLimiter(storage, timeout=None)
+    quota = Quota(3, 3600.0)
+    results = await asyncio.gather(*(limiter.hit(f"user-{i % 50}", quota) for i in range(250)))
+    per_user: dict[int, int] = {}
+    for i, decision in enumerate(results):
+        per_user[i % 50] = per_user.get(i % 50, 0) + decision.allowed
+    assert set(per_user.values()) == {3}
+
+
+def _worker(dsn: str, schema: str, n: int) -> int:
+    async def main() -> int:
+        async with PostgresStorage(dsn, schema=schema, max_size=4) as pg:
+            limiter = RateLimiter(pg, timeout=None)
+            quota = Quota.parse("100/hour")
+            out = await asyncio.gather(*(limiter.hit("shared", quota) for _ in range(n)))
+            return sum(d.allowed for d in out)
+
+    return asyncio.run(main())
+
+
+async def test_four_processes_with_their_own_pools_admit_exactly_100(
+    storage: PostgresStorage, pg_dsn: str
+) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    loop = asyncio.get_running_loop()
+    with ctx.Pool(4) as pool:
+        admitted = await loop.run_in_executor(
+            None, lambda: pool.starmap(_worker, [(pg_dsn, storage.schema, 125)] * 4)
+        )
+    assert sum(admitted) == 100
+
+
+async def test_concurrent_migrations_are_safe(pg_dsn: str, pg_schema: str) -> None:
+    storages = [PostgresStorage(pg_dsn, schema=pg_schema) for _ in range(4)]
+    for s in storages:
+        await s.open()
+    try:
+        await asyncio.gather(*(s.migrate() for s in storages))
+        await storages[0].migrate()
+        async with storages[0].pool.connection() as conn:
+            cur = await conn.execute(f"SELECT count(*) FROM {pg_schema}.schema_version")
+            assert await cur.fetchone() == (1,)
+    finally:
+        for s in storages:
+            await s.close()
+
+
+async def test_refuses_a_newer_schema(storage: PostgresStorage) -> None:
+    async with storage.pool.connection() as conn:
+        await conn.execute(f"INSERT INTO {storage.schema}.schema_version (version) VALUES (99)")
+    with pytest.raises(SchemaVersionError, match="99"):
+        await storage.migrate()
+
+
+async def test_unlogged_option_creates_an_unlogged_table(pg_dsn: str, pg_schema: str) -> None:
+    for unlogged, expected in ((True, "u"), (False, "p")):
+        schema = f"{pg_schema}_{expected}"
+        async with PostgresStorage(pg_dsn, schema=schema, unlogged=unlogged) as pg:
+            await pg.migrate()
+            async with pg.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT relpersistence FROM pg_class c JOIN pg_namespace n "
+                    "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = 'buckets'",
+                    (schema,),
+                )
+                assert await cur.fetchone() == (expected,)
+
+
+async def test_synchronous_commit_off_applies_to_its_connections(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    async with PostgresStorage(pg_dsn, schema=pg_schema, synchronous_commit=False) as pg:
+        await pg.migrate()
+        async with pg.pool.connection() as conn:
+            cur = await conn.execute("SHOW synchronous_commit")
+            assert await cur.fetchone() == ("off",)
+        decision = await pg.decide("gcra", [Hit("k", Quota(1, 1.0))])
+        assert decision[0].allowed
+
+
+async def test_long_keys_are_stored_hashed(storage: PostgresStorage) -> None:
+    await storage.decide("gcra", [Hit("k" * 100_000, Quota(1, 60.0), 1, "e" * 5000)])
+    async with storage.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT max(octet_length(key)), max(octet_length(endpoint)) "
+            f"FROM {storage.schema}.buckets"
+        )
+        assert await cur.fetchone() == (71, 71)
+
+
+async def test_decisions_use_the_database_clock(storage: PostgresStorage) -> None:
+    quota = Quota(1, 3600.0)
+    first = await storage.decide("gcra", [Hit("clock", quota)])
+    assert first[0].allowed
+    second = await storage.decide("gcra", [Hit("clock", quota)])
+    assert not second[0].allowed
+    assert second[0].retry_after is not None
+    assert 3590 < second[0].retry_after <= 3600
+
+
+async def test_cleanup_deletes_only_expired_rows_in_batches(storage: PostgresStorage) -> None:
+    quota = Quota(10, 1.0)
+    now = 1_700_000_000 * 10**9
+    for i in range(25):
+        await storage.decide("gcra", [Hit(f"old-{i}", quota)], now=now)
+    await storage.decide("gcra", [Hit("live", Quota(10, 3600.0))], now=now)
+    assert await storage.cleanup(batch_size=7, now=now + 5 * 10**9) == 25
+    assert [s.key for s in await storage.status("live", now=now)] == ["live"]
+
+
+def test_configuration_errors_say_the_fix() -> None:
+    with pytest.raises(ConfigurationError, match="identifier"):
+        PostgresStorage("", schema="bad-name; DROP")
+    with pytest.raises(ConfigurationError, match="DSN"):
+        PostgresStorage("host=x port")
+    with pytest.raises(ConfigurationError, match="not both"):
+        PostgresStorage("", pool=object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="max_size"):
+        PostgresStorage("", max_size=0)
+
+
+async def test_use_before_open_and_after_close_is_refused(pg_dsn: str) -> None:
+    pg = PostgresStorage(pg_dsn, schema=f"ff_{secrets.token_hex(4)}")
+    with pytest.raises(StorageClosedError, match="async with"):
+        await pg.migrate()
+    await pg.open()
+    await pg.close()
+    with pytest.raises(StorageClosedError):
+        await pg.open()
+
+
+async def test_a_user_owned_pool_is_left_open(pg_dsn: str, pg_schema: str) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    async with AsyncConnectionPool(pg_dsn, kwargs={"autocommit": True}, open=False) as pool:
+        async with PostgresStorage(pool=pool, schema=pg_schema) as pg:
+            await pg.migrate()
+            assert (await pg.decide("gcra", [Hit("p", Quota(1, 1.0))]))[0].allowed
+        assert not pool.closed
+        async with pool.connection() as conn:
+            assert await (await conn.execute("SELECT 1")).fetchone() == (1,)

@@ -1,0 +1,5 @@
+"""``python -m fineflow``: the same as the ``fineflow`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The ``fineflow`` command: ``migrate``, ``status KEY``, ``cleanup``, ``stats``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from ._errors import FineflowError
+from ._postgres import PostgresStorage
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fineflow",
+        description="Distributed rate limiting and circuit breaking for ASGI apps.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def storage_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument(
+            "--dsn",
+            default=None,
+            help="PostgreSQL DSN or URL (default: $FINEFLOW_DSN, else libpq's PG* variables)",
+        )
+        cmd.add_argument("--schema", default="fineflow", help="schema name (default: fineflow)")
+        cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        return cmd
+
+    migrate = storage_command("migrate", "create or upgrade fineflow's schema (idempotent)")
+    migrate.add_argument("--unlogged", action="store_true", help="create the table UNLOGGED")
+    status = storage_command("status", "show the live rate-limit state of one key")
+    status.add_argument("key", help="the key (user id, API key, client address)")
+    cleanup = storage_command("cleanup", "delete expired rate-limit state in bounded batches")
+    cleanup.add_argument("--batch-size", type=int, default=1000, help="rows per batch")
+    storage_command("stats", "allowed and denied counts by endpoint and tier")
+    demo = sub.add_parser("demo", help="run the demo: a limited app driven by a scripted burst")
+    demo.add_argument("--dsn", default=None, help="PostgreSQL to use (default: found or started)")
+    demo.add_argument("--memory", action="store_true", help="use in-memory storage")
+    bench = sub.add_parser("bench", help="run the benchmark suite (needs the bench extra)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
+    return parser
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+async def _storage_command(args: argparse.Namespace) -> int:
+    storage = PostgresStorage(
+        args.dsn,
+        schema=args.schema,
+        unlogged=getattr(args, "unlogged", False),
+        min_size=1,
+        max_size=1,
+    )
+    async with storage:
+        await storage.pool.wait(timeout=storage.connect_timeout)
+        if args.command == "migrate":
+            await storage.migrate()
+            print(f"schema {args.schema!r} is up to date")
+        elif args.command == "status":
+            rows = await storage.status(args.key)
+            if args.json:
+                print(json.dumps([asdict(r) for r in rows], indent=2))
+            elif not rows:
+                print(f"no live state for key {args.key!r}")
+            else:
+                print(
+                    _table(
+                        [
+                            "endpoint",
+                            "policy",
+                            "tier",
+                            "algorithm",
+                            "remaining",
+                            "limit",
+                            "reset_after_s",
+                            "allowed",
+                            "denied",
+                        ],
+                        [
+                            [
+                                r.endpoint or "-",
+                                r.policy,
+                                r.tier or "-",
+                                r.algorithm,
+                                r.decision.remaining,
+                                r.decision.limit,
+                                f"{r.decision.reset_after:.3f}",
+                                r.allowed_total,
+                                r.denied_total,
+                            ]
+                            for r in rows
+                        ],
+                    )
+                )
+        elif args.command == "cleanup":
+            removed = await storage.cleanup(batch_size=args.batch_size)
+            print(json.dumps({"removed": removed}) if args.json else f"removed {removed} rows")
+        else:
+            stats = await storage.stats()
+            if args.json:
+                print(json.dumps([asdict(r) for r in stats], indent=2))
+            else:
+                print(
+                    _table(
+                        ["endpoint", "tier", "keys", "allowed", "denied"],
+                        [
+                            [r.endpoint or "-", r.tier or "-", r.keys, r.allowed, r.denied]
+                            for r in stats
+                        ],
+                    )
+                )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fineflow`` command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            return run_demo(dsn=args.dsn, memory=args.memory)
+        if args.command == "bench":
+            import runpy
+
+            sys.argv = ["benchmarks", *args.args]
+            runpy.run_module("benchmarks", run_name="__main__")
+            return 0
+        return asyncio.run(_storage_command(args))
+    except FineflowError as exc:
+        print(f"fineflow: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # psycopg_pool.PoolTimeout and friends: say it plainly
+        print(
+            f"fineflow: error: could not reach PostgreSQL ({type(exc).__name__}: {exc}); "
+            "check --dsn or FINEFLOW_DSN",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,12 +30,12 @@ Rules shared by all three algorithms:
 
 ``fixed_window``
     Windows are aligned to the Unix epoch: ``start = now - now % period_ns``. State is
-    ``(t=start, count)``. Admitted iff ``count + cost <= limit``; ``remaining = limit -
+    ``(t=start, used)``. Admitted iff ``count + cost <= limit``; ``remaining = limit -
     count``; ``reset_after`` and (when denied) ``retry_after`` are the time to the window's
     end. Expires at ``start + period``.
 
 ``sliding_window``
-    The weighted two-window counter. State ``(t=start, count, prev)`` where ``prev`` is the
+    The weighted two-window counter. State ``(t=start, used, prev)`` where ``prev`` is the
     previous aligned window's count. With ``e = now - start`` the estimate is
     ``prev * (period - e) / period + count``; admitted iff
     ``prev * (period - e) + (count + cost) * period <= limit * period`` (exact integers).
@@ -47,8 +47,7 @@ Rules shared by all three algorithms:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from ._errors import ConfigurationError
 from ._quota import Quota
@@ -72,22 +71,24 @@ NS = 1_000_000_000
 COST_TOO_HIGH = "cost exceeds capacity"
 
 
-@dataclass(frozen=True, slots=True)
-class BucketState:
+class BucketState(NamedTuple):
     """The stored state of one key under one quota.
 
     ``t`` is the TAT for ``gcra`` and the window start for the window algorithms
-    (nanoseconds since the epoch); ``count`` and ``prev`` are window counters.
+    (nanoseconds since the epoch); ``used`` (this window) and ``prev`` (the previous
+    one) are the window counters.
     """
 
     t: int
-    count: int = 0
+    used: int = 0
     prev: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The answer to "may this caller do this now?" for one quota.
+
+    An immutable value. (A ``NamedTuple`` rather than a frozen dataclass: it is built on
+    every request and a frozen dataclass costs four times as much to construct.)
 
     Attributes:
         allowed: whether the request was admitted (and charged).
@@ -124,7 +125,7 @@ def _decision(
         quota.limit,
         max(remaining, 0),
         max(reset_ns, 0) / NS,
-        None if retry_ns is None else max(retry_ns, 0) / NS,
+        None if retry_ns is None else (retry_ns / NS if retry_ns > 0 else 0.0),
         quota.policy,
         quota.period,
         reason,
@@ -136,16 +137,26 @@ def gcra_step(
 ) -> tuple[Decision, BucketState | None]:
     """One GCRA decision (see the module docstring for the exact semantics)."""
     interval = quota.emission_interval_ns
-    tau = quota.capacity * interval
+    cap = quota.capacity
+    tau = cap * interval
     tat = now if state is None or state.t < now else state.t
-    if cost > quota.capacity:
+    if cost > cap:
         remaining = (now + tau - tat) // interval
         return _decision(False, quota, remaining, tat - now, None, COST_TOO_HIGH), state
     new_tat = tat + cost * interval
     if new_tat - tau <= now:
-        remaining = (now + tau - new_tat) // interval
         new_state = state if cost == 0 else BucketState(new_tat)
-        return _decision(True, quota, remaining, new_tat - now, 0), new_state
+        decision = Decision(
+            True,
+            quota.limit,
+            (now + tau - new_tat) // interval,
+            (new_tat - now) / NS,
+            0.0,
+            quota.policy,
+            quota.period,
+            None,
+        )
+        return decision, new_state
     remaining = (now + tau - tat) // interval
     return _decision(False, quota, remaining, tat - now, new_tat - tau - now), state
 
@@ -156,7 +167,7 @@ def fixed_window_step(
     """One fixed-window decision (see the module docstring)."""
     period = quota.period_ns
     start = now - now % period
-    count = state.count if state is not None and state.t == start else 0
+    count = state.used if state is not None and state.t == start else 0
     reset = start + period - now
     if cost > quota.limit:
         return _decision(False, quota, quota.limit - count, reset, None, COST_TOO_HIGH), state
@@ -171,9 +182,9 @@ def _sliding_counts(state: BucketState | None, start: int, period: int) -> tuple
     if state is None:
         return 0, 0
     if state.t == start:
-        return state.count, state.prev
+        return state.used, state.prev
     if state.t == start - period:
-        return 0, state.count
+        return 0, state.used
     return 0, 0
 
 

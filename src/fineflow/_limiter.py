@@ -151,6 +151,7 @@ class RateLimiter:
         self.storage = storage
         self.on_storage_error = on_storage_error
         self.timeout = None if getattr(storage, "local", False) else timeout
+        self._decide_one: Callable[..., Decision] | None = getattr(storage, "decide_one", None)
         self._guard = _StoreGuard(failure_threshold, float(recovery_time), clock)
         self._counts = [0, 0, 0, 0, 0, 0, 0, 0]
         self._failing_since: int | None = None
@@ -166,7 +167,21 @@ class RateLimiter:
         self, key: str, quota: Quota | str, cost: int = 1, *, endpoint: str = "", tier: str = ""
     ) -> Decision:
         """Charge ``cost`` against ``quota`` for ``key`` if it fits; return the decision."""
-        return (await self.decide([Hit(key, _quota(quota), cost, endpoint, tier)]))[0]
+        if type(quota) is not Quota:
+            quota = _quota(quota)
+        fast = self._decide_one
+        if fast is not None:
+            # In-process storage: decide synchronously, no time budget (it cannot hang).
+            try:
+                decision = fast(self.algorithm, key, quota, cost, endpoint, tier)
+            except StorageError as exc:
+                self._counts[3] += 1
+                return self._fallback([Hit(key, quota, cost, endpoint, tier)], exc)[0]
+            counts = self._counts
+            counts[0] += 1
+            counts[1 if decision.allowed else 2] += 1
+            return decision
+        return (await self.decide([Hit(key, quota, cost, endpoint, tier)]))[0]
 
     async def hit_all(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._errors import ConfigurationError
 
@@ -53,6 +53,10 @@ class Quota:
         name: a stable policy name for headers and storage keys; by default derived from
             the numbers, e.g. ``"100-per-60s"``.
 
+    Derived attributes (computed once): ``capacity`` (``burst`` or ``limit``),
+    ``period_ns``, ``emission_interval_ns`` (GCRA's T, whole nanoseconds) and ``policy``
+    (``name`` or the derived name).
+
     Raises:
         ConfigurationError: for a non-positive or absurd limit, period or burst.
     """
@@ -61,6 +65,11 @@ class Quota:
     period: float
     burst: int | None = None
     name: str | None = None
+    # Derived once here, read on every decision.
+    capacity: int = field(init=False, repr=False, compare=False)
+    period_ns: int = field(init=False, repr=False, compare=False)
+    emission_interval_ns: int = field(init=False, repr=False, compare=False)
+    policy: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int):
@@ -80,6 +89,11 @@ class Quota:
             or not 1 <= self.burst <= _MAX_LIMIT
         ):
             raise ConfigurationError(f"Quota burst must be an int 1..{_MAX_LIMIT} or None")
+        capacity = self.limit if self.burst is None else self.burst
+        period_ns = round(self.period * 1e9)
+        object.__setattr__(self, "capacity", capacity)
+        object.__setattr__(self, "period_ns", period_ns)
+        object.__setattr__(self, "emission_interval_ns", period_ns // self.limit)
         if self.capacity * self.period / self.limit > _MAX_PERIOD:
             raise ConfigurationError(
                 f"Quota burst {self.burst} makes a tolerance over ten years; lower it"
@@ -90,6 +104,12 @@ class Quota:
             )
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise ConfigurationError("Quota name must be a non-empty string or None")
+        if self.name is not None:
+            policy = self.name
+        else:
+            suffix = "" if self.burst is None else f"-b{self.burst}"
+            policy = f"{self.limit}-per-{self.period:g}s{suffix}"
+        object.__setattr__(self, "policy", policy)
 
     @classmethod
     def parse(cls, text: str | Quota, *, name: str | None = None) -> Quota:
@@ -113,33 +133,9 @@ class Quota:
         return cls(int(match["limit"]), count * _UNITS[unit], burst, name)
 
     @property
-    def capacity(self) -> int:
-        """The burst in effect: ``burst`` if set, else ``limit``."""
-        return self.limit if self.burst is None else self.burst
-
-    @property
-    def period_ns(self) -> int:
-        """The period in integer nanoseconds (the unit every algorithm computes in)."""
-        return round(self.period * 1e9)
-
-    @property
     def emission_interval(self) -> float:
         """GCRA's T: seconds per unit of cost at the sustained rate."""
         return self.period / self.limit
-
-    @property
-    def emission_interval_ns(self) -> int:
-        """GCRA's T in whole nanoseconds (rounded down, never below 1)."""
-        return self.period_ns // self.limit
-
-    @property
-    def policy(self) -> str:
-        """The policy name used in headers and as part of storage keys."""
-        if self.name is not None:
-            return self.name
-        period = f"{self.period:g}"
-        suffix = "" if self.burst is None else f"-b{self.burst}"
-        return f"{self.limit}-per-{period}s{suffix}"
 
     def __str__(self) -> str:
         burst = "" if self.burst is None else f";burst={self.burst}"

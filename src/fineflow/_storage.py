@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from ._algorithms import Decision
 from ._quota import Quota
@@ -38,9 +38,8 @@ def storage_key(text: str) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One quota to charge for one request.
+class Hit(NamedTuple):
+    """One quota to charge for one request (an immutable value).
 
     Attributes:
         key: who is limited (a user id, an API key, a client address).

@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from ._errors import FineflowError
 from ._postgres import PostgresStorage
+from ._storage import KeyStatus
 
 __all__ = ["main"]
 
@@ -72,7 +73,7 @@ async def _storage_command(args: argparse.Namespace) -> int:
         elif args.command == "status":
             rows = await storage.status(args.key)
             if args.json:
-                print(json.dumps([asdict(r) for r in rows], indent=2))
+                print(json.dumps([_status_dict(r) for r in rows], indent=2))
             elif not rows:
                 print(f"no live state for key {args.key!r}")
             else:
@@ -123,6 +124,12 @@ async def _storage_command(args: argparse.Namespace) -> int:
                     )
                 )
     return 0
+
+
+def _status_dict(status: KeyStatus) -> dict[str, object]:
+    out: dict[str, object] = {name: getattr(status, name) for name in status.__dataclass_fields__}
+    out["decision"] = status.decision._asdict()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

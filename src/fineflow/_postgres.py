@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ._algorithms import ALGORITHMS, COST_TOO_HIGH, NS, BucketState, Decision, validate_algorithm
 from ._errors import ConfigurationError, SchemaVersionError, StorageClosedError, StorageError
-from ._postgres_sql import LATEST_VERSION, MIGRATIONS, PEEK, SINGLE_GCRA, STATUS, render
+from ._postgres_sql import GRANT_RUNTIME, LATEST_VERSION, MIGRATIONS, render
 from ._quota import Quota
 from ._storage import Hit, KeyStatus, StatsRow, check_hits, storage_key
 
@@ -131,12 +131,20 @@ class PostgresStorage:
         self.batches = 0
         self._fast_path = True  # tests turn it off to hold the batch statement to the model
         self.batched_requests = 0
-        self._single = render(SINGLE_GCRA, schema)
+        ident = sql.Identifier(schema)
+        self._single = sql.SQL(
+            "SELECT * FROM {}.hit(%(key)s, %(endpoint)s, %(policy)s, %(tier)s, "
+            "%(lim)s::bigint, %(period)s::bigint, %(cap)s::bigint, %(cost)s::bigint, "
+            "%(iv)s::bigint, %(now)s::bigint)"
+        ).format(ident)
         self._decide = sql.SQL(
-            "SELECT * FROM {}.decide(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        ).format(sql.Identifier(schema))
-        self._peek = render(PEEK, schema)
-        self._status = render(STATUS, schema)
+            "SELECT * FROM {}.decide(%s, %s::bigint[], %s::int[], %s::text[], %s::text[], "
+            "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+        ).format(ident)
+        self._peek = sql.SQL(
+            "SELECT * FROM {}.peek(%(key)s::text[], %(endpoint)s::text[], %(policy)s::text[])"
+        ).format(ident)
+        self._status = sql.SQL("SELECT * FROM {}.status(%(key)s, %(now)s::bigint)").format(ident)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -231,6 +239,32 @@ class PostgresStorage:
                     logger.info("migrated schema %r to version %d", self.schema, version)
         except psycopg.Error as exc:
             raise StorageError(f"migration of schema {self.schema!r} failed: {exc}") from exc
+
+    async def grant_runtime(self, role: str, *, create: bool = False) -> None:
+        """Let ``role`` decide, peek and read status through fineflow's functions only.
+
+        The role gets ``USAGE`` on the schema and ``EXECUTE`` on the decision functions;
+        it has no access to the table, so it cannot read or change rows directly. Run as
+        the schema's owner (an admin role). With ``create=True`` the role is created (as
+        ``LOGIN``, no password: set one, or use your own authentication) if missing.
+
+        Raises:
+            ConfigurationError: if ``role`` is not a plain identifier.
+            StorageError: if the database refuses (e.g. not privileged).
+        """
+        if not isinstance(role, str) or not _IDENTIFIER.match(role):
+            raise ConfigurationError(f"role must be a plain SQL identifier, got {role!r}")
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                if create:
+                    cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+                    if await cur.fetchone() is None:
+                        await conn.execute(
+                            sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role))
+                        )
+                await conn.execute(render(GRANT_RUNTIME, self.schema, role=role))
+        except psycopg.Error as exc:
+            raise StorageError(f"granting runtime access to {role!r} failed: {exc}") from exc
 
     # -- decisions -------------------------------------------------------------------------
 
@@ -439,17 +473,15 @@ class PostgresStorage:
 
     async def reset(self, key: str, *, endpoint: str | None = None) -> int:
         """Delete ``key``'s rows (of one endpoint, or all); return how many."""
-        query = sql.SQL("DELETE FROM {}.buckets WHERE key = %s").format(sql.Identifier(self.schema))
-        params: list[str] = [storage_key(key)]
-        if endpoint is not None:
-            query = query + sql.SQL(" AND endpoint = %s")
-            params.append(storage_key(endpoint))
+        query = sql.SQL("SELECT {}.reset(%s, %s)").format(sql.Identifier(self.schema))
+        ep = None if endpoint is None else storage_key(endpoint)
         try:
             async with self.pool.connection() as conn:
-                cur = await conn.execute(query, params)
-                return int(cur.rowcount)
+                cur = await conn.execute(query, (storage_key(key), ep))
+                row = await cur.fetchone()
         except psycopg.Error as exc:
             raise StorageError(f"reset failed: {exc}") from exc
+        return int(row[0]) if row else 0
 
     async def cleanup(self, *, batch_size: int = 1000, now: int | None = None) -> int:
         """Delete expired rows in batches of ``batch_size`` (short locks, skipping rows in

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-__all__ = ["LATEST_VERSION", "MIGRATIONS", "PEEK", "SINGLE_GCRA", "STATUS", "render"]
+__all__ = ["GRANT_RUNTIME", "LATEST_VERSION", "MIGRATIONS", "render"]
 
 # The database clock in integer nanoseconds since the epoch.
 _NOW = "(extract(epoch from clock_timestamp()) * 1000000000)::bigint"
@@ -60,6 +60,7 @@ CREATE OR REPLACE FUNCTION {schema}.decide(
 ) RETURNS TABLE (ok boolean, remaining bigint, reset_ns bigint, retry_ns bigint,
                  now_ns bigint)
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -292,6 +293,7 @@ _CLEANUP_FUNCTION = """
 CREATE OR REPLACE FUNCTION {schema}.cleanup(p_batch int, p_now bigint DEFAULT NULL)
 RETURNS int
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     WITH doomed AS (
@@ -312,48 +314,101 @@ $fn$
 # the old row only through the table alias ``b`` (atomic with the update). ``EXCLUDED.seen``
 # carries "now", computed once. Python derives remaining/reset/retry from the returned row.
 _TAT = "(CASE WHEN b.algorithm = 'gcra' AND b.t >= EXCLUDED.seen THEN b.t ELSE EXCLUDED.seen END)"
-_OK = (
-    f"(%(cost)s::bigint <= %(cap)s::bigint AND {_TAT} + %(cost)s::bigint * %(iv)s::bigint"
-    " - %(cap)s::bigint * %(iv)s::bigint <= EXCLUDED.seen)"
-)
-SINGLE_GCRA = f"""
+_OK = f"(p_cost <= p_cap AND {_TAT} + p_cost * p_iv - p_cap * p_iv <= EXCLUDED.seen)"
+_HIT_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION {{schema}}.hit(
+    p_key text, p_endpoint text, p_policy text, p_tier text, p_lim bigint, p_period bigint,
+    p_cap bigint, p_cost bigint, p_iv bigint, p_now bigint
+) RETURNS TABLE (ok boolean, t bigint, now_ns bigint)
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
 INSERT INTO {{schema}}.buckets AS b
     (key, endpoint, policy, algorithm, tier, t, expires, lim, period, cap,
      allowed, denied, last_ok, seen)
-SELECT %(key)s, %(endpoint)s, %(policy)s, 'gcra', %(tier)s, v.t, v.t,
-       %(lim)s, %(period)s, %(cap)s, v.a, %(cost)s - v.a, v.a > 0 OR %(cost)s = 0, v.now
-FROM (SELECT CASE WHEN ok THEN now + %(cost)s::bigint * %(iv)s::bigint ELSE 0 END AS t,
-             CASE WHEN ok THEN %(cost)s::bigint ELSE 0 END AS a, now
-      FROM (SELECT %(cost)s::bigint <= %(cap)s::bigint AS ok, now
-            FROM (SELECT coalesce(%(now)s::bigint, {{now}}) AS now) n) o) v
+SELECT p_key, p_endpoint, p_policy, 'gcra', p_tier, v.t, v.t, p_lim, p_period, p_cap,
+       v.a, p_cost - v.a, v.a > 0 OR p_cost = 0, v.now
+FROM (SELECT CASE WHEN p_cost <= p_cap THEN n.now + p_cost * p_iv ELSE 0 END AS t,
+             CASE WHEN p_cost <= p_cap THEN p_cost ELSE 0 END AS a, n.now
+      FROM (SELECT coalesce(p_now, {{now}}) AS now) n) v
 ON CONFLICT (key, endpoint, policy) DO UPDATE SET
     last_ok = {_OK},
-    t = CASE WHEN {_OK} THEN {_TAT} + %(cost)s::bigint * %(iv)s::bigint ELSE b.t END,
-    expires = CASE WHEN {_OK} THEN {_TAT} + %(cost)s::bigint * %(iv)s::bigint
-                   ELSE b.expires END,
+    t = CASE WHEN {_OK} THEN {_TAT} + p_cost * p_iv ELSE b.t END,
+    expires = CASE WHEN {_OK} THEN {_TAT} + p_cost * p_iv ELSE b.expires END,
     algorithm = 'gcra',
     tier = EXCLUDED.tier, lim = EXCLUDED.lim, period = EXCLUDED.period, cap = EXCLUDED.cap,
-    allowed = b.allowed + CASE WHEN {_OK} THEN %(cost)s::bigint ELSE 0 END,
-    denied = b.denied + CASE WHEN {_OK} THEN 0 ELSE %(cost)s::bigint END,
+    allowed = b.allowed + CASE WHEN {_OK} THEN p_cost ELSE 0 END,
+    denied = b.denied + CASE WHEN {_OK} THEN 0 ELSE p_cost END,
     seen = EXCLUDED.seen
 RETURNING b.last_ok, b.t, b.seen
+$fn$
 """
 
 # Read-only: the rows of some (key, endpoint, policy) triples and the database clock.
-PEEK = """
+_PEEK_FUNCTION = """
+CREATE OR REPLACE FUNCTION {schema}.peek(p_key text[], p_endpoint text[], p_policy text[])
+RETURNS TABLE (ord bigint, algorithm text, t bigint, used bigint, prev bigint, now_ns bigint)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
 SELECT u.ord, b.algorithm, b.t, b.count, b.prev, {now}
-FROM unnest(%(key)s::text[], %(endpoint)s::text[], %(policy)s::text[])
-     WITH ORDINALITY AS u(k, e, p, ord)
+FROM unnest(p_key, p_endpoint, p_policy) WITH ORDINALITY AS u(k, e, p, ord)
 LEFT JOIN {schema}.buckets AS b ON b.key = u.k AND b.endpoint = u.e AND b.policy = u.p
 ORDER BY u.ord
+$fn$
 """
 
-STATUS = """
-SELECT key, endpoint, policy, tier, algorithm, t, count, prev, lim, period, cap,
-       allowed, denied, {now}
-FROM {schema}.buckets
-WHERE key = %(key)s AND expires > coalesce(%(now)s::bigint, {now})
-ORDER BY endpoint, policy
+_STATUS_FUNCTION = """
+CREATE OR REPLACE FUNCTION {schema}.status(p_key text, p_now bigint DEFAULT NULL)
+RETURNS TABLE (key text, endpoint text, policy text, tier text, algorithm text, t bigint,
+               used bigint, prev bigint, lim bigint, period bigint, cap bigint,
+               allowed bigint, denied bigint, now_ns bigint)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+SELECT b.key, b.endpoint, b.policy, b.tier, b.algorithm, b.t, b.count, b.prev, b.lim,
+       b.period, b.cap, b.allowed, b.denied, coalesce(p_now, {now})
+FROM {schema}.buckets AS b
+WHERE b.key = p_key AND b.expires > coalesce(p_now, {now})
+ORDER BY b.endpoint, b.policy
+$fn$
+"""
+
+_RESET_FUNCTION = """
+CREATE OR REPLACE FUNCTION {schema}.reset(p_key text, p_endpoint text DEFAULT NULL)
+RETURNS int
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+WITH gone AS (
+    DELETE FROM {schema}.buckets AS b
+    WHERE b.key = p_key AND (p_endpoint IS NULL OR b.endpoint = p_endpoint)
+    RETURNING 1
+)
+SELECT count(*)::int FROM gone
+$fn$
+"""
+
+# Functions execute for PUBLIC by default; only roles granted by `grant_runtime` may.
+_REVOKE = """
+REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC
+"""
+
+# The runtime role: may decide, peek and read one key's status; no table access.
+GRANT_RUNTIME = """
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.hit(text, text, text, text, bigint, bigint, bigint, bigint,
+                                       bigint, bigint) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.decide(text, bigint[], int[], text[], text[], text[],
+                                          text[], bigint[], bigint[], bigint[], bigint[])
+    TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.peek(text[], text[], text[]) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.status(text, bigint) TO {role}
 """
 
 MIGRATIONS: list[list[str]] = [
@@ -362,15 +417,23 @@ MIGRATIONS: list[list[str]] = [
         _STATS_VIEW,
         _DECIDE_FUNCTION,
         _CLEANUP_FUNCTION,
+        _HIT_FUNCTION,
+        _PEEK_FUNCTION,
+        _STATUS_FUNCTION,
+        _RESET_FUNCTION,
+        _REVOKE,
     ],
 ]
 LATEST_VERSION = len(MIGRATIONS)
 
 
-def render(template: str, schema: str, *, unlogged: bool = False) -> sql.Composed:
-    """Compose a template with the schema identifier (never string formatting)."""
+def render(
+    template: str, schema: str, *, unlogged: bool = False, role: str | None = None
+) -> sql.Composed:
+    """Compose a template with identifiers (never string formatting)."""
     return sql.SQL(template).format(
         schema=sql.Identifier(schema),
         now=sql.SQL(_NOW),
         unlogged=sql.SQL("UNLOGGED" if unlogged else ""),
+        role=sql.Identifier(role or "-"),
     )

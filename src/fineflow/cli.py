@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = storage_command("migrate", "create or upgrade fineflow's schema (idempotent)")
     migrate.add_argument("--unlogged", action="store_true", help="create the table UNLOGGED")
+    migrate.add_argument(
+        "--runtime-role",
+        metavar="ROLE",
+        help="create ROLE if missing and let it only execute the decision/status functions",
+    )
     status = storage_command("status", "show the live rate-limit state of one key")
     status.add_argument("key", help="the key (user id, API key, client address)")
     cleanup = storage_command("cleanup", "delete expired rate-limit state in bounded batches")
@@ -70,6 +75,9 @@ async def _storage_command(args: argparse.Namespace) -> int:
         if args.command == "migrate":
             await storage.migrate()
             print(f"schema {args.schema!r} is up to date")
+            if args.runtime_role:
+                await storage.grant_runtime(args.runtime_role, create=True)
+                print(f"role {args.runtime_role!r} may decide through the functions only")
         elif args.command == "status":
             rows = await storage.status(args.key)
             if args.json:

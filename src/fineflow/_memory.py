@@ -58,7 +58,8 @@ class MemoryStorage:
     ``evictions`` and logged once. Size ``max_keys`` for your live keys to never lose state.
 
     Args:
-        max_keys: the most (key, endpoint, quota) entries kept (default one million).
+        max_keys: the most (key, endpoint, quota) entries kept (default 100,000; each
+            costs about 460 bytes, so a million keys is about 460 MB).
         clock: a function returning nanoseconds since the epoch (default ``time.time_ns``);
             tests inject a fake one.
     """
@@ -66,7 +67,7 @@ class MemoryStorage:
     local = True  # in-process: decisions cannot hang, no time budget is needed
 
     def __init__(
-        self, *, max_keys: int = 1_000_000, clock: Callable[[], int] = time.time_ns
+        self, *, max_keys: int = 100_000, clock: Callable[[], int] = time.time_ns
     ) -> None:
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ConfigurationError(f"max_keys must be a positive int, got {max_keys!r}")

@@ -5,6 +5,12 @@ shares one limit; circuit breakers guard routes of your app and outbound calls.
 """
 
 from ._algorithms import Algorithm, BucketState, Decision
+from ._breaker import CircuitBreaker
+from ._breaker_config import BreakerConfig, BreakerMetrics, CircuitState
+from ._breaker_events import BreakerEvent
+from ._breaker_http import http_throttle
+from ._breaker_middleware import CircuitBreakerMiddleware
+from ._breaker_permit import BreakerResult, Permit
 from ._errors import (
     CircuitOpenError,
     ConfigurationError,
@@ -17,14 +23,23 @@ from ._limiter import Decisions, LimiterMetrics, RateLimiter
 from ._memory import MemoryStorage
 from ._postgres import PostgresStorage
 from ._quota import Quota
+from ._registry import BreakerRegistry
 from ._storage import Hit, KeyStatus, StatsRow, Storage
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm",
+    "BreakerConfig",
+    "BreakerEvent",
+    "BreakerMetrics",
+    "BreakerRegistry",
+    "BreakerResult",
     "BucketState",
+    "CircuitBreaker",
+    "CircuitBreakerMiddleware",
     "CircuitOpenError",
+    "CircuitState",
     "ConfigurationError",
     "Decision",
     "Decisions",
@@ -33,6 +48,7 @@ __all__ = [
     "KeyStatus",
     "LimiterMetrics",
     "MemoryStorage",
+    "Permit",
     "PostgresStorage",
     "Quota",
     "RateLimiter",
@@ -42,4 +58,5 @@ __all__ = [
     "StorageClosedError",
     "StorageError",
     "__version__",
+    "http_throttle",
 ]

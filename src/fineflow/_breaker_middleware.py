@@ -1,0 +1,263 @@
+"""``CircuitBreakerMiddleware``: a circuit breaker around the routes of an ASGI app.
+
+Flow of one HTTP request: find the breaker (one for the app, or one per key from a
+registry); when it rejects, answer 503 (or run the fallback app) without calling the app;
+else call the app and settle the permit when the response *ends* -- the last body chunk
+(``more_body`` false) went out, or the app raised -- so a stream that breaks halfway is a
+failure even though its 200 headers were already sent. A 5xx status is a failure, a 429
+goes through the breaker's ``on_throttle`` policy, an exception raised by the downstream
+``send`` (the client went away) is ignored, any other exception is classified like
+``CircuitBreaker.call`` does and re-raised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Container, MutableMapping
+from typing import Any
+
+from ._breaker import CircuitBreaker, Permit
+from ._breaker_http import parse_retry_after, retry_after_header
+from ._errors import ConfigurationError
+from ._registry import BreakerRegistry
+
+__all__ = ["CircuitBreakerMiddleware", "ServiceUnavailable", "path_key"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+KeyFunc = Callable[[Scope], "str | Awaitable[str | None] | None"]
+
+PROBLEM_TYPE = "urn:fineflow:problem:circuit-open"
+
+
+def path_key(scope: Scope) -> str:
+    """The default key: the request path (``root_path`` included), one breaker per path."""
+    return str(scope.get("root_path", "")) + str(scope["path"])
+
+
+class ServiceUnavailable:
+    """The ASGI app answering a rejected request: 503, ``Retry-After`` and problem+json.
+
+    Args:
+        name: the breaker's name, reported in the body.
+        retry_after: seconds until a retry may succeed (``None``: unknown, sent as 1).
+    """
+
+    __slots__ = ("name", "retry_after")
+
+    def __init__(self, name: str, retry_after: float | None) -> None:
+        self.name = name
+        self.retry_after = retry_after
+
+    def _parts(self) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        seconds = retry_after_header(self.retry_after)
+        body = json.dumps(
+            {
+                "type": PROBLEM_TYPE,
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": f"circuit {self.name!r} is open; retry after {seconds}s",
+                "circuit": self.name,
+            }
+        ).encode()
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"retry-after", seconds.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        return headers, body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers, body = self._parts()
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.http.response.start", "status": 503, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+            return
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class CircuitBreakerMiddleware:
+    """Break the circuit around an ASGI app's routes (pure ASGI; http and websocket).
+
+    Args:
+        app: the ASGI app to protect.
+        breaker: one breaker for every request. Exclusive with ``registry``/``key``.
+        registry: where per-key breakers come from (default: a new ``BreakerRegistry``
+            bounded by ``max_keys``).
+        key: sync or async callable of the scope giving the breaker name; ``None`` from it
+            lets the request through unguarded. Default ``path_key`` (the raw path; pass a
+            route-template key for routes with ids).
+        max_keys: bound of the default registry.
+        failure_statuses: response statuses that count as failures (default 500-599).
+        fallback: ASGI app that answers rejected requests instead of the 503.
+        state_header: response header carrying the circuit state (e.g. ``"x-circuit-state"``),
+            off by default.
+
+    Raises:
+        ConfigurationError: conflicting or invalid options.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        breaker: CircuitBreaker | None = None,
+        registry: BreakerRegistry | None = None,
+        key: KeyFunc | None = None,
+        max_keys: int = 1000,
+        failure_statuses: Container[int] = range(500, 600),
+        fallback: ASGIApp | None = None,
+        state_header: str | None = None,
+    ) -> None:
+        if breaker is not None and (registry is not None or key is not None):
+            raise ConfigurationError(
+                "pass breaker=... for one breaker, or registry=/key= for one per key, not both"
+            )
+        if breaker is None and registry is None:
+            registry = BreakerRegistry(max_size=max_keys)
+        self.app = app
+        self.breaker = breaker
+        self.registry = registry
+        self.key: KeyFunc = key if key is not None else path_key
+        self.failure_statuses = failure_statuses
+        self.fallback = fallback
+        self.state_header = state_header.lower().encode("latin-1") if state_header else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _breaker_for(self, scope: Scope) -> CircuitBreaker | None:
+        if self.breaker is not None:
+            return self.breaker
+        name = self.key(scope)
+        if name is not None and not isinstance(name, str):
+            name = await name
+        if name is None:
+            return None
+        registry = self.registry
+        return None if registry is None else registry.get_or_create(name)
+
+    def _stamped(self, send: Send, breaker: CircuitBreaker) -> Send:
+        header = self.state_header
+        if header is None:
+            return send
+
+        async def stamped(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                state = breaker.state.value.encode()
+                message = {**message, "headers": [*message.get("headers", ()), (header, state)]}
+            await send(message)
+
+        return stamped
+
+    async def _reject(
+        self, scope: Scope, receive: Receive, send: Send, breaker: CircuitBreaker
+    ) -> None:
+        if breaker._pending:
+            await breaker.flush_events()
+        app = self.fallback or ServiceUnavailable(breaker.name, breaker.retry_after())
+        await app(scope, receive, self._stamped(send, breaker))
+
+    def _settle(self, permit: Permit, status: int, retry_after: str | None) -> None:
+        if status in self.failure_statuses:
+            permit.failure()
+        elif status == 429:
+            permit.throttled(parse_retry_after(retry_after))
+        else:
+            permit.success()
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        breaker = self.breaker or await self._breaker_for(scope)
+        if breaker is None:
+            await self.app(scope, receive, send)
+            return
+        permit = breaker.try_acquire()
+        if permit is None:
+            await self._reject(scope, receive, send, breaker)
+            return
+        downstream = send if self.state_header is None else self._stamped(send, breaker)
+        status = 0
+        retry_after: str | None = None
+        send_failed = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal status, retry_after, send_failed
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+                if status == 429:
+                    for name, value in message.get("headers", ()):
+                        if name.lower() == b"retry-after":
+                            retry_after = value.decode("latin-1")
+            try:
+                await downstream(message)
+            except BaseException:
+                send_failed = True
+                raise
+            if (kind == "http.response.body" and not message.get("more_body", False)) or (
+                kind == "http.response.pathsend"
+            ):
+                self._settle(permit, status, retry_after)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except BaseException as exc:
+            if send_failed:
+                permit.ignore()
+            else:
+                permit.exception(exc)
+            raise
+        finally:
+            if not permit.done:
+                # The app returned without finishing a response: the server answers 500 (no
+                # start) or cuts the stream, so it is a failure either way.
+                permit.failure()
+            if breaker._pending:
+                await breaker.flush_events()
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        breaker = await self._breaker_for(scope)
+        if breaker is None:
+            await self.app(scope, receive, send)
+            return
+        permit = breaker.try_acquire()
+        if permit is None:
+            if "websocket.http.response" in (scope.get("extensions") or {}):
+                await self._reject(scope, receive, send, breaker)
+            else:
+                # 1013 Try Again Later; before accept the server turns this into a 403.
+                await send({"type": "websocket.close", "code": 1013, "reason": "circuit open"})
+            return
+        downstream = self._stamped(send, breaker)
+
+        async def guarded_send(message: Message) -> None:
+            kind = message["type"]
+            # A websocket's outcome is decided at the handshake: a long-lived connection
+            # must not hold a half-open permit for its whole life.
+            if kind == "websocket.accept":
+                permit.success()
+            elif kind == "websocket.http.response.start":
+                self._settle(permit, message["status"], None)
+            elif kind == "websocket.close":
+                permit.ignore()  # the app turned the client away itself
+            await downstream(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except BaseException as exc:
+            permit.exception(exc)
+            raise
+        finally:
+            permit.ignore()  # returned without a handshake: no verdict (no-op if settled)
+            if breaker._pending:
+                await breaker.flush_events()

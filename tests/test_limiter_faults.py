@@ -62,7 +62,7 @@ async def test_server_stopped_then_back(
         assert metrics.storage_errors + metrics.storage_timeouts == 3  # then short-circuited
         assert metrics.short_circuited == 7
         assert not metrics.storage_healthy
-        failing = [r for r in caplog.records if "storage" in r.getMessage()]
+        failing = [r for r in caplog.records if r.name == "fineflow.limiter"]
         assert len(failing) == 1  # one line per burst, not per request
     finally:
         cluster.start()

@@ -11,6 +11,8 @@ from typing import Literal
 import anyio
 
 from ._algorithms import Decision, validate_algorithm
+from ._breaker import CircuitBreaker
+from ._breaker_config import CircuitState
 from ._errors import ConfigurationError, StorageError
 from ._quota import Quota
 from ._storage import Hit, KeyStatus, Storage
@@ -71,42 +73,6 @@ class LimiterMetrics:
     storage_healthy: bool
 
 
-class _StoreGuard:
-    """A small breaker around the store: after ``threshold`` consecutive failures it stops
-    calling the store for ``cooldown`` seconds, then lets one probe through."""
-
-    __slots__ = ("clock", "cooldown", "failures", "open_until", "probing", "threshold")
-
-    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float]) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.clock = clock
-        self.failures = 0
-        self.open_until = 0.0
-        self.probing = False
-
-    def admit(self) -> bool:
-        if self.failures < self.threshold:
-            return True
-        if self.probing or self.clock() < self.open_until:
-            return False
-        self.probing = True
-        return True
-
-    def success(self) -> None:
-        self.failures = 0
-        self.probing = False
-
-    def failure(self) -> None:
-        self.failures += 1
-        self.probing = False
-        if self.failures >= self.threshold:
-            self.open_until = self.clock() + self.cooldown
-
-    def retry_after(self) -> float:
-        return max(self.open_until - self.clock(), 0.0)
-
-
 class RateLimiter:
     """Decide whether a caller may do something now, against a shared storage.
 
@@ -121,6 +87,9 @@ class RateLimiter:
         failure_threshold: consecutive storage failures after which the limiter stops
             calling the storage (default 3) ...
         recovery_time: ... for this many seconds, then probes it with one request (default 1.0).
+        breaker: the :class:`CircuitBreaker` guarding the storage; by default one named
+            ``"fineflow-storage"`` built from the two options above.
+        clock: the breaker's clock (``time.monotonic``); tests inject a fake one.
 
     Raises:
         ConfigurationError: for an unknown algorithm or policy, or a bad timeout.
@@ -135,6 +104,7 @@ class RateLimiter:
         timeout: float | None = 0.05,
         failure_threshold: int = 3,
         recovery_time: float = 1.0,
+        breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.algorithm = validate_algorithm(algorithm)
@@ -152,7 +122,14 @@ class RateLimiter:
         self.on_storage_error = on_storage_error
         self.timeout = None if getattr(storage, "local", False) else timeout
         self._decide_one: Callable[..., Decision] | None = getattr(storage, "decide_one", None)
-        self._guard = _StoreGuard(failure_threshold, float(recovery_time), clock)
+        self.breaker = breaker or CircuitBreaker(
+            "fineflow-storage",
+            failure_threshold=failure_threshold,
+            reset_timeout=float(recovery_time),
+            half_open_max_calls=1,
+            success_threshold=1,
+            clock=clock,
+        )
         self._counts = [0, 0, 0, 0, 0, 0, 0, 0]
         self._failing_since: int | None = None
 
@@ -215,8 +192,8 @@ class RateLimiter:
         """
         counts = self._counts
         counts[0] += 1
-        guard = self._guard
-        if not guard.admit():
+        permit = self.breaker.try_acquire()
+        if permit is None:
             counts[5] += 1
             return self._fallback(hits, None)
         try:
@@ -227,15 +204,18 @@ class RateLimiter:
                     decisions = await self.storage.decide(self.algorithm, hits, now=now)
         except TimeoutError as exc:
             counts[4] += 1
-            guard.failure()
+            permit.failure(exc)
             return self._fallback(hits, exc)
         except (StorageError, OSError) as exc:
             counts[3] += 1
-            guard.failure()
+            permit.failure(exc)
             return self._fallback(hits, exc)
-        if guard.failures:
+        except BaseException:
+            permit.ignore()  # cancelled, or a caller error (bad cost): not the store's health
+            raise
+        permit.success()
+        if self._failing_since is not None:
             self._recovered()
-        guard.success()
         result = Decisions(decisions)
         if result.allowed:
             counts[1] += 1
@@ -254,7 +234,7 @@ class RateLimiter:
                 what,
                 "allowing" if allow else "denying",
             )
-        retry = None if allow else max(self._guard.retry_after(), 1.0)
+        retry = None if allow else max(self.breaker.retry_after() or 0.0, 1.0)
         return Decisions(
             Decision(
                 allow,
@@ -289,7 +269,7 @@ class RateLimiter:
             c[6],
             c[7],
             c[5],
-            self._guard.failures < self._guard.threshold,
+            self.breaker.state is CircuitState.CLOSED,
         )
 
 

@@ -1,0 +1,140 @@
+"""RateLimiter over MemoryStorage with a fake clock: the public API as users call it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fineflow import (
+    CircuitState,
+    ConfigurationError,
+    Decisions,
+    Hit,
+    MemoryStorage,
+    Quota,
+    RateLimiter,
+)
+from fineflow._algorithms import NS
+from fineflow._limiter import STORAGE_UNAVAILABLE
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.ns = 1_700_000_000 * NS
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def limiter(clock: FakeClock) -> RateLimiter:
+    return RateLimiter(MemoryStorage(clock=clock))
+
+
+async def test_hit_counts_down_and_recovers(limiter: RateLimiter, clock: FakeClock) -> None:
+    got = [await limiter.hit("alice", "3/second") for _ in range(4)]
+    assert [d.allowed for d in got] == [True, True, True, False]
+    assert [d.remaining for d in got] == [2, 1, 0, 0]
+    assert got[3].retry_after == pytest.approx(1 / 3, abs=1e-6)
+    clock.ns += NS // 3 + 1
+    assert (await limiter.hit("alice", "3/second")).allowed
+    metrics = limiter.metrics()
+    assert (metrics.decisions, metrics.allowed, metrics.denied) == (5, 4, 1)
+    assert metrics.storage_healthy
+
+
+async def test_hit_all_is_all_or_nothing_and_reports_the_longest_wait(
+    limiter: RateLimiter,
+) -> None:
+    first = await limiter.hit_all("bob", ["2/second", "3/minute"])
+    assert isinstance(first, Decisions)
+    assert first.allowed
+    assert first.retry_after == 0.0
+    await limiter.hit_all("bob", ["2/second", "3/minute"])
+    third = await limiter.hit_all("bob", ["2/second", "3/minute"])
+    assert not third.allowed
+    assert [d.allowed for d in third] == [False, True]
+    assert third.denied == [third[0]]
+    assert third[1].remaining == 1  # not charged
+    too_big = await limiter.hit_all("bob", ["2/second"], cost=5)
+    assert too_big.retry_after is None
+
+
+async def test_peek_reset_status(limiter: RateLimiter) -> None:
+    await limiter.hit("carol", "5/minute", cost=2, endpoint="/chat", tier="pro")
+    assert (await limiter.peek("carol", "5/minute", endpoint="/chat")).remaining == 3
+    (status,) = await limiter.status("carol")
+    assert (status.endpoint, status.tier, status.allowed_total) == ("/chat", "pro", 2)
+    assert await limiter.reset("carol") == 1
+    assert (await limiter.peek("carol", "5/minute", endpoint="/chat")).remaining == 5
+
+
+async def test_decide_takes_several_keys_of_one_request(limiter: RateLimiter) -> None:
+    q = Quota(1, 60.0)
+    hits = [Hit("user", q, 1, "global"), Hit("1.2.3.4", q, 1, "per-ip")]
+    assert (await limiter.decide(hits)).allowed
+    assert not (await limiter.decide(hits)).allowed
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window", "sliding_window"])
+async def test_every_algorithm_limits(clock: FakeClock, algorithm: str) -> None:
+    limiter = RateLimiter(MemoryStorage(clock=clock), algorithm=algorithm)
+    got = [(await limiter.hit("k", "3/minute")).allowed for _ in range(5)]
+    assert got == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("cost", [-1, 2.5, True])
+async def test_bad_cost_raises(limiter: RateLimiter, cost: object) -> None:
+    with pytest.raises(ValueError, match="cost"):
+        await limiter.hit("k", "1/second", cost=cost)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"algorithm": "leaky"}, "unknown algorithm"),
+        ({"on_storage_error": "maybe"}, "allow"),
+        ({"timeout": 0}, "timeout"),
+        ({"failure_threshold": 0}, "failure_threshold"),
+        ({"recovery_time": -1}, "recovery_time"),
+    ],
+)
+def test_configuration_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RateLimiter(MemoryStorage(), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_closed_storage_fails_open_or_closed_by_policy() -> None:
+    for policy, allowed in (("allow", True), ("deny", False)):
+        storage = MemoryStorage()
+        limiter = RateLimiter(storage, on_storage_error=policy)  # type: ignore[arg-type]
+        await storage.close()
+        decision = await limiter.hit("k", "1/second")
+        assert decision.allowed is allowed
+        assert decision.reason == STORAGE_UNAVAILABLE
+        many = await limiter.hit_all("k", ["1/second", "2/second"])
+        assert many.storage_failed
+        assert many.allowed is allowed
+
+
+async def test_storage_breaker_opens_and_probes(clock: FakeClock) -> None:
+    now = [0.0]
+    storage = MemoryStorage(clock=clock)
+    limiter = RateLimiter(storage, failure_threshold=2, recovery_time=1.0, clock=lambda: now[0])
+    await storage.close()
+    hits = [Hit("k", Quota(1, 1.0)), Hit("k", Quota(2, 1.0))]  # the general (async) path
+    for _ in range(5):
+        assert (await limiter.decide(hits)).storage_failed
+    assert limiter.breaker.state is CircuitState.OPEN
+    assert limiter.metrics().short_circuited == 3
+    assert not limiter.metrics().storage_healthy
+    now[0] += 1.5
+    limiter.storage = MemoryStorage(clock=clock)  # the store is back
+    assert (await limiter.decide(hits)).allowed
+    assert limiter.breaker.state is CircuitState.CLOSED

@@ -137,4 +137,5 @@ async def test_storage_breaker_opens_and_probes(clock: FakeClock) -> None:
     now[0] += 1.5
     limiter.storage = MemoryStorage(clock=clock)  # the store is back
     assert (await limiter.decide(hits)).allowed
-    assert limiter.breaker.state is CircuitState.CLOSED
+    state: CircuitState = limiter.breaker.state  # re-read: mypy narrowed it above
+    assert state is CircuitState.CLOSED

@@ -4,6 +4,7 @@ Rate limiting keeps its state in PostgreSQL by default, so every instance of a s
 shares one limit; circuit breakers guard routes of your app and outbound calls.
 """
 
+from . import keys
 from ._algorithms import Algorithm, BucketState, Decision
 from ._breaker import CircuitBreaker
 from ._breaker_config import BreakerConfig, BreakerMetrics, CircuitState
@@ -19,11 +20,14 @@ from ._errors import (
     StorageClosedError,
     StorageError,
 )
+from ._headers import HeaderStyle
 from ._limiter import Decisions, LimiterMetrics, RateLimiter
 from ._memory import MemoryStorage
+from ._middleware import MiddlewareMetrics, RateLimitMiddleware
 from ._postgres import PostgresStorage
 from ._quota import Quota
 from ._registry import BreakerRegistry
+from ._rules import Rule
 from ._storage import Hit, KeyStatus, StatsRow, Storage
 
 __version__ = "0.1.0"
@@ -44,14 +48,18 @@ __all__ = [
     "Decision",
     "Decisions",
     "FineflowError",
+    "HeaderStyle",
     "Hit",
     "KeyStatus",
     "LimiterMetrics",
     "MemoryStorage",
+    "MiddlewareMetrics",
     "Permit",
     "PostgresStorage",
     "Quota",
+    "RateLimitMiddleware",
     "RateLimiter",
+    "Rule",
     "SchemaVersionError",
     "StatsRow",
     "Storage",
@@ -59,4 +67,5 @@ __all__ = [
     "StorageError",
     "__version__",
     "http_throttle",
+    "keys",
 ]

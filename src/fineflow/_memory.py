@@ -66,9 +66,7 @@ class MemoryStorage:
 
     local = True  # in-process: decisions cannot hang, no time budget is needed
 
-    def __init__(
-        self, *, max_keys: int = 100_000, clock: Callable[[], int] = time.time_ns
-    ) -> None:
+    def __init__(self, *, max_keys: int = 100_000, clock: Callable[[], int] = time.time_ns) -> None:
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ConfigurationError(f"max_keys must be a positive int, got {max_keys!r}")
         self.max_keys = max_keys

@@ -1,0 +1,417 @@
+"""RateLimitMiddleware: rate limits in front of any ASGI app (Starlette, FastAPI, Quart, raw).
+
+Theory of operation
+-------------------
+Per ``http`` or ``websocket`` request: skip exempt methods and paths; collect every rule
+matching the method and path; compute each rule's key (``None`` exempts the request from
+that rule), the caller's tier and the cost; then decide all their quotas in **one**
+``limiter.decide`` call, all or nothing. The ``Decisions`` go to
+``scope["state"]["fineflow"]``. Allowed requests reach the app, with rate-limit headers
+added to ``http.response.start`` by a wrapped ``send`` (bodies are never touched, so
+streaming streams). Denied requests get ``429`` (or ``503`` when the store is down and the
+policy is to deny) from a tiny ASGI app, or from ``deny_app``. Websockets are decided
+before the app can accept them. ``lifespan`` passes through; a storage the middleware owns
+is opened (and migrated) on startup and closed on shutdown, or opened on the first request
+when the server runs no lifespan.
+
+Everything that does not depend on the request (path regexes, header names and policy
+items) is compiled in ``__init__``; per-request state lives in locals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from inspect import isawaitable
+from typing import Any, Literal
+
+from ._asgitypes import ASGIApp, Message, Receive, Scope, Send
+from ._errors import ConfigurationError
+from ._headers import AppliedPolicy, HeaderStyle, render_headers, validate_style
+from ._lifecycle import OwnedStorage
+from ._limiter import STORAGE_UNAVAILABLE, RateLimiter
+from ._problem import quota_exceeded, storage_unavailable
+from ._quota import Quota
+from ._rules import CostFunc, PathPattern, Rule
+from ._storage import Hit, Storage
+from .keys import client_ip
+
+__all__ = ["MiddlewareMetrics", "RateLimitMiddleware"]
+
+logger = logging.getLogger("fineflow.middleware")
+
+_REQUESTS, _ALLOWED, _LIMITED, _SHADOW, _EXEMPT, _UNMATCHED, _STORE = range(7)
+_MAX_WARNED_TIERS = 256
+_MAX_TIER_LEN = 64
+_Plan = tuple[tuple[Quota, AppliedPolicy], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MiddlewareMetrics:
+    """A snapshot of a :class:`RateLimitMiddleware`'s counters.
+
+    Attributes:
+        requests: ``http`` and ``websocket`` requests seen.
+        allowed: requests decided and admitted.
+        limited: requests denied (429, or 503 when the store is down and the policy denies).
+        shadow_limited: requests shadow mode would have denied (and let through).
+        exempt: requests skipped by exempt methods or paths, or a key of ``None``.
+        unmatched: requests no rule applies to.
+        storage_failed: requests decided by ``on_storage_error`` because the store failed.
+    """
+
+    requests: int
+    allowed: int
+    limited: int
+    shadow_limited: int
+    exempt: int
+    unmatched: int
+    storage_failed: int
+
+
+class _Compiled:
+    """A rule as the request path needs it: flat attributes, per-tier header plans."""
+
+    __slots__ = (
+        "cost",
+        "default_plan",
+        "default_tier",
+        "key",
+        "literal",
+        "methods",
+        "name",
+        "plan",
+        "regex",
+        "tiers",
+    )
+
+    def __init__(self, rule: Rule, default_tier: str | None) -> None:
+        def plan(quotas: tuple[Quota, ...]) -> _Plan:
+            one = len(quotas) == 1
+            return tuple(
+                (q, AppliedPolicy(rule.name if one else f"{rule.name}:{q.policy}", q))
+                for q in quotas
+            )
+
+        self.name = rule.name
+        self.methods = rule.methods
+        self.literal = rule.pattern.literal
+        self.regex = rule.pattern.regex
+        self.key = rule.key
+        self.cost = rule.cost
+        self.plan = plan(rule.quotas)
+        self.tiers = {tier: plan(qs) for tier, qs in rule.tiers.items()}
+        self.default_tier = default_tier if default_tier is not None else next(iter(self.tiers), "")
+        self.default_plan = self.tiers.get(self.default_tier, ())
+
+
+async def _finish_key(value: object) -> str | None:
+    if isawaitable(value):
+        value = await value
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+async def _tier_of(fn: Callable[[Scope], Any], scope: Scope) -> str | None:
+    value = fn(scope)
+    if isawaitable(value):
+        value = await value
+    if value is None:
+        return None
+    value = value if isinstance(value, str) else str(value)
+    return value[:_MAX_TIER_LEN]
+
+
+async def _cost_of(fn: CostFunc, rule: str, scope: Scope) -> int:
+    value = fn(scope)
+    if isawaitable(value):
+        value = await value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(
+            f"the cost function of rule {rule!r} returned {value!r}; return an int >= 0"
+        )
+    return value
+
+
+class RateLimitMiddleware:
+    """Rate-limit an ASGI app by rules, keys and tiers (pure ASGI, no buffering).
+
+    Use it as ``Middleware(RateLimitMiddleware, ...)`` in Starlette/FastAPI, as
+    ``app.asgi_app = RateLimitMiddleware(app.asgi_app, ...)`` in Quart, or wrap any ASGI
+    callable.
+
+    Args:
+        app: the ASGI app to protect.
+        limiter: a :class:`RateLimiter` you own (open it yourself, e.g. in your lifespan).
+        storage: instead of ``limiter``, a storage the middleware owns: it builds the
+            limiter, opens the storage on lifespan startup (or the first request) and closes
+            it on shutdown.
+        rules: the :class:`Rule` s; every rule matching a request applies, all or nothing.
+        key: the default key function (rules may override it); default
+            :func:`fineflow.keys.client_ip` with no trusted proxies.
+        tier: a function of the scope returning the caller's tier name (sync or async).
+        default_tier: the tier for callers whose tier is ``None`` or unknown to a rule
+            (an unknown name is logged once); default: each rule's first tier.
+        headers: ``"ietf"`` (default), ``"legacy"``, ``"x"`` or ``None``.
+        headers_for: a function of the scope deciding whether a response carries
+            rate-limit headers (e.g. only for authenticated callers); ``Retry-After`` is
+            always sent on 429.
+        shadow: decide, log and count, but never deny, and send no rate-limit headers.
+        exempt_paths: path templates never limited, e.g. ``["/health", "/static/*"]``.
+        exempt_methods: methods never limited (default ``("OPTIONS",)``: CORS preflights).
+        deny_app: an ASGI app answering denied requests instead of the built-in problem+json
+            response; the decisions are in ``scope["state"]["fineflow"]``.
+        algorithm: with ``storage``: ``"gcra"`` (default), ``"fixed_window"`` or
+            ``"sliding_window"``.
+        on_storage_error: with ``storage``: ``"allow"`` (default) or ``"deny"`` (503).
+        timeout: with ``storage``: time budget per decision in seconds (default 0.05).
+        migrate: with ``storage``: run ``storage.migrate()`` when opening it (default True).
+
+    Raises:
+        ConfigurationError: for an invalid option, rule, or combination of them.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter | None = None,
+        storage: Storage | None = None,
+        rules: Sequence[Rule],
+        key: Callable[[Scope], Any] | None = None,
+        tier: Callable[[Scope], Any] | None = None,
+        default_tier: str | None = None,
+        headers: HeaderStyle | None = "ietf",
+        headers_for: Callable[[Scope], bool] | None = None,
+        shadow: bool = False,
+        exempt_paths: Iterable[str] = (),
+        exempt_methods: Iterable[str] = ("OPTIONS",),
+        deny_app: ASGIApp | None = None,
+        algorithm: str | None = None,
+        on_storage_error: Literal["allow", "deny"] | None = None,
+        timeout: float | None = 0.05,
+        migrate: bool = True,
+    ) -> None:
+        if not callable(app):
+            raise ConfigurationError("app must be an ASGI callable")
+        if limiter is not None and storage is None:
+            if algorithm is not None or on_storage_error is not None:
+                raise ConfigurationError(
+                    "algorithm and on_storage_error go to RateLimiter(...) when you pass limiter="
+                )
+        elif storage is not None and limiter is None:
+            limiter = RateLimiter(
+                storage,
+                algorithm=algorithm or "gcra",
+                on_storage_error=on_storage_error or "allow",
+                timeout=timeout,
+            )
+        else:
+            raise ConfigurationError(
+                "give exactly one of storage=PostgresStorage(dsn) / MemoryStorage() (owned "
+                "by the middleware) or limiter=RateLimiter(storage) (owned by you)"
+            )
+        if isinstance(rules, Rule) or not isinstance(rules, Sequence) or not rules:
+            raise ConfigurationError(
+                "rules must be a non-empty list of Rule, e.g. "
+                "[Rule('/{path:path}', quota='100/minute')]"
+            )
+        names = [r.name for r in rules if isinstance(r, Rule)]
+        if len(names) != len(rules):
+            raise ConfigurationError("every entry of rules must be a fineflow.Rule")
+        if len(set(names)) != len(names):
+            raise ConfigurationError(
+                f"rule names must be unique (they key the state), got {names}; pass name=..."
+            )
+        for rule in rules:
+            rule.check(limiter.algorithm, default_tier)
+        for what, fn in (("key", key), ("tier", tier), ("headers_for", headers_for)):
+            if fn is not None and not callable(fn):
+                raise ConfigurationError(f"{what} must be a callable of the ASGI scope")
+        if deny_app is not None and not callable(deny_app):
+            raise ConfigurationError("deny_app must be an ASGI app")
+        if isinstance(exempt_paths, str) or isinstance(exempt_methods, str):
+            raise ConfigurationError("exempt_paths and exempt_methods must be lists")
+        exempt = [PathPattern(p) for p in exempt_paths]
+
+        self.app = app
+        self.limiter = limiter
+        self.rules = tuple(rules)
+        self.shadow = bool(shadow)
+        self._style = validate_style(headers)
+        self._headers_for = headers_for
+        self._key: Callable[[Scope], Any] = key if key is not None else client_ip()
+        self._tier = tier
+        self._deny_app = deny_app
+        self._compiled = tuple(_Compiled(r, default_tier) for r in rules)
+        self._exempt_methods = frozenset(str(m).upper() for m in exempt_methods)
+        self._exempt_literal = frozenset(p.template for p in exempt if p.regex is None)
+        self._exempt_regex = tuple(p.regex for p in exempt if p.regex is not None)
+        self._owned = None if storage is None else OwnedStorage(storage, migrate=bool(migrate))
+        self._counts = [0] * 7
+        self._warned_tiers: set[str] = set()
+
+    def metrics(self) -> MiddlewareMetrics:
+        """A snapshot of the counters (see :class:`MiddlewareMetrics`)."""
+        return MiddlewareMetrics(*self._counts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        kind = scope["type"]
+        if kind == "http":
+            method = scope.get("method") or "GET"
+        elif kind == "websocket":
+            method = "GET"  # the handshake is a GET
+        else:
+            if kind == "lifespan" and self._owned is not None:
+                await self._owned.lifespan(self.app, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        counts = self._counts
+        counts[_REQUESTS] += 1
+        path = scope.get("path") or "/"
+        root = scope.get("root_path")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if method in self._exempt_methods or path in self._exempt_literal:
+            counts[_EXEMPT] += 1
+            await self.app(scope, receive, send)
+            return
+        for regex in self._exempt_regex:
+            if regex.fullmatch(path):
+                counts[_EXEMPT] += 1
+                await self.app(scope, receive, send)
+                return
+        hits: list[Hit] = []
+        applied: list[AppliedPolicy] = []
+        matched = key_done = tier_done = False
+        default_key: str | None = None
+        tier: str | None = None
+        for c in self._compiled:
+            if c.methods is not None and method not in c.methods:
+                continue
+            if c.regex is None:
+                if path != c.literal:
+                    continue
+            elif c.regex.fullmatch(path) is None:
+                continue
+            matched = True
+            if c.key is None:
+                if not key_done:
+                    value = self._key(scope)
+                    default_key = (
+                        value
+                        if value is None or value.__class__ is str
+                        else (await _finish_key(value))
+                    )
+                    key_done = True
+                subject = default_key
+            else:
+                value = c.key(scope)
+                subject = (
+                    value if value is None or value.__class__ is str else (await _finish_key(value))
+                )
+            if subject is None:
+                continue
+            if not tier_done:
+                tier = None if self._tier is None else await _tier_of(self._tier, scope)
+                tier_done = True
+            if c.tiers:
+                plan = c.tiers.get(tier) if tier is not None else None
+                tier_name = tier
+                if plan is None:
+                    if tier is not None:
+                        self._warn_tier(tier, c)
+                    plan, tier_name = c.default_plan, c.default_tier
+            else:
+                plan, tier_name = c.plan, tier
+            cost = c.cost if isinstance(c.cost, int) else await _cost_of(c.cost, c.name, scope)
+            for quota, policy in plan:
+                hits.append(Hit(subject, quota, cost, c.name, tier_name or ""))
+                applied.append(policy)
+        if not hits:
+            counts[_EXEMPT if matched else _UNMATCHED] += 1
+            await self.app(scope, receive, send)
+            return
+        owned = self._owned
+        if owned is not None and not owned.opened:
+            await owned.ensure_open()
+
+        decisions = await self.limiter.decide(hits)
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["fineflow"] = decisions
+        allowed = True
+        failed = False
+        for d in decisions:
+            if not d.allowed:
+                allowed = False
+            if d.reason == STORAGE_UNAVAILABLE:
+                failed = True
+        if failed:
+            counts[_STORE] += 1
+        if allowed or self.shadow:
+            if allowed:
+                counts[_ALLOWED] += 1
+            else:
+                counts[_SHADOW] += 1
+                denied = [i for i, d in enumerate(decisions) if not d.allowed]
+                logger.info(
+                    "shadow mode: would deny %s %s for key %r (policies %s)",
+                    method,
+                    path[:200],
+                    hits[denied[0]].key[:200],
+                    [applied[i].name for i in denied],
+                )
+            style = self._style
+            if (
+                style is None
+                or kind == "websocket"
+                or failed
+                or self.shadow
+                or (self._headers_for is not None and not self._headers_for(scope))
+            ):
+                await self.app(scope, receive, send)
+                return
+            extra = render_headers(style, applied, decisions)
+
+            async def send_with_headers(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message = dict(message)
+                    message["headers"] = [*message.get("headers", ()), *extra]
+                await send(message)
+
+            await self.app(scope, receive, send_with_headers)
+            return
+
+        counts[_LIMITED] += 1
+        deny_app = self._deny_app
+        if deny_app is not None and (
+            kind == "http" or "websocket.http.response" in (scope.get("extensions") or {})
+        ):
+            await deny_app(scope, receive, send)
+        elif failed:
+            await storage_unavailable(decisions.retry_after)(scope, receive, send)
+        else:
+            style = self._style
+            show = self._headers_for is None or self._headers_for(scope)
+            extra = render_headers(style, applied, decisions) if style and show else []
+            violated = [a for a, d in zip(applied, decisions, strict=True) if not d.allowed]
+            await quota_exceeded(violated, decisions.retry_after, extra)(scope, receive, send)
+
+    def _warn_tier(self, tier: str, c: _Compiled) -> None:
+        warned = self._warned_tiers
+        if tier in warned or len(warned) >= _MAX_WARNED_TIERS:
+            return
+        warned.add(tier)
+        logger.warning(
+            "unknown tier %r for rule %r: using default tier %r (logged once per tier%s)",
+            tier,
+            c.name,
+            c.default_tier,
+            "; no more unknown tiers will be logged" if len(warned) == _MAX_WARNED_TIERS else "",
+        )

@@ -138,12 +138,12 @@ class RecordingStorage(MemoryStorage):
         await super().open()
         self.is_open = True
 
-    async def decide(
+    def decide_sync(
         self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
     ) -> list[Decision]:
         if not self.is_open:
             raise StorageClosedError("not open")
-        return await super().decide(algorithm, hits, now=now)
+        return super().decide_sync(algorithm, hits, now=now)
 
     async def migrate(self) -> None:
         self.calls.append("migrate")

@@ -157,6 +157,12 @@ class MemoryStorage:
         self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
     ) -> list[Decision]:
         """Decide ``hits`` all or nothing (see :class:`fineflow.Storage`)."""
+        return self.decide_sync(algorithm, hits, now=now)
+
+    def decide_sync(
+        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+    ) -> list[Decision]:
+        """``decide`` without awaiting: in-process decisions never need to wait."""
         if len(hits) == 1:
             hit = hits[0]
             return [self.decide_one(algorithm, *hit, now=now)]

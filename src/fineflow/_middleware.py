@@ -340,7 +340,10 @@ class RateLimitMiddleware:
         if owned is not None and not owned.opened:
             await owned.ensure_open()
 
-        decisions = await self.limiter.decide(hits)
+        limiter = self.limiter
+        decisions = limiter.decide_nowait(hits)
+        if decisions is None:
+            decisions = await limiter.decide(hits)
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}

@@ -22,6 +22,7 @@ __all__ = ["Decisions", "LimiterMetrics", "RateLimiter"]
 logger = logging.getLogger("fineflow.limiter")
 
 STORAGE_UNAVAILABLE = "storage unavailable"
+_new_decisions = tuple.__new__  # builds Decisions without a Python-level __new__
 
 
 class Decisions(tuple[Decision, ...]):
@@ -199,12 +200,16 @@ class RateLimiter:
         counts = self._counts
         counts[0] += 1
         try:
-            result = Decisions(fast(self.algorithm, hits))
+            decisions = fast(self.algorithm, hits)
         except StorageError as exc:
             counts[3] += 1
             return self._fallback(hits, exc)
-        counts[2 if any(not d.allowed for d in result) else 1] += 1
-        return result
+        allowed = 1
+        for decision in decisions:
+            if not decision[0]:
+                allowed = 2
+        counts[allowed] += 1
+        return _new_decisions(Decisions, decisions)
 
     async def decide(self, hits: Sequence[Hit], *, now: int | None = None) -> Decisions:
         """Decide the hits of one request all or nothing, within the time budget.

@@ -164,8 +164,8 @@ class MemoryStorage:
     ) -> list[Decision]:
         """``decide`` without awaiting: in-process decisions never need to wait."""
         if len(hits) == 1:
-            hit = hits[0]
-            return [self.decide_one(algorithm, *hit, now=now)]
+            key, quota, cost, endpoint, tier = hits[0]
+            return [self.decide_one(algorithm, key, quota, cost, endpoint, tier, now)]
         if self._closed:
             raise StorageClosedError("this MemoryStorage was closed; create a new one")
         step = ALGORITHMS.get(algorithm) or ALGORITHMS[validate_algorithm(algorithm)]

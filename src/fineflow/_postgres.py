@@ -38,7 +38,8 @@ _TIER_MAX = 64
 class _Request:
     hits: Sequence[Hit]
     now: int | None
-    future: asyncio.Future[Any] | None = None
+    algorithm: str
+    future: asyncio.Future[None]
     result: list[Decision] = field(default_factory=list)
 
 
@@ -56,7 +57,9 @@ class PostgresStorage:
             lost on a crash and not replicated).
         synchronous_commit: ``False`` runs decisions with ``synchronous_commit = off``: a crash
             may forget the last fraction of a second of counting, never corrupts.
-        min_size, max_size: pool size when the storage owns the pool (default 1 and 10).
+        min_size, max_size: pool size when the storage owns the pool (default
+            ``min(2, max_size)`` and 10; thanks to coalescing, decisions need only
+            ``max_in_flight`` connections).
         coalesce: batch decisions that arrive while others are in flight (default True).
         max_in_flight: statements in flight at once before arrivals are batched (default 2).
         max_batch: the most requests in one batch (default 512).
@@ -77,7 +80,7 @@ class PostgresStorage:
         schema: str = "fineflow",
         unlogged: bool = False,
         synchronous_commit: bool = True,
-        min_size: int = 1,
+        min_size: int | None = None,
         max_size: int = 10,
         coalesce: bool = True,
         max_in_flight: int = 2,
@@ -101,6 +104,8 @@ class PostgresStorage:
                 psycopg.conninfo.conninfo_to_dict(dsn)
             except psycopg.ProgrammingError as exc:
                 raise ConfigurationError(f"invalid PostgreSQL DSN: {exc}") from None
+        if min_size is None:
+            min_size = min(2, max_size) if isinstance(max_size, int) and max_size > 0 else 2
         for name, value in (
             ("min_size", min_size),
             ("max_size", max_size),
@@ -128,6 +133,7 @@ class PostgresStorage:
         self._closed = False
         self._in_flight = 0
         self._pending: list[_Request] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
         self._fast_path = True  # tests turn it off to hold the batch statement to the model
         self.batched_requests = 0
@@ -183,8 +189,13 @@ class PostgresStorage:
         self._opened = True
 
     async def close(self) -> None:
-        """Close the pool if this storage owns it; the storage refuses use afterwards."""
+        """Finish statements in flight, close the pool if this storage owns it; the
+        storage refuses use afterwards."""
         self._closed = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.statement_timeout)
+            for task in self._tasks:
+                task.cancel()
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
 
@@ -279,83 +290,79 @@ class PostgresStorage:
             return []
         if all(h.cost == 0 for h in hits):
             return await self._peek_hits(algorithm, hits, now)
-        request = _Request(hits, now)
-        if self._in_flight < self.max_in_flight and not self._pending:
-            self._in_flight += 1
-            try:
-                await self._run(algorithm, [request])
-            finally:
-                self._in_flight -= 1
-                self._dispatch()
-            return request.result
-        return await self._wait_in_batch(algorithm, request)
-
-    async def _wait_in_batch(self, algorithm: str, request: _Request) -> list[Decision]:
-        loop = asyncio.get_running_loop()
-        request.future = loop.create_future()
-        self._pending.append(request)
-        try:
-            batch = await request.future
-        except asyncio.CancelledError:
-            fut = request.future
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                led = fut.result()
-                if led is not None:  # we were to lead: hand the batch back
-                    self._in_flight -= 1
-                    self._pending[:0] = [r for r in led if r is not request]
-                    self._dispatch()
-            raise
-        if batch is None:
-            return request.result
-        # This request leads the batch: run it and wake the others.
-        try:
-            await self._run(algorithm, batch)
-        except BaseException as exc:
-            error = (
-                exc
-                if isinstance(exc, StorageError)
-                else StorageError(f"the batch this request was in failed: {exc!r}")
+        if self._closed or not self._opened:
+            raise StorageClosedError(
+                "PostgresStorage is not open: use `async with storage:` or `await storage.open()`"
             )
-            for other in batch:
-                if other is not request and other.future and not other.future.done():
-                    other.future.set_exception(error)
-            raise
-        finally:
-            self._in_flight -= 1
-            self._dispatch()
-        for other in batch:
-            if other is not request and other.future and not other.future.done():
-                other.future.set_result(None)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        request = _Request(hits, now, algorithm, future)
+        self._pending.append(request)
+        self._dispatch()
+        # A caller's time budget cancels only this wait: the statement runs on in a task the
+        # storage owns, so a timeout never breaks a connection mid-query.
+        await future
         return request.result
 
     def _dispatch(self) -> None:
-        """Start the next batch (if any) by making its first live request the leader."""
+        """Start batches while fewer than ``max_in_flight`` statements are running."""
         while self._pending and self._in_flight < self.max_in_flight:
-            live = [r for r in self._pending if r.future is not None and not r.future.done()]
-            batch, rest = live[: self.max_batch], live[self.max_batch :]
-            self._pending = rest
-            if not batch:
+            pending = [r for r in self._pending if not r.future.done()]
+            if not pending:
+                self._pending = []
                 return
+            algorithm = pending[0].algorithm
+            batch: list[_Request] = []
+            rest: list[_Request] = []
+            for request in pending:
+                if request.algorithm == algorithm and len(batch) < self.max_batch:
+                    batch.append(request)
+                else:
+                    rest.append(request)
+            self._pending = rest
             self._in_flight += 1
-            leader = batch[0].future
-            assert leader is not None
-            leader.set_result(batch)
+            task = asyncio.get_running_loop().create_task(self._run_owned(algorithm, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_owned(self, algorithm: str, batch: list[_Request]) -> None:
+        try:
+            await self._run(algorithm, batch)
+        except BaseException as exc:
+            error = exc if isinstance(exc, StorageError) else StorageError(f"{exc!r}")
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_result(None)
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
 
     async def _run(self, algorithm: str, batch: list[_Request]) -> None:
         try:
-            if (
-                self._fast_path
-                and len(batch) == 1
-                and algorithm == "gcra"
-                and len(batch[0].hits) == 1
-            ):
-                await self._run_single(batch[0])
-            else:
-                await self._run_batch(algorithm, batch)
+            async with self.pool.connection() as conn:
+                # Requests whose callers gave up while we waited for a connection are
+                # dropped, so an answer already given (on_storage_error) is never charged.
+                live = [r for r in batch if not r.future.done()]
+                if not live:
+                    return
+                if (
+                    self._fast_path
+                    and len(live) == 1
+                    and algorithm == "gcra"
+                    and len(live[0].hits) == 1
+                ):
+                    await self._run_single(conn, live[0])
+                else:
+                    await self._run_batch(conn, algorithm, live)
         except psycopg.Error as exc:
             raise StorageError(f"rate-limit decision failed: {exc}") from exc
 
-    async def _run_single(self, request: _Request) -> None:
+    async def _run_single(self, conn: psycopg.AsyncConnection[Any], request: _Request) -> None:
         hit = request.hits[0]
         quota = hit.quota
         interval = quota.emission_interval_ns
@@ -373,9 +380,8 @@ class PostgresStorage:
             "iv": interval,
             "now": request.now,
         }
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(self._single, params, prepare=True)
-            row = await cur.fetchone()
+        cur = await conn.execute(self._single, params, prepare=True)
+        row = await cur.fetchone()
         assert row is not None
         ok, tat, now = row
         tau = cap * interval
@@ -390,7 +396,9 @@ class PostgresStorage:
             decision = _make(False, quota, (now + tau - tat) // interval, tat - now, retry)
         request.result = [decision]
 
-    async def _run_batch(self, algorithm: str, batch: list[_Request]) -> None:
+    async def _run_batch(
+        self, conn: psycopg.AsyncConnection[Any], algorithm: str, batch: list[_Request]
+    ) -> None:
         cols: list[list[Any]] = [[] for _ in range(10)]
         (
             now_col,
@@ -418,9 +426,8 @@ class PostgresStorage:
                 per_col.append(quota.period_ns)
                 cap_col.append(quota.capacity)
                 cost_col.append(min(hit.cost, cap + 1))
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(self._decide, [algorithm, *cols], prepare=True)
-            rows = await cur.fetchall()
+        cur = await conn.execute(self._decide, [algorithm, *cols], prepare=True)
+        rows = await cur.fetchall()
         self.batches += 1
         self.batched_requests += len(batch)
         position = 0

@@ -1,0 +1,199 @@
+"""Suite 1: in-process ASGI overhead per request (no HTTP, no server).
+
+Each contender is the same Starlette app, bare or behind one middleware, called directly
+with a minimal ``http`` scope, a ``receive`` that returns an empty body and a ``send`` that
+drops messages. Batches of requests are timed and divided (the best of three batches per
+round counts); the contenders are interleaved round-robin, and the cost a middleware adds
+is its time minus bare Starlette's in the same round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from ._apps import build, fineflow_name
+from ._common import Context, Row, Table, at_most, diffs, interleave, ratios, stat
+
+__all__ = ["run"]
+
+SUITE = "asgi"
+
+_BASE_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.3"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/",
+    "raw_path": b"/",
+    "root_path": "",
+    "query_string": b"",
+    "headers": [(b"host", b"bench"), (b"user-agent", b"fineflow-bench")],
+    "client": ("93.184.216.34", 50000),
+    "server": ("127.0.0.1", 8000),
+}
+_REQUEST = {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _receive() -> dict[str, Any]:
+    return _REQUEST
+
+
+async def _drop(message: Any) -> None:
+    return None
+
+
+async def _status(app: Any) -> int:
+    status = 0
+
+    async def send(message: Any) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(dict(_BASE_SCOPE), _receive, send)
+    return status
+
+
+async def _per_request_us(app: Any, n: int, repeat: int = 3) -> float:
+    """The best of ``repeat`` timed batches of ``n // repeat`` requests, in us per request
+    (the minimum filters out other processes' bursts on a shared machine)."""
+    base = _BASE_SCOPE
+    receive, send = _receive, _drop
+    size = max(1, n // repeat)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter_ns()
+        for _ in range(size):
+            await app(base.copy(), receive, send)
+        best = min(best, (time.perf_counter_ns() - start) / size / 1000)
+    return best
+
+
+# (variant, label, expected status)
+_CONTENDERS = [
+    ("bare", "bare Starlette (floor)", 200),
+    ("passthrough", "passthrough ASGI middleware", 200),
+    ("fineflow-memory", "fineflow memory, allowed", 200),
+    ("fineflow-memory-429", "fineflow memory, 429 path", 429),
+    ("asgi-ratelimit", "asgi-ratelimit (memory)", 200),
+    ("slowapi", "slowapi decorator + SlowAPIMiddleware", 200),
+    ("slowapi-decorator", "slowapi decorator only", 200),
+    ("breaker", "fineflow CircuitBreakerMiddleware", 200),
+    ("fineflow-postgres", "fineflow PostgreSQL, allowed", 200),
+]
+
+
+async def run(ctx: Context) -> list[Table]:
+    """Measure every contender; return the overhead table and the targets table."""
+    profile = ctx.profile
+    table = Table(SUITE, "In-process ASGI: time per request", "added us vs bare")
+    async with contextlib.AsyncExitStack() as stack:
+        apps: dict[str, Any] = {}
+        calls: dict[str, int] = {}
+        for variant, _, _ in _CONTENDERS:
+            if variant == "fineflow-postgres":
+                app = await _postgres_app(ctx, stack, table)
+                calls[variant] = profile.asgi_pg_calls
+            else:
+                app = build(variant)
+                calls[variant] = profile.asgi_calls
+            if app is None:
+                if variant != "fineflow-postgres":
+                    table.notes.append(f"{variant}: not available yet in fineflow, skipped")
+                continue
+            apps[variant] = app
+        expected = {v: s for v, _, s in _CONTENDERS}
+        for variant, app in list(apps.items()):
+            # Warm up (lazy middleware stacks, owned storages opening) and check the path.
+            first = await _status(app)
+            status = await _status(app)
+            if status != expected[variant]:
+                table.notes.append(
+                    f"{variant}: expected status {expected[variant]}, got {first}/{status}; dropped"
+                )
+                del apps[variant]
+                continue
+            await _per_request_us(app, min(calls[variant], 200))
+
+        def runner(app: Any, n: int) -> Any:
+            return lambda: _per_request_us(app, n)
+
+        results = await interleave(
+            {v: runner(a, calls[v]) for v, a in apps.items()}, profile.rounds
+        )
+    labels = {v: label for v, label, _ in _CONTENDERS}
+    bare = results["bare"]
+    added = {v: diffs(r, bare) for v, r in results.items()}
+    for variant, values in results.items():
+        table.add(
+            Row(
+                labels[variant],
+                stat(values),
+                "us",
+                ratio=stat(added[variant]),
+                raw={"variant": variant, "rounds": values, "calls": calls[variant]},
+            )
+        )
+    return [table, _targets(added, results)]
+
+
+async def _postgres_app(ctx: Context, stack: contextlib.AsyncExitStack, table: Table) -> Any:
+    if fineflow_name("RateLimitMiddleware") is None:
+        table.notes.append("fineflow-postgres: RateLimitMiddleware not available yet, skipped")
+        return None
+    if ctx.postgres() is None:
+        table.notes.append(f"fineflow-postgres: no PostgreSQL ({ctx.pg_error}), skipped")
+        return None
+    from fineflow import PostgresStorage, RateLimiter
+
+    dsn = stack.enter_context(ctx.database())
+    storage = await stack.enter_async_context(PostgresStorage(dsn, schema="bench_asgi"))
+    await storage.migrate()
+    return build("fineflow-postgres", limiter=RateLimiter(storage))
+
+
+def _targets(added: dict[str, list[float]], results: dict[str, list[float]]) -> Table:
+    table = Table(SUITE, "In-process ASGI targets (per-round ratios)")
+    ff = added.get("fineflow-memory")
+
+    def ratio_row(name: str, num: list[float], den: list[float], bound: float) -> None:
+        r = stat(ratios(num, den))
+        table.add(Row(name, r, "x", target=f"<= {bound:.3g}", met=at_most(r.median, bound), raw={}))
+
+    if ff is not None:
+        for peer, bound in (("asgi-ratelimit", 1 / 3), ("slowapi", 1 / 10)):
+            if peer in added:
+                ratio_row(f"fineflow allowed added / {peer} added", ff, added[peer], bound)
+        if "slowapi-decorator" in added:
+            ratio_row(
+                "fineflow allowed added / slowapi decorator-only added",
+                ff,
+                added["slowapi-decorator"],
+                1 / 10,
+            )
+        if "fineflow-memory-429" in results:
+            ratio_row(
+                "fineflow 429 path / allowed path (time per request)",
+                results["fineflow-memory-429"],
+                results["fineflow-memory"],
+                1.0,
+            )
+    if "breaker" in results and "passthrough" in results:
+        d = stat(diffs(results["breaker"], results["passthrough"]))
+        table.add(
+            Row(
+                "CircuitBreakerMiddleware - passthrough",
+                d,
+                "us",
+                target="<= 2 us",
+                met=at_most(d.median, 2.0),
+            )
+        )
+    else:
+        table.notes.append("CircuitBreakerMiddleware not available: its target is not measured")
+    if not table.rows:
+        table.notes.append("fineflow RateLimitMiddleware not available: no targets measured")
+    return table

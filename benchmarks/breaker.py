@@ -1,0 +1,240 @@
+"""Suite 4: circuit-breaker overhead per call, closed and open.
+
+Closed: a batch of N guarded calls of a trivial coroutine, minus a batch of N bare awaits of
+the same coroutine in the same round, is the overhead per call. Open: the time per rejected
+call, fineflow's ``execute(fallback=...)`` (no exception) against each peer's usual
+raise-and-catch. pybreaker's async support needs tornado; without it, it is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+from ._apps import fineflow_name
+from ._common import Context, Row, Table, at_most, diffs, interleave, optional, ratios, stat
+
+__all__ = ["run"]
+
+SUITE = "breaker"
+Call = Callable[[], Awaitable[Any]]
+_REPEAT = 3  # timed batches per round; the best one counts (filters out noisy neighbours)
+
+
+async def work() -> int:
+    """The guarded call: a coroutine that returns at once."""
+    return 1
+
+
+class _Boom(Exception):
+    pass
+
+
+async def fail() -> int:
+    """A guarded call that fails (to trip the peers open)."""
+    raise _Boom
+
+
+def _batch(call: Call, n: int) -> Callable[[], Awaitable[float]]:
+    size = max(1, n // _REPEAT)
+
+    async def measure() -> float:
+        best = float("inf")
+        for _ in range(_REPEAT):
+            start = time.perf_counter_ns()
+            for _ in range(size):
+                await call()
+            best = min(best, (time.perf_counter_ns() - start) / size)
+        return best
+
+    return measure
+
+
+def _rejections(call: Call, n: int) -> Callable[[], Awaitable[float]]:
+    size = max(1, n // _REPEAT)
+
+    async def measure() -> float:
+        best = float("inf")
+        for _ in range(_REPEAT):
+            start = time.perf_counter_ns()
+            for _ in range(size):
+                try:
+                    await call()
+                except Exception:
+                    pass
+            best = min(best, (time.perf_counter_ns() - start) / size)
+        return best
+
+    return measure
+
+
+async def _trip(call: Call, times: int = 5) -> None:
+    for _ in range(times):
+        try:
+            await call()
+        except Exception:
+            pass
+
+
+async def _closed_contenders(notes: list[str]) -> dict[str, Call]:
+    out: dict[str, Call] = {"bare await": work}
+    breaker_cls = fineflow_name("CircuitBreaker")
+    if breaker_cls is not None:
+        ff = breaker_cls("bench-closed")
+        out["fineflow call"] = lambda: ff.call(work)
+        out["fineflow execute"] = lambda: ff.execute(work)
+    else:
+        notes.append("fineflow CircuitBreaker not available yet")
+    cb = optional("circuitbreaker")
+    if cb is not None:
+        out["circuitbreaker"] = cb.CircuitBreaker(name="bench-closed")(work)
+    ab = optional("aiobreaker")
+    if ab is not None:
+        aio = ab.CircuitBreaker(fail_max=5, timeout_duration=timedelta(seconds=30))
+        out["aiobreaker"] = lambda: aio.call_async(work)
+    pg = optional("purgatory")
+    if pg is not None:
+        factory = pg.AsyncCircuitBreakerFactory(default_threshold=5, default_ttl=30)
+        await factory.initialize()
+        out["purgatory"] = factory("bench-closed")(work)
+    notes.append(_pybreaker_note())
+    return out
+
+
+def _pybreaker_note() -> str:
+    pb = optional("pybreaker")
+    if pb is None:
+        return "pybreaker: not installed, skipped"
+    if getattr(pb, "HAS_TORNADO_SUPPORT", False):
+        return "pybreaker: call_async is tornado-based, not asyncio-native: not measured"
+    return "pybreaker: its only async support (call_async) needs tornado, absent: skipped"
+
+
+async def _open_contenders(notes: list[str]) -> dict[str, Call]:
+    out: dict[str, Call] = {}
+    breaker_cls = fineflow_name("CircuitBreaker")
+    if breaker_cls is not None:
+        ff = breaker_cls("bench-open", failure_threshold=1, reset_timeout=3600.0)
+        if hasattr(ff, "force_open"):
+            ff.force_open()
+        else:
+            await _trip(lambda: ff.call(fail))
+
+        def fallback() -> int:
+            return 0
+
+        out["fineflow execute(fallback=)"] = lambda: ff.execute(work, fallback=fallback)
+        out["fineflow call, raise+catch"] = lambda: ff.call(work)
+    cb = optional("circuitbreaker")
+    if cb is not None:
+        breaker = cb.CircuitBreaker(failure_threshold=1, recovery_timeout=3600, name="bench-open")
+        tripper = breaker(fail)
+        await _trip(tripper)
+        out["circuitbreaker raise+catch"] = breaker(work)
+    ab = optional("aiobreaker")
+    if ab is not None:
+        aio = ab.CircuitBreaker(fail_max=1, timeout_duration=timedelta(hours=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # datetime.utcnow
+            await _trip(lambda: aio.call_async(fail))
+        out["aiobreaker raise+catch"] = lambda: aio.call_async(work)
+    pg = optional("purgatory")
+    if pg is not None:
+        factory = pg.AsyncCircuitBreakerFactory(default_threshold=1, default_ttl=3600)
+        await factory.initialize()
+        await _trip(factory("bench-open")(fail))
+        out["purgatory raise+catch"] = factory("bench-open")(work)
+    return out
+
+
+async def _check_open(contenders: dict[str, Call], notes: list[str]) -> None:
+    """Drop contenders whose breaker is not actually rejecting (a setup mistake)."""
+    for name, call in list(contenders.items()):
+        if "raise+catch" not in name:
+            continue
+        try:
+            await call()
+        except Exception:
+            continue
+        notes.append(f"{name}: the breaker did not reject; dropped")
+        del contenders[name]
+
+
+async def run(ctx: Context) -> list[Table]:
+    """Closed-state overhead and open-state rejection cost, interleaved."""
+    profile = ctx.profile
+    n = profile.breaker_calls
+    closed = Table(SUITE, "Breaker closed state: time per call", "overhead ns vs bare await")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # aiobreaker: datetime.utcnow
+        contenders = await _closed_contenders(closed.notes)
+        for call in contenders.values():
+            await _batch(call, min(n, 500))()
+        results = await interleave({k: _batch(v, n) for k, v in contenders.items()}, profile.rounds)
+    bare = results["bare await"]
+    over = {k: diffs(v, bare) for k, v in results.items()}
+    for name, values in results.items():
+        closed.add(Row(name, stat(values), "ns", ratio=stat(over[name]), raw={"rounds": values}))
+
+    opened = Table(SUITE, "Breaker open state: time per rejected call", "x fineflow execute")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        rejecting = await _open_contenders(opened.notes)
+        await _check_open(rejecting, opened.notes)
+        for call in rejecting.values():
+            await _rejections(call, min(n, 500))()
+        rejected = await interleave(
+            {k: _rejections(v, n) for k, v in rejecting.items()}, profile.rounds
+        )
+    ff_open = rejected.get("fineflow execute(fallback=)")
+    for name, values in rejected.items():
+        opened.add(
+            Row(
+                name,
+                stat(values),
+                "ns",
+                ratio=None if ff_open is None else stat(ratios(values, ff_open)),
+                raw={"rounds": values},
+            )
+        )
+    return [closed, opened, _targets(over, rejected)]
+
+
+_PEERS = ("circuitbreaker", "aiobreaker", "purgatory")
+
+
+def _targets(over: dict[str, list[float]], rejected: dict[str, list[float]]) -> Table:
+    table = Table(SUITE, "Breaker targets (per-round ratios)")
+    peers = {p: over[p] for p in _PEERS if p in over}
+    ff = over.get("fineflow call")
+    if ff is None or not peers:
+        table.notes.append("fineflow CircuitBreaker or every peer missing: no targets")
+        return table
+    fastest = min(peers, key=lambda p: stat(peers[p]).median)
+    r = stat(ratios(ff, peers[fastest]))
+    table.add(
+        Row(
+            f"fineflow call overhead / {fastest} (fastest async peer)",
+            r,
+            "x",
+            target="<= 0.5",
+            met=at_most(r.median, 0.5),
+        )
+    )
+    ff_open = rejected.get("fineflow execute(fallback=)")
+    peer_open = rejected.get(f"{fastest} raise+catch")
+    if ff_open is not None and peer_open is not None:
+        r = stat(ratios(ff_open, peer_open))
+        table.add(
+            Row(
+                f"fineflow execute(fallback=) open / {fastest} raise+catch",
+                r,
+                "x",
+                target="<= 0.5",
+                met=at_most(r.median, 0.5),
+            )
+        )
+    return table

@@ -135,7 +135,9 @@ class PostgresStorage:
         self._pending: list[_Request] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
-        self._fast_path = True  # tests turn it off to hold the batch statement to the model
+        # Tests turn these off to hold each statement to the model.
+        self._fast_path = True  # a lone single-quota GCRA request: hit()
+        self._grouped = True  # a batch of single-quota GCRA requests: hit_many()
         self.batched_requests = 0
         ident = sql.Identifier(schema)
         self._single = sql.SQL(
@@ -146,6 +148,10 @@ class PostgresStorage:
         self._decide = sql.SQL(
             "SELECT * FROM {}.decide(%s, %s::bigint[], %s::int[], %s::text[], %s::text[], "
             "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+        ).format(ident)
+        self._hit_many = sql.SQL(
+            "SELECT * FROM {}.hit_many(%s::bigint, %s::text[], %s::text[], %s::text[], "
+            "%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
         ).format(ident)
         self._peek = sql.SQL(
             "SELECT * FROM {}.peek(%(key)s::text[], %(endpoint)s::text[], %(policy)s::text[])"
@@ -350,15 +356,15 @@ class PostgresStorage:
                 live = [r for r in batch if not r.future.done()]
                 if not live:
                     return
-                if (
-                    self._fast_path
-                    and len(live) == 1
-                    and algorithm == "gcra"
-                    and len(live[0].hits) == 1
-                ):
-                    await self._run_single(conn, live[0])
-                else:
-                    await self._run_batch(conn, algorithm, live)
+                if algorithm == "gcra" and all(len(r.hits) == 1 for r in live):
+                    if self._fast_path and len(live) == 1:
+                        await self._run_single(conn, live[0])
+                        return
+                    groups = self._groups(live) if self._grouped else None
+                    if groups is not None:
+                        await self._run_grouped(conn, live[0].now, groups)
+                        return
+                await self._run_batch(conn, algorithm, live)
         except psycopg.Error as exc:
             raise StorageError(f"rate-limit decision failed: {exc}") from exc
 
@@ -395,6 +401,74 @@ class PostgresStorage:
             retry = tat + cost * interval - tau - now
             decision = _make(False, quota, (now + tau - tat) // interval, tat - now, retry)
         request.result = [decision]
+
+    @staticmethod
+    def _groups(batch: list[_Request]) -> dict[tuple[str, str, str], list[_Request]] | None:
+        """Group single-quota requests per row, or ``None`` if the closed form does not
+        apply (different explicit times, or different costs on one row)."""
+        now = batch[0].now
+        groups: dict[tuple[str, str, str], list[_Request]] = {}
+        for request in batch:
+            hit = request.hits[0]
+            if request.now != now:
+                return None
+            slot = (storage_key(hit.key), storage_key(hit.endpoint), hit.quota.policy)
+            group = groups.get(slot)
+            if group is None:
+                groups[slot] = [request]
+            elif group[0].hits[0].cost != hit.cost or group[0].hits[0].quota != hit.quota:
+                return None
+            else:
+                group.append(request)
+        return groups
+
+    async def _run_grouped(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        now: int | None,
+        groups: dict[tuple[str, str, str], list[_Request]],
+    ) -> None:
+        cols: list[list[Any]] = [[] for _ in range(9)]
+        keys, eps, pols, tiers, lims, pers, caps, costs, counts = cols
+        for (key, endpoint, policy), requests in groups.items():
+            hit = requests[0].hits[0]
+            quota = hit.quota
+            keys.append(key)
+            eps.append(endpoint)
+            pols.append(policy)
+            tiers.append(_tier(hit.tier))
+            lims.append(quota.limit)
+            pers.append(quota.period_ns)
+            caps.append(quota.capacity)
+            costs.append(min(hit.cost, quota.capacity + 1))
+            counts.append(len(requests))
+        cur = await conn.execute(self._hit_many, [now, *cols], prepare=True)
+        rows = await cur.fetchall()
+        self.batches += 1
+        self.batched_requests += sum(counts)
+        for key, endpoint, policy, tat, admitted, db_now in rows:
+            requests = groups[(key, endpoint, policy)]
+            hit = requests[0].hits[0]
+            quota = hit.quota
+            interval = quota.emission_interval_ns
+            cost = min(hit.cost, quota.capacity + 1)
+            step = cost * interval
+            tau = quota.capacity * interval
+            tat0 = tat - admitted * step if admitted else max(tat, db_now)
+            for k, request in enumerate(requests, start=1):
+                if k <= admitted:
+                    new_tat = tat0 + k * step
+                    request.result = [
+                        _make(
+                            True, quota, (db_now + tau - new_tat) // interval, new_tat - db_now, 0
+                        )
+                    ]
+                    continue
+                end = tat0 + admitted * step
+                retry = None if cost > quota.capacity else end + step - tau - db_now
+                request.result = [
+                    _make(False, quota, (db_now + tau - end) // interval, end - db_now, retry)
+                ]
 
     async def _run_batch(
         self, conn: psycopg.AsyncConnection[Any], algorithm: str, batch: list[_Request]

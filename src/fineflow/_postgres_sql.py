@@ -320,10 +320,14 @@ CREATE OR REPLACE FUNCTION {{schema}}.hit(
     p_key text, p_endpoint text, p_policy text, p_tier text, p_lim bigint, p_period bigint,
     p_cap bigint, p_cost bigint, p_iv bigint, p_now bigint
 ) RETURNS TABLE (ok boolean, t bigint, now_ns bigint)
-LANGUAGE sql
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+#variable_conflict use_column
+BEGIN
+-- plpgsql, not sql: PL/pgSQL caches the statement's plan per session.
+RETURN QUERY
 INSERT INTO {{schema}}.buckets AS b
     (key, endpoint, policy, algorithm, tier, t, expires, lim, period, cap,
      allowed, denied, last_ok, seen)
@@ -341,7 +345,63 @@ ON CONFLICT (key, endpoint, policy) DO UPDATE SET
     allowed = b.allowed + CASE WHEN {_OK} THEN p_cost ELSE 0 END,
     denied = b.denied + CASE WHEN {_OK} THEN 0 ELSE p_cost END,
     seen = EXCLUDED.seen
-RETURNING b.last_ok, b.t, b.seen
+RETURNING b.last_ok, b.t, b.seen;
+END
+$fn$
+"""
+
+# A batch of single-quota GCRA requests, grouped per row by the caller: n requests of equal
+# cost c on one key. In arrival order request k is admitted iff tat0 + k*c*T - tau <= now,
+# so the number admitted has a closed form: m = min(n, (now + tau - tat0) // (c*T)). One
+# set-based upsert locks the rows in key order and charges m*c on each. EXCLUDED carries the
+# batch's figures: count = c, allowed + denied = n*c, seen = now. For GCRA rows ``count``
+# and ``prev`` are otherwise unused: ``prev`` records m, which RETURNING hands back.
+_G_TAT = "(CASE WHEN b.algorithm = 'gcra' AND b.t >= EXCLUDED.seen THEN b.t ELSE EXCLUDED.seen END)"
+_G_IV = "(EXCLUDED.period / EXCLUDED.lim)"
+_G_N = "((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count)"
+_G_M = (
+    f"least({_G_N}, greatest(0, (EXCLUDED.seen + EXCLUDED.cap * {_G_IV} - {_G_TAT})"
+    f" / (EXCLUDED.count * {_G_IV})))"
+)
+_HIT_MANY_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION {{schema}}.hit_many(
+    p_now bigint, p_key text[], p_endpoint text[], p_policy text[], p_tier text[],
+    p_lim bigint[], p_period bigint[], p_cap bigint[], p_cost bigint[], p_n bigint[]
+) RETURNS TABLE (key text, endpoint text, policy text, t bigint, admitted bigint,
+                 now_ns bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+INSERT INTO {{schema}}.buckets AS b
+    (key, endpoint, policy, algorithm, tier, t, expires, lim, period, cap,
+     count, prev, allowed, denied, last_ok, seen)
+SELECT g.k, g.e, g.p, 'gcra', g.tier,
+       CASE WHEN g.m > 0 THEN c.now + g.m * g.c * (g.pe / g.l) ELSE 0 END,
+       CASE WHEN g.m > 0 THEN c.now + g.m * g.c * (g.pe / g.l) ELSE 0 END,
+       g.l, g.pe, g.cp, g.c, g.m, g.m * g.c, (g.n - g.m) * g.c, g.m = g.n, c.now
+FROM (SELECT coalesce(p_now, {{now}}) AS now) c,
+     (SELECT u.*, least(u.n, u.cp / u.c) AS m
+      FROM unnest(p_key, p_endpoint, p_policy, p_tier, p_lim, p_period, p_cap, p_cost, p_n)
+           AS u(k, e, p, tier, l, pe, cp, c, n)) g
+ORDER BY g.k, g.e, g.p
+ON CONFLICT (key, endpoint, policy) DO UPDATE SET
+    t = CASE WHEN {_G_M} > 0 THEN {_G_TAT} + {_G_M} * EXCLUDED.count * {_G_IV} ELSE b.t END,
+    expires = CASE WHEN {_G_M} > 0 THEN {_G_TAT} + {_G_M} * EXCLUDED.count * {_G_IV}
+                   ELSE b.expires END,
+    algorithm = 'gcra',
+    count = EXCLUDED.count,
+    prev = {_G_M},
+    allowed = b.allowed + {_G_M} * EXCLUDED.count,
+    denied = b.denied + ({_G_N} - {_G_M}) * EXCLUDED.count,
+    last_ok = {_G_M} = {_G_N},
+    tier = EXCLUDED.tier, lim = EXCLUDED.lim, period = EXCLUDED.period, cap = EXCLUDED.cap,
+    seen = EXCLUDED.seen
+RETURNING b.key, b.endpoint, b.policy, b.t, b.prev, b.seen;
+END
 $fn$
 """
 
@@ -407,6 +467,8 @@ GRANT EXECUTE ON FUNCTION {schema}.hit(text, text, text, text, bigint, bigint, b
 GRANT EXECUTE ON FUNCTION {schema}.decide(text, bigint[], int[], text[], text[], text[],
                                           text[], bigint[], bigint[], bigint[], bigint[])
     TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.hit_many(bigint, text[], text[], text[], text[], bigint[],
+                                            bigint[], bigint[], bigint[], bigint[]) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.peek(text[], text[], text[]) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.status(text, bigint) TO {role}
 """
@@ -418,6 +480,7 @@ MIGRATIONS: list[list[str]] = [
         _DECIDE_FUNCTION,
         _CLEANUP_FUNCTION,
         _HIT_FUNCTION,
+        _HIT_MANY_FUNCTION,
         _PEEK_FUNCTION,
         _STATUS_FUNCTION,
         _RESET_FUNCTION,

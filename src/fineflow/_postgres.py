@@ -146,12 +146,13 @@ class PostgresStorage:
             "%(iv)s::bigint, %(now)s::bigint)"
         ).format(ident)
         self._decide = sql.SQL(
-            "SELECT * FROM {}.decide(%s, %s::bigint[], %s::int[], %s::text[], %s::text[], "
-            "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+            "SELECT * FROM {}.decide(%s, %b::bigint[], %b::int[], %b::text[], %b::text[], "
+            "%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])"
         ).format(ident)
         self._hit_many = sql.SQL(
-            "SELECT * FROM {}.hit_many(%s::bigint, %s::text[], %s::text[], %s::text[], "
-            "%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+            # %b: arrays go in binary, which skips the text format's quoting and escaping.
+            "SELECT * FROM {}.hit_many(%s::bigint, %b::text[], %b::text[], %b::text[], "
+            "%b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])"
         ).format(ident)
         self._peek = sql.SQL(
             "SELECT * FROM {}.peek(%(key)s::text[], %(endpoint)s::text[], %(policy)s::text[])"

@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 ENV_DSN = "FINEFLOW_TEST_DSN"
+ENV_THROWAWAY = "FINEFLOW_TEST_THROWAWAY"
 LOCAL_FALLBACK_DSN = "host=127.0.0.1 port=5432"
 
 
@@ -272,12 +273,15 @@ def find_postgres(*, throwaway: bool | None = None) -> PostgresServer:
 
     Args:
         throwaway: ``True`` always starts a throwaway cluster (even where a server runs);
-            ``False`` never does; ``None`` (default) starts one only when nothing else works.
+            ``False`` never does; ``None`` (default) starts one only when nothing else
+            works, or always when the environment sets ``FINEFLOW_TEST_THROWAWAY=1``.
 
     Raises:
         PostgresNotFoundError: with a message naming the three ways to provide a server.
     """
     reasons: list[str] = []
+    if throwaway is None and os.environ.get(ENV_THROWAWAY) == "1":
+        throwaway = True
     if throwaway is not True:
         env = os.environ.get(ENV_DSN)
         if env:

@@ -185,3 +185,15 @@ async def test_first_tries_key_functions_in_order() -> None:
 
 def test_repr() -> None:
     assert "10.0.0.0/8" in repr(keys.client_ip("10.0.0.0/8"))
+
+
+def test_the_peer_shortcut_agrees_with_the_general_rules() -> None:
+    class Address(str):
+        pass
+
+    key = keys.client_ip()
+    assert key.peer_only and not keys.client_ip(["10.0.0.0/8"]).peer_only
+    assert key({"type": "http", "client": ["203.0.113.9", 1]}) == "203.0.113.9"
+    assert key({"type": "http", "client": (Address("203.0.113.9"), 1)}) == "203.0.113.9"
+    assert key({"type": "http", "client": ("", 1)}) == "unknown"
+    assert key({"type": "http", "client": (b"203.0.113.9", 1)}) == "unknown"

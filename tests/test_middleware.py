@@ -464,3 +464,32 @@ def test_hostile_requests_never_crash(
             assert response.status in (200, 429)
 
     anyio.run(run)
+
+
+async def test_an_app_reusing_its_start_message_never_accumulates_headers() -> None:
+    start: Message = {"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1")]}
+
+    async def reusing(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = limited([Rule("/{path:path}", quota="5/minute")], app=reusing)
+    for _ in range(3):
+        response = await call(mw, http_scope("/"))
+        assert [n for n, _ in response.headers] == [b"x-a", b"ratelimit-policy", b"ratelimit"]
+    assert start["headers"] == [(b"x-a", b"1")]
+
+
+@pytest.mark.parametrize("client", [("203.0.113.9", 1), ["203.0.113.9", 1], ("", 1), None])
+async def test_the_single_rule_path_answers_like_the_general_one(client: Any) -> None:
+    """One rule takes a shortcut; an extra rule that never matches forces the general
+    loop. Both must answer every request the same."""
+    rule = Rule("/api/*", quota="2/minute", name="api")
+    never = Rule("/never", quota="1/minute", name="never")
+    fast, general = limited([rule]), limited([rule, never])
+    assert fast._single is not None and general._single is None
+    for path in ["/api/a", "/api/b", "/other", "/api/c", "/api/d"]:
+        a = await call(fast, http_scope(path, client=client))
+        b = await call(general, http_scope(path, client=client))
+        assert (a.status, a.headers, a.body) == (b.status, b.headers, b.body)
+    assert fast.metrics() == general.metrics()

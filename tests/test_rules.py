@@ -154,3 +154,20 @@ def test_templates_never_match_outside_their_shape(path: str) -> None:
     matched = PathPattern("/users/{id}").matches(path)
     rest = path[len("/users/") :]
     assert matched == (path.startswith("/users/") and rest != "" and "/" not in rest)
+
+
+PREFIX_TEMPLATES = ["/{path:path}", "/api/chat/*", "/files/{rest:path}", "/a.b/*", "/*"]
+
+
+@given(st.text(max_size=40), st.sampled_from(PREFIX_TEMPLATES))
+def test_wildcard_tails_match_by_prefix_exactly_like_their_regex(path: str, template: str) -> None:
+    pattern = PathPattern(template)
+    assert pattern.prefix is not None and pattern.regex is not None
+    assert pattern.matches(path) == (pattern.regex.fullmatch(path) is not None)
+
+
+def test_only_a_single_wildcard_tail_compiles_to_a_prefix() -> None:
+    assert PathPattern("/api/*").prefix == "/api/"
+    assert PathPattern("/{path:path}").prefix == "/"
+    for template in ["/health", "/users/{id}", "/a/*/b", "/{a}/{rest:path}", "/x/{p:int}"]:
+        assert PathPattern(template).prefix is None

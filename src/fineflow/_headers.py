@@ -85,13 +85,14 @@ class AppliedPolicy:
         quota: the quota.
     """
 
-    __slots__ = ("json_name", "name", "policy_item", "quota", "rate_template")
+    __slots__ = ("json_name", "name", "policy_header", "policy_item", "quota", "rate_template")
 
     def __init__(self, name: str, quota: Quota) -> None:
         encoded = sf_string(name)
         self.name = name
         self.quota = quota
         self.policy_item = b"%s;q=%d;w=%d" % (encoded, quota.limit, _ceil(quota.period))
+        self.policy_header = (RATELIMIT_POLICY, self.policy_item)  # when it applies alone
         self.rate_template = encoded.replace(b"%", b"%%") + b";r=%d;t=%d"
         self.json_name = json.dumps(name).encode("utf-8")
 
@@ -120,7 +121,7 @@ def render_headers(
             # Decisions never carry a negative reset_after, so ceil alone is enough here.
             t = ceil(d.reset_after)
             return [
-                (RATELIMIT_POLICY, a.policy_item),
+                a.policy_header,
                 (RATELIMIT, a.rate_template % (d.remaining, t)),
             ]
         policies = b", ".join(a.policy_item for a in applied)

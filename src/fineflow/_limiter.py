@@ -122,7 +122,12 @@ class RateLimiter:
         self.storage = storage
         self.on_storage_error = on_storage_error
         self.timeout = None if getattr(storage, "local", False) else timeout
-        self._decide_one: Callable[..., Decision] | None = getattr(storage, "decide_one", None)
+        # In-process storages decide synchronously: ``decider(algorithm)`` gives the
+        # one-quota decision ``(key, quota, cost, endpoint, tier)``.
+        decider = getattr(storage, "decider", None)
+        self._decide_one: Callable[[str, Quota, int, str, str], Decision] | None = (
+            None if decider is None else decider(self.algorithm)
+        )
         self._decide_sync: Callable[..., list[Decision]] | None = getattr(
             storage, "decide_sync", None
         )
@@ -148,19 +153,19 @@ class RateLimiter:
         self, key: str, quota: Quota | str, cost: int = 1, *, endpoint: str = "", tier: str = ""
     ) -> Decision:
         """Charge ``cost`` against ``quota`` for ``key`` if it fits; return the decision."""
-        if type(quota) is not Quota:
+        if quota.__class__ is not Quota:
             quota = _quota(quota)
         fast = self._decide_one
         if fast is not None:
             # In-process storage: decide synchronously, no time budget (it cannot hang).
             try:
-                decision = fast(self.algorithm, key, quota, cost, endpoint, tier)
+                decision = fast(key, quota, cost, endpoint, tier)
             except StorageError as exc:
                 self._counts[3] += 1
                 return self._fallback([Hit(key, quota, cost, endpoint, tier)], exc)[0]
             counts = self._counts
             counts[0] += 1
-            counts[1 if decision.allowed else 2] += 1
+            counts[1 if decision[0] else 2] += 1
             return decision
         return (await self.decide([Hit(key, quota, cost, endpoint, tier)]))[0]
 
@@ -199,7 +204,14 @@ class RateLimiter:
             return None
         counts = self._counts
         counts[0] += 1
+        one = self._decide_one
         try:
+            if one is not None and len(hits) == 1:
+                # One quota: straight to the storage's single decision (as hit() does).
+                key, quota, cost, endpoint, tier = hits[0]
+                decision = one(key, quota, cost, endpoint, tier)
+                counts[1 if decision[0] else 2] += 1
+                return _new_decisions(Decisions, (decision,))
             decisions = fast(self.algorithm, hits)
         except StorageError as exc:
             counts[3] += 1

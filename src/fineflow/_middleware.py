@@ -21,23 +21,26 @@ items) is compiled in ``__init__``; per-request state lives in locals.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from inspect import isawaitable
+from math import ceil
 from typing import Any, Literal
 
 from ._asgitypes import ASGIApp, Message, Receive, Scope, Send
 from ._errors import ConfigurationError
-from ._headers import AppliedPolicy, HeaderStyle, render_headers, validate_style
+from ._headers import RATELIMIT, AppliedPolicy, HeaderStyle, render_headers, validate_style
 from ._lifecycle import OwnedStorage
 from ._limiter import STORAGE_UNAVAILABLE, RateLimiter
 from ._problem import quota_exceeded, storage_unavailable
 from ._quota import Quota
 from ._rules import CostFunc, PathPattern, Rule
 from ._storage import Hit, Storage
-from .keys import client_ip
+from .keys import ClientIP, client_ip
 
 __all__ = ["MiddlewareMetrics", "RateLimitMiddleware"]
+
+_new_hit = tuple.__new__  # builds a Hit without NamedTuple's Python-level __new__
 
 logger = logging.getLogger("fineflow.middleware")
 
@@ -82,7 +85,9 @@ class _Compiled:
         "methods",
         "name",
         "plan",
+        "prefix",
         "regex",
+        "single",
         "tiers",
     )
 
@@ -97,13 +102,21 @@ class _Compiled:
         self.name = rule.name
         self.methods = rule.methods
         self.literal = rule.pattern.literal
-        self.regex = rule.pattern.regex
+        self.prefix = rule.pattern.prefix
+        self.regex = None if self.prefix is not None else rule.pattern.regex
         self.key = rule.key
         self.cost = rule.cost
         self.plan = plan(rule.quotas)
         self.tiers = {tier: plan(qs) for tier, qs in rule.tiers.items()}
         self.default_tier = default_tier if default_tier is not None else next(iter(self.tiers), "")
         self.default_plan = self.tiers.get(self.default_tier, ())
+        # The common shape: one fixed quota, a fixed cost. Such a rule yields exactly one
+        # hit per request, built without the general loop.
+        self.single: tuple[Quota, tuple[AppliedPolicy]] | None = (
+            (self.plan[0][0], (self.plan[0][1],))
+            if not self.tiers and len(self.plan) == 1 and isinstance(self.cost, int)
+            else None
+        )
 
 
 async def _finish_key(value: object) -> str | None:
@@ -243,6 +256,8 @@ class RateLimitMiddleware:
         self._style = validate_style(headers)
         self._headers_for = headers_for
         self._key: Callable[[Scope], Any] = key if key is not None else client_ip()
+        # The default key needs no call in the usual case: scope["client"][0].
+        self._peer_key = isinstance(self._key, ClientIP) and self._key.peer_only
         self._tier = tier
         self._deny_app = deny_app
         self._compiled = tuple(_Compiled(r, default_tier) for r in rules)
@@ -252,6 +267,12 @@ class RateLimitMiddleware:
         self._owned = None if storage is None else OwnedStorage(storage, migrate=bool(migrate))
         self._counts = [0] * 7
         self._warned_tiers: set[str] = set()
+        # One rule of the single shape and no tier function: skip the general loop.
+        only = self._compiled[0]
+        self._single = only if len(self._compiled) == 1 and only.single and tier is None else None
+        # Whether allowed responses can carry headers without asking anything per request.
+        self._plain = self._style is None or self.shadow
+        self._ietf_always = self._style == "ietf" and not self.shadow and headers_for is None
 
     def metrics(self) -> MiddlewareMetrics:
         """A snapshot of the counters (see :class:`MiddlewareMetrics`)."""
@@ -285,6 +306,151 @@ class RateLimitMiddleware:
                 counts[_EXEMPT] += 1
                 await self.app(scope, receive, send)
                 return
+        hits: Sequence[Hit]
+        applied: Sequence[AppliedPolicy]
+        c = self._single
+        if c is not None:
+            # One rule, one fixed quota and cost, no tiers: the same steps as the loop
+            # below, for exactly one hit.
+            if (c.methods is not None and method not in c.methods) or (
+                c.regex.fullmatch(path) is None
+                if c.regex is not None
+                else not (path == c.literal if c.prefix is None else path.startswith(c.prefix))
+            ):
+                counts[_UNMATCHED] += 1
+                await self.app(scope, receive, send)
+                return
+            key_fn = c.key
+            if key_fn is None:
+                key_fn = self._key
+                if self._peer_key:  # the default key: the peer address, no call needed
+                    client = scope.get("client")
+                    peer = client[0] if client.__class__ is tuple and client else None
+                    value = peer if peer.__class__ is str and peer else key_fn(scope)
+                else:
+                    value = key_fn(scope)
+            else:
+                value = key_fn(scope)
+            if value is not None and value.__class__ is not str:
+                value = await _finish_key(value)
+            if value is None:
+                counts[_EXEMPT] += 1
+                await self.app(scope, receive, send)
+                return
+            quota, applied = c.single  # type: ignore[misc]
+            hits = (_new_hit(Hit, (value, quota, c.cost, c.name, "")),)
+        else:
+            hits, applied, matched = await self._collect(scope, method, path)
+            if not hits:
+                counts[_EXEMPT if matched else _UNMATCHED] += 1
+                await self.app(scope, receive, send)
+                return
+        owned = self._owned
+        if owned is not None and not owned.opened:
+            await owned.ensure_open()
+
+        limiter = self.limiter
+        decisions = limiter.decide_nowait(hits)
+        if decisions is None:
+            decisions = await limiter.decide(hits)
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["fineflow"] = decisions
+        if c is not None and self._ietf_always and kind == "http":
+            # The single-rule path's usual outcome: admitted by the storage, IETF headers.
+            d = decisions[0]
+            if d.allowed and d.reason is None:
+                counts[_ALLOWED] += 1
+                a = applied[0]
+                # Decisions never carry a negative reset_after, so ceil alone is enough.
+                ietf = (
+                    a.policy_header,
+                    (RATELIMIT, a.rate_template % (d.remaining, ceil(d.reset_after))),
+                )
+
+                def send_with_ietf(message: Message) -> Awaitable[None]:
+                    # As send_with_headers below.
+                    if message["type"] == "http.response.start":
+                        message = {**message, "headers": [*message.get("headers", ()), *ietf]}
+                    return send(message)
+
+                await self.app(scope, receive, send_with_ietf)
+                return
+        allowed = True
+        failed = False
+        for d in decisions:
+            if not d.allowed:
+                allowed = False
+            if d.reason is not None and d.reason == STORAGE_UNAVAILABLE:
+                failed = True
+        if failed:
+            counts[_STORE] += 1
+        if allowed:
+            counts[_ALLOWED] += 1
+            if (
+                self._plain
+                or kind == "websocket"
+                or failed
+                or (self._headers_for is not None and not self._headers_for(scope))
+            ):
+                await self.app(scope, receive, send)
+                return
+            extra: Sequence[tuple[bytes, bytes]]
+            if len(applied) == 1 and self._style == "ietf":
+                a = applied[0]
+                d = decisions[0]
+                # Decisions never carry a negative reset_after, so ceil alone is enough.
+                extra = (
+                    a.policy_header,
+                    (RATELIMIT, a.rate_template % (d.remaining, ceil(d.reset_after))),
+                )
+            else:
+                extra = render_headers(self._style, applied, decisions)  # type: ignore[arg-type]
+
+            def send_with_headers(message: Message) -> Awaitable[None]:
+                # Returns send's awaitable rather than awaiting it: one coroutine less per
+                # message (the app awaits it all the same).
+                if message["type"] == "http.response.start":
+                    # A copy: the app may reuse its message dicts.
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                return send(message)
+
+            await self.app(scope, receive, send_with_headers)
+            return
+        if self.shadow:
+            counts[_SHADOW] += 1
+            denied = [i for i, d in enumerate(decisions) if not d.allowed]
+            logger.info(
+                "shadow mode: would deny %s %s for key %r (policies %s)",
+                method,
+                path[:200],
+                hits[denied[0]].key[:200],
+                [applied[i].name for i in denied],
+            )
+            await self.app(scope, receive, send)
+            return
+
+        counts[_LIMITED] += 1
+        deny_app = self._deny_app
+        if deny_app is not None and (
+            kind == "http" or "websocket.http.response" in (scope.get("extensions") or {})
+        ):
+            await deny_app(scope, receive, send)
+        elif failed:
+            await storage_unavailable(decisions.retry_after)(scope, receive, send)
+        else:
+            style = self._style
+            show = self._headers_for is None or self._headers_for(scope)
+            extra_list = render_headers(style, applied, decisions) if style and show else []
+            violated = [a for a, d in zip(applied, decisions, strict=True) if not d.allowed]
+            await quota_exceeded(violated, decisions.retry_after, extra_list)(scope, receive, send)
+
+    async def _collect(
+        self, scope: Scope, method: str, path: str
+    ) -> tuple[list[Hit], list[AppliedPolicy], bool]:
+        """The hits of every rule matching the request, their policies, and whether any
+        rule matched (the general case: several rules, tiers, cost functions)."""
         hits: list[Hit] = []
         applied: list[AppliedPolicy] = []
         matched = key_done = tier_done = False
@@ -293,10 +459,13 @@ class RateLimitMiddleware:
         for c in self._compiled:
             if c.methods is not None and method not in c.methods:
                 continue
-            if c.regex is None:
-                if path != c.literal:
+            if c.regex is not None:
+                if c.regex.fullmatch(path) is None:
                     continue
-            elif c.regex.fullmatch(path) is None:
+            elif c.prefix is not None:
+                if not path.startswith(c.prefix):
+                    continue
+            elif path != c.literal:
                 continue
             matched = True
             if c.key is None:
@@ -330,81 +499,9 @@ class RateLimitMiddleware:
                 plan, tier_name = c.plan, tier
             cost = c.cost if isinstance(c.cost, int) else await _cost_of(c.cost, c.name, scope)
             for quota, policy in plan:
-                hits.append(Hit(subject, quota, cost, c.name, tier_name or ""))
+                hits.append(_new_hit(Hit, (subject, quota, cost, c.name, tier_name or "")))
                 applied.append(policy)
-        if not hits:
-            counts[_EXEMPT if matched else _UNMATCHED] += 1
-            await self.app(scope, receive, send)
-            return
-        owned = self._owned
-        if owned is not None and not owned.opened:
-            await owned.ensure_open()
-
-        limiter = self.limiter
-        decisions = limiter.decide_nowait(hits)
-        if decisions is None:
-            decisions = await limiter.decide(hits)
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}
-        state["fineflow"] = decisions
-        allowed = True
-        failed = False
-        for d in decisions:
-            if not d.allowed:
-                allowed = False
-            if d.reason == STORAGE_UNAVAILABLE:
-                failed = True
-        if failed:
-            counts[_STORE] += 1
-        if allowed or self.shadow:
-            if allowed:
-                counts[_ALLOWED] += 1
-            else:
-                counts[_SHADOW] += 1
-                denied = [i for i, d in enumerate(decisions) if not d.allowed]
-                logger.info(
-                    "shadow mode: would deny %s %s for key %r (policies %s)",
-                    method,
-                    path[:200],
-                    hits[denied[0]].key[:200],
-                    [applied[i].name for i in denied],
-                )
-            style = self._style
-            if (
-                style is None
-                or kind == "websocket"
-                or failed
-                or self.shadow
-                or (self._headers_for is not None and not self._headers_for(scope))
-            ):
-                await self.app(scope, receive, send)
-                return
-            extra = render_headers(style, applied, decisions)
-
-            async def send_with_headers(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message = dict(message)
-                    message["headers"] = [*message.get("headers", ()), *extra]
-                await send(message)
-
-            await self.app(scope, receive, send_with_headers)
-            return
-
-        counts[_LIMITED] += 1
-        deny_app = self._deny_app
-        if deny_app is not None and (
-            kind == "http" or "websocket.http.response" in (scope.get("extensions") or {})
-        ):
-            await deny_app(scope, receive, send)
-        elif failed:
-            await storage_unavailable(decisions.retry_after)(scope, receive, send)
-        else:
-            style = self._style
-            show = self._headers_for is None or self._headers_for(scope)
-            extra = render_headers(style, applied, decisions) if style and show else []
-            violated = [a for a, d in zip(applied, decisions, strict=True) if not d.allowed]
-            await quota_exceeded(violated, decisions.retry_after, extra)(scope, receive, send)
+        return hits, applied, matched
 
     def _warn_tier(self, tier: str, c: _Compiled) -> None:
         warned = self._warned_tiers

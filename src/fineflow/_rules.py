@@ -40,6 +40,8 @@ _CONVERTERS = {
     "path": ".*",
 }
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_]+))?\}")
+# A literal prefix followed by one match-anything tail: "/api/*", "/{path:path}".
+_PREFIX_RE = re.compile(r"([^{}*]*)(?:\*|\{[A-Za-z_][A-Za-z0-9_]*:path\})")
 
 
 class PathPattern:
@@ -53,7 +55,7 @@ class PathPattern:
             braces, a bad parameter name or an unknown converter.
     """
 
-    __slots__ = ("literal", "regex", "template")
+    __slots__ = ("literal", "prefix", "regex", "template")
 
     def __init__(self, template: str) -> None:
         if not isinstance(template, str) or not template.startswith("/"):
@@ -81,11 +83,17 @@ class PathPattern:
         self.regex: re.Pattern[str] | None = (
             re.compile("".join(parts), re.DOTALL) if dynamic else None
         )
+        # Templates that are a literal prefix and a match-anything tail need no regex:
+        # ``path.startswith(prefix)`` is the same test.
+        prefix = _PREFIX_RE.fullmatch(template)
+        self.prefix: str | None = None if prefix is None else prefix[1]
 
     def matches(self, path: str) -> bool:
         """Whether ``path`` matches the whole template."""
         if self.regex is None:
             return path == self.literal
+        if self.prefix is not None:
+            return path.startswith(self.prefix)
         return self.regex.fullmatch(path) is not None
 
     def __repr__(self) -> str:

@@ -102,9 +102,19 @@ class ClientIP:
     def _trusted(self, ip: _IPAddress | None) -> bool:
         return ip is not None and any(ip in net for net in self._networks)
 
+    @property
+    def peer_only(self) -> bool:
+        """True when no proxy is trusted: the key is the peer address, headers are ignored."""
+        return not self._networks
+
     def __call__(self, scope: Scope) -> str | None:
         """The client address of the request in ``scope`` (see :func:`client_ip`)."""
         client = scope.get("client")
+        if client.__class__ is tuple and client and not self._networks:
+            # The common case: a server's (host, port) tuple and no proxies to walk.
+            peer = client[0]
+            if peer.__class__ is str and peer:
+                return peer
         peer = client[0] if isinstance(client, list | tuple) and client else None
         if not isinstance(peer, str) or not peer:
             return self._fallback

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ._algorithms import ALGORITHMS, COST_TOO_HIGH, NS, BucketState, Decision, validate_algorithm
 from ._errors import ConfigurationError, SchemaVersionError, StorageClosedError, StorageError
@@ -100,10 +100,7 @@ class PostgresStorage:
         if dsn is None and pool is None:
             dsn = os.environ.get("FINEFLOW_DSN", "")
         if dsn is not None:
-            try:
-                psycopg.conninfo.conninfo_to_dict(dsn)
-            except psycopg.ProgrammingError as exc:
-                raise ConfigurationError(f"invalid PostgreSQL DSN: {exc}") from None
+            _check_dsn(dsn)
         if min_size is None:
             min_size = min(2, max_size) if isinstance(max_size, int) and max_size > 0 else 2
         for name, value in (
@@ -255,8 +252,25 @@ class PostgresStorage:
                         (version,),
                     )
                     logger.info("migrated schema %r to version %d", self.schema, version)
+        except PoolTimeout as exc:
+            raise StorageError(
+                f"migration of schema {self.schema!r} failed: {await self._why_unreachable(exc)}"
+            ) from exc
         except psycopg.Error as exc:
             raise StorageError(f"migration of schema {self.schema!r} failed: {exc}") from exc
+
+    async def _why_unreachable(self, exc: Exception) -> str:
+        """The pool only says it timed out; one direct attempt says where and why."""
+        if self.dsn is None:
+            return str(exc)
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, connect_timeout=max(int(self.connect_timeout), 1)
+            )
+        except psycopg.Error as direct:
+            return f"{str(direct).strip()} (check the DSN or FINEFLOW_DSN)"
+        await conn.close()
+        return f"{exc} (the server answers now: the pool may be too small or busy)"
 
     async def grant_runtime(self, role: str, *, create: bool = False) -> None:
         """Let ``role`` decide, peek and read status through fineflow's functions only.
@@ -597,6 +611,30 @@ class PostgresStorage:
         except psycopg.Error as exc:
             raise StorageError(f"stats query failed: {exc}") from exc
         return [StatsRow(e, t, int(k), int(a), int(d)) for e, t, k, a, d in rows]
+
+
+_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+_DSN_EXAMPLE = '; e.g. "host=db port=5432 dbname=app user=app" or "postgresql://app@db:5432/app"'
+
+
+def _check_dsn(dsn: str) -> None:
+    """Reject at construction a DSN that no connection attempt could ever use."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        reason = str(exc).strip()
+        raise ConfigurationError(f"invalid PostgreSQL DSN: {reason}{_DSN_EXAMPLE}") from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigurationError(
+                f"invalid PostgreSQL DSN: port {port!r} is not 1..65535{_DSN_EXAMPLE}"
+            )
+    sslmode = params.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise ConfigurationError(
+            f"invalid PostgreSQL DSN: sslmode {sslmode!r} is not one of "
+            f"{', '.join(sorted(_SSLMODES))}"
+        )
 
 
 def _tier(tier: str) -> str:

@@ -1,0 +1,199 @@
+"""End to end: real uvicorn processes on 127.0.0.1 sharing one PostgreSQL schema (issue 4).
+
+Three independent uvicorn processes (distinct ports, so every one of them certainly serves
+part of the load) each run ``tests/e2e_app.py`` with its own ``PostgresStorage`` pool, all
+on one schema of the session's database. 200 concurrent requests from one client against a
+``50/minute`` rule: exactly 50 are admitted, 150 get 429 with ``Retry-After`` and
+``RateLimit`` / ``RateLimit-Policy`` Structured Field headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+
+from asgi_helpers import sf
+
+pytestmark = pytest.mark.postgres
+
+TESTS = Path(__file__).resolve().parent
+WORKERS = 3
+REQUESTS = 200
+LIMIT = 50
+START_DEADLINE = 60.0  # seconds for every worker to answer /ping (bounds a broken start)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Worker:
+    """One uvicorn process serving ``e2e_app:create_app`` on its own port."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "e2e_app:create_app",
+                "--app-dir",
+                str(TESTS),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--lifespan",
+                "on",
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def workers(pg_dsn: str, pg_schema: str) -> Iterator[list[Worker]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINEFLOW_")}
+    env.update(
+        FINEFLOW_E2E_DSN=pg_dsn,
+        FINEFLOW_E2E_SCHEMA=pg_schema,
+        FINEFLOW_E2E_QUOTA=f"{LIMIT}/minute",
+        PYTHONUNBUFFERED="1",
+    )
+    started: list[Worker] = []
+    try:
+        for _ in range(WORKERS):
+            started.append(Worker(env))
+        deadline = time.monotonic() + START_DEADLINE
+        for worker in started:
+            while True:
+                if worker.process.poll() is not None:
+                    pytest.fail(f"uvicorn exited at startup:\n{worker.output()}")
+                try:
+                    if httpx.get(worker.url + "/ping", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"uvicorn did not answer within {START_DEADLINE}s")
+                time.sleep(0.05)  # waiting for a subprocess to listen, not moving time
+        yield started
+    finally:
+        for worker in started:
+            worker.stop()
+
+
+@dataclass
+class Reply:
+    """One HTTP/1.1 response as read off the socket."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def read_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Reply:
+    try:
+        data = await reader.read()  # "Connection: close": the server ends the stream
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+    return Reply(int(status_line.split()[1]), headers, body)
+
+
+async def burst(ports: list[int], path: str, client: str = "one-client") -> list[Reply]:
+    """``REQUESTS`` concurrent requests, round robin over ``ports``, sent back to back.
+
+    Raw asyncio streams: every connection is open before the first request is written,
+    so the burst takes as little time as the machine allows (a client like httpx spends
+    more CPU per request than the servers do).
+    """
+    streams = await asyncio.gather(*(connect(ports[i % len(ports)]) for i in range(REQUESTS)))
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client: {client}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    for _, writer in streams:
+        writer.write(request)
+    return await asyncio.gather(*(read_reply(r, w) for r, w in streams))
+
+
+def test_several_uvicorn_workers_share_one_limit(workers: list[Worker]) -> None:
+    ports = [w.port for w in workers]
+    pings = asyncio.run(burst(ports, "/ping"))
+    assert {p.status for p in pings} == {200}
+    assert len({p.headers["x-worker"] for p in pings}) == WORKERS  # three processes serve
+    # GCRA frees one slot every 60/50 = 1.2 s: the count is exact because the whole burst
+    # is decided well within that (raw sockets, connections opened beforehand).
+    responses = asyncio.run(burst(ports, "/limited"))
+    statuses = Counter(r.status for r in responses)
+    assert statuses == {200: LIMIT, 429: REQUESTS - LIMIT}, (
+        statuses,
+        [w.output() for w in workers],
+    )
+    for response in responses:
+        policy = sf(response.headers.get("ratelimit-policy"))
+        assert policy == [("/limited", {"q": LIMIT, "w": 60})]
+        [(name, params)] = sf(response.headers.get("ratelimit"))
+        assert name == "/limited"
+        assert isinstance(params["r"], int) and 0 <= params["r"] < LIMIT
+        assert isinstance(params["t"], int) and params["t"] >= 0
+        if response.status == 429:
+            retry_after = response.headers.get("retry-after")
+            assert retry_after is not None and retry_after.isdigit(), retry_after
+            assert int(retry_after) >= 1
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert json.loads(response.body)["violated-policies"] == ["/limited"]
+        else:
+            assert "retry-after" not in response.headers
+            assert response.body == b"ok"

@@ -23,7 +23,7 @@ from typing import Any
 
 from ._common import PROFILES, Context, Table, machine_info
 
-SUITES = ("asgi", "http", "storage", "breaker")
+SUITES = ("asgi", "http", "storage", "breaker", "load")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 

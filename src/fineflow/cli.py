@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the demo: a limited app driven by a scripted burst")
     demo.add_argument("--dsn", default=None, help="PostgreSQL to use (default: found or started)")
     demo.add_argument("--memory", action="store_true", help="use in-memory storage")
-    bench = sub.add_parser("bench", help="run the benchmark suite (needs the bench extra)")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
+    sub.add_parser(
+        "bench", help="run the benchmark suite from a clone (python -m benchmarks ARGS...)"
+    )
     return parser
 
 
@@ -140,20 +141,38 @@ def _status_dict(status: KeyStatus) -> dict[str, object]:
     return out
 
 
+def _bench(args: list[str]) -> int:
+    import importlib.util
+    import os
+    import runpy
+
+    sys.path.insert(0, os.getcwd())  # benchmarks/ lives in the repository, not in the wheel
+    if importlib.util.find_spec("benchmarks") is None:
+        print(
+            "fineflow: error: run `fineflow bench` from a clone of the repository "
+            "(it runs its benchmarks/ folder), with the bench extra installed",
+            file=sys.stderr,
+        )
+        return 2
+    sys.argv = ["benchmarks", *args]
+    try:
+        runpy.run_module("benchmarks", run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fineflow`` command line; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
             from ._demo import run_demo
 
             return run_demo(dsn=args.dsn, memory=args.memory)
-        if args.command == "bench":
-            import runpy
-
-            sys.argv = ["benchmarks", *args.args]
-            runpy.run_module("benchmarks", run_name="__main__")
-            return 0
         return asyncio.run(_storage_command(args))
     except FineflowError as exc:
         print(f"fineflow: error: {exc}", file=sys.stderr)

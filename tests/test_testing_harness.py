@@ -17,6 +17,18 @@ from fineflow.testing import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_forced_throwaway(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests exercise the search order itself, whatever the session was told."""
+    monkeypatch.delenv("FINEFLOW_TEST_THROWAWAY", raising=False)
+
+
+def test_forced_throwaway_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINEFLOW_TEST_THROWAWAY", "1")
+    with find_postgres() as server:
+        assert server.source == "throwaway"
+
+
 def test_session_server_answers(pg_server: PostgresServer, pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn) as conn:
         row = conn.execute("SELECT current_database()").fetchone()

@@ -220,7 +220,7 @@ async def test_execute_with_sync_and_async_fallbacks() -> None:
     m = breaker.metrics()
     assert (m.total_fallbacks, m.total_rejections) == (2, 3)
     with pytest.raises(AttributeError):
-        first.value = 5
+        first.value = 5  # type: ignore[misc]  # read-only for mypy too
 
 
 async def test_decorator_and_context_manager() -> None:
@@ -359,3 +359,89 @@ def test_constructor_validation() -> None:
         CircuitBreaker("")
     with pytest.raises(ConfigurationError, match="tuple of exception classes"):
         CircuitBreaker("x", record_exceptions=[ValueError])  # type: ignore[arg-type]
+
+
+async def test_fast_paths_keep_every_metric() -> None:
+    """call and execute inline the closed path; the metrics must not notice."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", clock=clock)
+    clock.now = 1001.0
+    assert await breaker.call(ok, 3) == 3
+    clock.now = 1002.0
+    value, state, from_fallback = await breaker.execute(ok, 4)  # a named tuple
+    assert (value, state, from_fallback) == (4, CircuitState.CLOSED, False)
+    with pytest.raises(Boom):
+        await breaker.call(boom)
+    m = breaker.metrics()
+    assert (m.total_calls, m.total_successes, m.total_failures, m.in_flight) == (3, 2, 1, 0)
+    assert (m.last_success_time, m.last_failure_time) == (1002.0, 1002.0)
+    assert (m.consecutive_successes, m.consecutive_failures) == (0, 1)
+    clock.now = 1003.0
+    await breaker.execute(ok)
+    m = breaker.metrics()
+    assert (m.consecutive_successes, m.consecutive_failures, m.last_success_time) == (1, 0, 1003.0)
+
+
+async def test_a_call_admitted_before_a_reset_extends_no_run() -> None:
+    breaker = CircuitBreaker("svc", failure_threshold=3)
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await breaker.call(boom)
+    entered, gate = anyio.Event(), anyio.Event()
+
+    async def slow() -> int:
+        entered.set()
+        await gate.wait()
+        return 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(breaker.call, slow)
+        await entered.wait()
+        assert breaker.metrics().in_flight == 1
+        breaker.reset()
+        with pytest.raises(Boom):
+            await breaker.call(boom)
+        gate.set()
+    m = breaker.metrics()
+    # The stale success counts in the totals, but neither ends the new run of failures
+    # nor starts a run of successes.
+    assert (m.total_successes, m.consecutive_failures, m.consecutive_successes) == (1, 1, 0)
+    assert m.in_flight == 0
+
+
+async def test_success_listeners_and_classifiers_leave_the_fast_path() -> None:
+    breaker = CircuitBreaker("svc", failure_if=lambda result: result == 500)
+    assert (await breaker.execute(ok, 500)).value == 500
+    assert breaker.metrics().total_failures == 1
+    plain = CircuitBreaker("plain")
+    seen: list[str] = []
+
+    async def on_success(event: BreakerEvent) -> None:
+        seen.append(event.kind)
+
+    await plain.call(ok)
+    plain.add_listener("success", on_success)
+    await plain.call(ok)
+    await plain.execute(ok)
+    assert seen == ["success", "success"]
+    plain.remove_listener("success", on_success)
+    await plain.call(ok)
+    assert seen == ["success", "success"]
+    assert plain.metrics().total_successes == 4
+
+
+async def test_async_listener_removed_with_events_pending_still_gets_them() -> None:
+    breaker = CircuitBreaker("svc")
+    seen: list[str] = []
+
+    async def on_change(event: BreakerEvent) -> None:
+        seen.append(f"{event.from_state} -> {event.state}")
+
+    breaker.add_listener("state_change", on_change)
+    breaker.force_open()  # queued for the async listener
+    breaker.remove_listener("state_change", on_change)
+    breaker.reset()  # no listener any more: nothing queued
+    await breaker.call(ok)  # the next guarded call delivers what was queued
+    assert seen == ["CircuitState.CLOSED -> CircuitState.FORCED_OPEN"]
+    await breaker.call(ok)
+    assert seen == ["CircuitState.CLOSED -> CircuitState.FORCED_OPEN"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -329,3 +330,115 @@ async def test_websocket_app_refusing_by_itself_is_ignored() -> None:
     assert sent[0]["type"] == "websocket.close"
     m = breaker.metrics()
     assert (m.total_ignored, m.total_failures, m.in_flight) == (1, 0, 0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def throttling_app(retry_after: bytes | None) -> Any:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        headers = [] if retry_after is None else [(b"Retry-After", retry_after)]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": b"slow down"})
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_429_goes_through_the_throttle_policy() -> None:
+    clock = FakeClock()
+    ignoring = CircuitBreaker("ignore", failure_threshold=1, clock=clock)
+    mw = CircuitBreakerMiddleware(throttling_app(b"5"), breaker=ignoring)
+    for _ in range(3):
+        assert (await run(mw, http_scope()))[0]["status"] == 429
+    m = ignoring.metrics()
+    assert (m.state, m.total_ignored, m.total_failures) == (CircuitState.CLOSED, 3, 0)
+
+    holding = CircuitBreaker("hold", on_throttle="hold", clock=clock)
+    mw = CircuitBreakerMiddleware(throttling_app(b"5"), breaker=holding)
+    assert (await run(mw, http_scope()))[0]["status"] == 429
+    held = await run(mw, http_scope())  # rejected for the upstream's Retry-After
+    assert held[0]["status"] == 503 and dict(held[0]["headers"])[b"retry-after"] == b"5"
+    clock.now += 5.0
+    assert (await run(mw, http_scope()))[0]["status"] == 429
+    assert holding.metrics().times_opened == 0
+
+    failing = CircuitBreaker("fail", on_throttle="failure", failure_threshold=1)
+    mw = CircuitBreakerMiddleware(throttling_app(None), breaker=failing)
+    await run(mw, http_scope())
+    assert state_of(failing) is CircuitState.OPEN
+
+
+@pytest.mark.anyio
+async def test_success_metrics_pathsend_and_async_keys() -> None:
+    clock = FakeClock()
+    registry = BreakerRegistry(clock=clock)
+
+    async def key(scope: Scope) -> str:
+        return "k:" + str(scope["path"])
+
+    async def pathsend_app(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": "/tmp/file"})
+
+    mw = CircuitBreakerMiddleware(status_app(200), registry=registry, key=key)
+    clock.now = 51.0
+    await run(mw, http_scope("/a"))
+    clock.now = 52.0
+    await run(mw, http_scope("/a"))
+    m = registry.metrics()["k:/a"]
+    assert (m.total_calls, m.total_successes, m.in_flight) == (2, 2, 0)
+    assert (m.consecutive_successes, m.last_success_time) == (2, 52.0)
+
+    streamed = CircuitBreaker("pathsend")
+    sent = await run(CircuitBreakerMiddleware(pathsend_app, breaker=streamed), http_scope())
+    assert [message["type"] for message in sent][-1] == "http.response.pathsend"
+    assert streamed.metrics().total_successes == 1
+
+
+@pytest.mark.anyio
+async def test_success_listener_sees_middleware_successes() -> None:
+    breaker = CircuitBreaker("listened")
+    seen: list[str] = []
+    breaker.add_listener("success", lambda event: seen.append(event.kind))
+    await run(CircuitBreakerMiddleware(status_app(204), breaker=breaker), http_scope())
+    assert seen == ["success"]
+
+
+@pytest.mark.anyio
+async def test_each_request_is_settled_exactly_once() -> None:
+    breaker = CircuitBreaker("svc")
+
+    async def chatty_app(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        await send({"type": "http.response.body", "body": b"late"})  # after the end
+
+    async def send_then_break(message: Message) -> None:
+        if message.get("body") == b"late":
+            raise OSError("client went away")
+
+    with pytest.raises(OSError):
+        await CircuitBreakerMiddleware(chatty_app, breaker=breaker)(
+            http_scope(), no_receive, send_then_break
+        )
+    m = breaker.metrics()
+    assert (m.total_calls, m.total_failures, m.total_ignored, m.in_flight) == (1, 1, 0, 0)
+
+    async def stubborn_app(scope: Scope, receive: Any, send: Any) -> None:
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def broken_send(message: Message) -> None:
+        raise OSError("client went away")
+
+    await CircuitBreakerMiddleware(stubborn_app, breaker=breaker)(
+        http_scope(), no_receive, broken_send
+    )
+    m = breaker.metrics()  # returned without finishing the response: a failure
+    assert (m.total_calls, m.total_failures, m.total_ignored, m.in_flight) == (2, 2, 0, 0)

@@ -19,8 +19,8 @@ from typing import Any, ParamSpec, Self, TypeVar, cast
 from ._breaker_config import BreakerConfig, BreakerMetrics, CircuitState, ThrottlePolicy, WindowType
 from ._breaker_events import BreakerEvent, EventKind, Listener, Listeners
 from ._breaker_http import DEFAULT_HOLD
-from ._breaker_machine import BreakerMachine
-from ._breaker_permit import _FAILURE, _IGNORED, _SUCCESS, BreakerResult, Permit
+from ._breaker_machine import REJECTED, BreakerMachine
+from ._breaker_permit import _FAILURE, _IGNORED, _SUCCESS, BreakerResult, Permit, _result
 from ._errors import CircuitOpenError, ConfigurationError
 
 __all__ = ["BreakerResult", "CircuitBreaker", "Permit"]
@@ -136,8 +136,14 @@ class CircuitBreaker(Listeners):
 
     def _update_flags(self) -> None:
         super()._update_flags()
-        # A success needs no classification and no event: the hot path's single check.
-        self._quiet = self._failure_if is None and self._throttle is None and not self._has_success
+        # A success needs no classification and no event, and no async listener can have
+        # left events pending: the hot path's single check.
+        self._quiet = (
+            self._failure_if is None
+            and self._throttle is None
+            and not self._has_success
+            and not self._has_async
+        )
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self._machine.state.value}>"
@@ -155,38 +161,46 @@ class CircuitBreaker(Listeners):
             BaseException: whatever the call raised, after recording it.
         """
         machine = self._machine
-        if machine._fast and self._untimed:
-            # BreakerMachine.acquire's fast branch, inlined: the closed path's cost is mostly
-            # Python calls, and without a slow-call policy the start time is never needed.
+        if machine._hot:
+            # The closed path's cost is mostly Python calls and attribute writes, so
+            # BreakerMachine.acquire and on_success are inlined for a plain breaker (see
+            # BreakerMachine._refresh): admission needs no clock, and a success in the epoch
+            # it was admitted in, with no listener or classifier to consult (``_quiet``:
+            # nothing can be pending either), is two attribute writes and one clock read.
             machine.calls += 1
-            machine.in_flight += 1
             token = machine._epoch
-            start = 0.0
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                self._on_exception(token, 0.0, exc)
+                if self._pending and isinstance(exc, Exception):
+                    await self.flush_events()
+                raise
+            if token == machine._epoch and self._quiet:
+                machine.successes += 1
+                machine.last_success_time = self._clock()
+                return result
+            self._on_result(token, 0.0, result)
         else:
-            start = self._clock()
-            token = machine.acquire(start)
-            if token < 0:
-                if self._has_rejection or self._pending:
-                    await self._rejected(start)
-                raise CircuitOpenError(self.name, machine.retry_after(start))
-        try:
-            result = await fn(*args, **kwargs)
-        except BaseException as exc:
-            self._on_exception(token, start, exc)
-            if self._pending and isinstance(exc, Exception):
-                await self.flush_events()
-            raise
-        if self._quiet and machine._plain and token == machine._epoch:
-            # BreakerMachine.on_success for a plain CLOSED breaker, inlined like acquire.
-            machine.in_flight -= 1
-            machine.successes += 1
-            machine.last_success_time = self._clock()
-            machine.consecutive_failures = 0
-            machine.consecutive_successes += 1
-        elif self._quiet:
-            now = self._clock()
-            machine.on_success(token, now, now - start)
-        else:
+            if machine._fast and self._untimed:
+                # Admitted for sure (a window to feed, say): the start time is never needed.
+                machine.calls += 1
+                token = machine._epoch
+                start = 0.0
+            else:
+                start = self._clock()
+                token = machine.acquire(start)
+                if token < 0:
+                    if self._has_rejection or self._pending:
+                        await self._rejected(start)
+                    raise CircuitOpenError(self.name, machine.retry_after(start))
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                self._on_exception(token, start, exc)
+                if self._pending and isinstance(exc, Exception):
+                    await self.flush_events()
+                raise
             self._on_result(token, start, result)
         if self._pending:
             await self.flush_events()
@@ -216,8 +230,33 @@ class CircuitBreaker(Listeners):
                 answers rejections only, not failures).
         """
         machine = self._machine
+        if machine._hot:
+            # The same inlined closed path as ``call``.
+            machine.calls += 1
+            token = machine._epoch
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                self._on_exception(token, 0.0, exc)
+                if self._pending and isinstance(exc, Exception):
+                    await self.flush_events()
+                raise
+            if token == machine._epoch and self._quiet:
+                machine.successes += 1
+                machine.last_success_time = self._clock()
+                return _result(BreakerResult, (result, machine.state, False))
+            self._on_result(token, 0.0, result)
+            if self._pending:
+                await self.flush_events()
+            return _result(BreakerResult, (result, machine.state, False))
         start = self._clock()
-        token = machine.acquire(start)
+        if start < machine._reject_until:
+            # BreakerMachine.acquire's rejection, inlined: the open path is meant to be cheap.
+            machine.calls += 1
+            machine.rejections += 1
+            token = REJECTED
+        else:
+            token = machine.acquire(start)
         if token < 0:
             if fallback is None:
                 raise await self._rejected(start)
@@ -234,10 +273,10 @@ class CircuitBreaker(Listeners):
             # Results are immutable, so a constant fallback reuses one instance.
             if last is not None and last.value is value and last.state is state:
                 return last
-            self._last_fallback = last = BreakerResult(value, state, True)
+            self._last_fallback = last = _result(BreakerResult, (value, state, True))
             return last
         result = await self._call_admitted(token, start, fn, *args, **kwargs)
-        return BreakerResult(result, machine.state, False)
+        return _result(BreakerResult, (result, machine.state, False))
 
     async def _call_admitted(
         self, token: int, start: float, fn: Callable[..., Awaitable[T]], /, *a: Any, **kw: Any

@@ -76,6 +76,9 @@ class Listeners:
         self._has_success = has("success")
         self._has_failure = has("failure")
         self._has_rejection = has("rejection")
+        # Events can be pending only while this is true (it stays true until they are
+        # delivered, even if the last async listener was removed in between).
+        self._has_async = bool(self._pending) or any(self._async.values())
 
     def add_listener(self, kind: EventKind, listener: Listener) -> None:
         """Call ``listener(event)`` on every event of ``kind`` (see ``CircuitBreaker``).
@@ -126,3 +129,5 @@ class Listeners:
                 await listener(event)
             except Exception:
                 logger.exception("breaker %r: %s listener failed", event.breaker, event.kind)
+        if self._has_async and not any(self._async.values()):
+            self._update_flags()  # the last async listener went away meanwhile

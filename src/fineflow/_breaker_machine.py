@@ -28,6 +28,11 @@ Rules of operation
 * Every state change goes through one table, ``TRANSITIONS``; ``check_transition`` raises
   ``IllegalTransitionError`` for a move that is not in it.
 * Counters only grow: ``calls == successes + failures + ignored + rejections + in_flight``.
+
+The closed path is hot, so it writes as little as it can: ``in_flight`` and the two
+consecutive counts are derived from the totals (a success in the current epoch only bumps
+``successes``; ``_success_mark`` is the value ``successes`` had when the current run of
+successes began, ``_failures_in_row`` counts the run of failures that ended it).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ __all__ = [
 
 REJECTED = -1
 _NEVER = float("-inf")
+_FOREVER = float("inf")
 
 _C, _O, _H = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 _MANUAL_TARGETS = (
@@ -97,25 +103,26 @@ class BreakerMachine:
 
     __slots__ = (
         "_epoch",
+        "_failures_in_row",
         "_fast",
         "_half_open_since",
         "_hold_until",
+        "_hot",
         "_next_timeout",
         "_on_transition",
         "_open_until",
         "_permits_used",
         "_plain",
         "_random",
+        "_reject_until",
+        "_success_mark",
         "_trial_successes",
         "_window",
         "calls",
         "config",
-        "consecutive_failures",
-        "consecutive_successes",
         "failures",
         "fallbacks",
         "ignored",
-        "in_flight",
         "last_failure_time",
         "last_state_change",
         "last_success_time",
@@ -142,12 +149,12 @@ class BreakerMachine:
         self._next_timeout = config.reset_timeout
         self._permits_used = self._trial_successes = 0
         self._window: CountWindow | TimeWindow | None = None
-        self.consecutive_failures = self.consecutive_successes = 0
+        self._failures_in_row = self._success_mark = 0
         self.last_failure_time: float | None = None
         self.last_success_time: float | None = None
         self.last_state_change: float | None = None
         self.calls = self.successes = self.failures = self.ignored = 0
-        self.rejections = self.fallbacks = self.in_flight = self.times_opened = 0
+        self.rejections = self.fallbacks = self.times_opened = 0
         self._new_window()
         self._refresh()
 
@@ -157,8 +164,10 @@ class BreakerMachine:
         """Ask to run one call at ``now``: a token ``>= 0``, or ``REJECTED``."""
         self.calls += 1
         if self._fast:
-            self.in_flight += 1
             return self._epoch
+        if now < self._reject_until:
+            self.rejections += 1
+            return REJECTED
         return self._acquire_slow(now)
 
     def _acquire_slow(self, now: float) -> int:
@@ -174,7 +183,6 @@ class BreakerMachine:
                 return REJECTED
             self._hold_until = _NEVER
             self._refresh()
-            self.in_flight += 1
             return self._epoch
         elif state is CircuitState.FORCED_OPEN:
             self.rejections += 1
@@ -185,7 +193,6 @@ class BreakerMachine:
             self._move(_O, now, f"no verdict {wait:g}s after half-open")
         elif now >= self._hold_until and self._permits_used < self.config.half_open_max_calls:
             self._permits_used += 1
-            self.in_flight += 1
             return self._epoch
         self.rejections += 1
         return REJECTED
@@ -199,17 +206,32 @@ class BreakerMachine:
             return self._hold_until - now
         return None
 
+    # -- counters derived from the totals -----------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted calls whose outcome has not been reported yet."""
+        return self.calls - self.successes - self.failures - self.ignored - self.rejections
+
+    @property
+    def consecutive_successes(self) -> int:
+        """Successes (of the current epoch) since the last failure or reset."""
+        return self.successes - self._success_mark
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failures (of the current epoch) since the last success or reset."""
+        return self._failures_in_row if self.successes == self._success_mark else 0
+
     # -- outcomes ---------------------------------------------------------------------------
 
     def on_success(self, token: int, now: float, duration: float) -> None:
         """Record that the call admitted with ``token`` succeeded after ``duration`` s."""
-        self.in_flight -= 1
         self.successes += 1
         self.last_success_time = now
         if token != self._epoch:
+            self._success_mark += 1  # a stale outcome extends no run and ends none
             return
-        self.consecutive_failures = 0
-        self.consecutive_successes += 1
         if not self._plain:
             self._after_success(now, duration)
 
@@ -230,13 +252,14 @@ class BreakerMachine:
 
     def on_failure(self, token: int, now: float, duration: float) -> None:
         """Record that the call admitted with ``token`` failed after ``duration`` s."""
-        self.in_flight -= 1
         self.failures += 1
         self.last_failure_time = now
         if token != self._epoch:
             return
-        self.consecutive_successes = 0
-        self.consecutive_failures += 1
+        if self.successes != self._success_mark:  # this failure ends a run of successes
+            self._success_mark = self.successes
+            self._failures_in_row = 0
+        self._failures_in_row += 1
         state = self.state
         if state is _H:
             self._move(_O, now, "trial call failed")
@@ -247,8 +270,8 @@ class BreakerMachine:
             self._window.add(now, True, slow)
         if state is _C:
             ft = cfg.failure_threshold
-            if ft is not None and self.consecutive_failures >= ft:
-                self._move(_O, now, f"{self.consecutive_failures} consecutive failures")
+            if ft is not None and self._failures_in_row >= ft:
+                self._move(_O, now, f"{self._failures_in_row} consecutive failures")
             elif self._window is not None:
                 self._check_rates(self._window, now)
 
@@ -257,7 +280,6 @@ class BreakerMachine:
 
         Neither a success nor a failure; a half-open permit is given back.
         """
-        self.in_flight -= 1
         self.ignored += 1
         if token == self._epoch and self.state is _H:
             self._permits_used -= 1
@@ -301,7 +323,8 @@ class BreakerMachine:
         else:
             self._epoch += 1
             self._new_window()
-        self.consecutive_failures = self.consecutive_successes = 0
+        self._failures_in_row = 0
+        self._success_mark = self.successes
         self._refresh()
 
     def force_open(self, now: float) -> None:
@@ -362,9 +385,23 @@ class BreakerMachine:
             CircuitState.DISABLED,
             CircuitState.METRICS_ONLY,
         )
+        untimed = self.config.slow_call_duration is None
         self._plain = state is CircuitState.DISABLED or (
-            state is _C and self._window is None and self.config.slow_call_duration is None
+            state is _C and self._window is None and untimed
         )
+        # Admission needs no clock and a success only bumps ``successes`` and the time: the
+        # path ``CircuitBreaker.call`` and the ASGI middleware inline.
+        self._hot = self._fast and self._plain and untimed
+        # Callers arriving before this are rejected with no further question (OPEN before its
+        # deadline, FORCED_OPEN, a hold in CLOSED); HALF_OPEN always asks ``_acquire_slow``.
+        if state is _O:
+            self._reject_until = self._open_until
+        elif state is CircuitState.FORCED_OPEN:
+            self._reject_until = _FOREVER
+        elif state is _C:
+            self._reject_until = self._hold_until
+        else:
+            self._reject_until = _NEVER
 
     @property
     def half_open_in_flight(self) -> int:

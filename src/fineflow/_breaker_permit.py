@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, NamedTuple, TypeVar
 
 from ._breaker_config import CircuitState
 
@@ -16,8 +16,12 @@ T = TypeVar("T")
 _SUCCESS, _FAILURE, _IGNORED = 0, 1, 2
 
 
-class BreakerResult(Generic[T]):
+class BreakerResult(NamedTuple, Generic[T]):
     """What ``CircuitBreaker.execute`` returns: the value and where it came from.
+
+    An immutable named tuple (``value, state, from_fallback = await breaker.execute(...)``
+    works): construction sits on both the closed and the open path, and a tuple is the
+    cheapest frozen value Python builds.
 
     Attributes:
         value: the call's result, or the fallback's when the breaker rejected the call.
@@ -25,43 +29,13 @@ class BreakerResult(Generic[T]):
         from_fallback: ``True`` when ``value`` came from the fallback.
     """
 
-    # A frozen value, hand-written rather than a frozen dataclass: construction sits on the
-    # open path, and the dataclass's object.__setattr__ per field triples its cost.
-    __slots__ = ("from_fallback", "state", "value")
-    __match_args__ = ("value", "state", "from_fallback")
-
     value: T
     state: CircuitState
     from_fallback: bool
 
-    def __init__(self, value: T, state: CircuitState, from_fallback: bool) -> None:
-        _set(self, "value", value)
-        _set(self, "state", state)
-        _set(self, "from_fallback", from_fallback)
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"BreakerResult is immutable (cannot set {name!r})")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, BreakerResult):
-            return NotImplemented
-        return (self.value, self.state, self.from_fallback) == (
-            other.value,
-            other.state,
-            other.from_fallback,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.value, self.state, self.from_fallback))
-
-    def __repr__(self) -> str:
-        return (
-            f"BreakerResult(value={self.value!r}, state={self.state}, "
-            f"from_fallback={self.from_fallback})"
-        )
-
-
-_set = object.__setattr__
+#: ``BreakerResult`` without the Python-level ``__new__``: ``_result(BreakerResult, (v, s, f))``.
+_result = tuple.__new__
 
 
 class Permit:

@@ -277,17 +277,10 @@ def scopes(draw: st.DrawFn) -> Scope:
     return scope
 
 
-# uvicorn hands an app path "" for the request line "GET ?a HTTP/1.1"; the breaker
-# middleware's default key then names a breaker "" and raises. Set to False once fixed.
-EMPTY_PATH_BUG = True
-
-
 @given(scope=scopes())
 def test_hostile_scopes_never_crash_either_middleware(scope: Scope) -> None:
     async def run() -> None:
         for name, (app, statuses) in stacks().items():
-            if "breaker" in name and EMPTY_PATH_BUG and not scope["root_path"] + scope["path"]:
-                continue  # known: test_an_empty_path_does_not_crash_the_breaker_middleware
             for _ in range(3):  # allowed first, then possibly limited
                 try:
                     messages = await drive(app, scope)
@@ -301,7 +294,6 @@ def test_hostile_scopes_never_crash_either_middleware(scope: Scope) -> None:
     anyio.run(run)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: path_key returns '' for an empty path")
 def test_an_empty_path_does_not_crash_the_breaker_middleware() -> None:
     # What uvicorn sends for "GET ?a HTTP/1.1": path "", raw_path b"".
     scope = {"type": "http", "method": "GET", "path": "", "root_path": "", "headers": []}

@@ -18,6 +18,7 @@ from typing import Any
 
 from ._breaker import CircuitBreaker, Permit
 from ._breaker_http import parse_retry_after, retry_after_header
+from ._breaker_permit import _FAILURE, _SUCCESS
 from ._errors import ConfigurationError
 from ._registry import BreakerRegistry
 
@@ -35,7 +36,8 @@ PROBLEM_TYPE = "urn:fineflow:problem:circuit-open"
 
 def path_key(scope: Scope) -> str:
     """The default key: the request path (``root_path`` included), one breaker per path."""
-    return str(scope.get("root_path", "")) + str(scope["path"])
+    # An empty path is legal on the wire (``GET ?a HTTP/1.1``): key it as "/".
+    return (str(scope.get("root_path", "")) + str(scope.get("path", ""))) or "/"
 
 
 class ServiceUnavailable:
@@ -128,13 +130,63 @@ class CircuitBreakerMiddleware:
         self.state_header = state_header.lower().encode("latin-1") if state_header else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # The HTTP path is inlined here, one coroutine frame, with no Permit object: the
+        # per-request cost is mostly Python calls (see benchmarks/asgi.py).
+        breaker = self.breaker
+        if breaker is None:
+            name = self.key(scope)
+            if name is not None and not isinstance(name, str):
+                name = await name
+            if name is None or self.registry is None:
+                await self.app(scope, receive, send)
+                return
+            breaker = self.registry.get_or_create(name)
+        machine = breaker._machine
+        if machine._hot:  # BreakerMachine.acquire's no-clock branch, as CircuitBreaker.call
+            machine.calls += 1
+            token = machine._epoch
+            start = 0.0
         else:
-            await self.app(scope, receive, send)
+            start = breaker._clock()
+            token = machine.acquire(start)
+            if token < 0:
+                if breaker._has_rejection:
+                    breaker._emit("rejection", start, None)
+                await self._reject(scope, receive, send, breaker)
+                return
+        responder = _new_responder(_Responder)
+        responder.mw = self
+        responder.breaker = breaker
+        responder.token = token
+        responder.start = start
+        responder.downstream = send
+        responder.status = 0
+        responder.done = responder.send_failed = False
+        try:
+            await self.app(scope, receive, responder.send)
+        except BaseException as exc:
+            if not responder.done:
+                responder.done = True
+                if responder.send_failed:  # the client went away: says nothing of health
+                    machine.on_ignored(token)
+                else:
+                    breaker._on_exception(token, start, exc)
+            if breaker._pending:
+                await breaker.flush_events()
+            raise
+        if not responder.done:
+            # The app returned without finishing a response: the server answers 500 (no
+            # start) or cuts the stream, so it is a failure either way.
+            responder.done = True
+            breaker._settle(_FAILURE, token, start, None)
+        if breaker._pending:
+            await breaker.flush_events()
 
     async def _breaker_for(self, scope: Scope) -> CircuitBreaker | None:
         if self.breaker is not None:
@@ -154,8 +206,7 @@ class CircuitBreakerMiddleware:
 
         async def stamped(message: Message) -> None:
             if message["type"] in ("http.response.start", "websocket.http.response.start"):
-                state = breaker.state.value.encode()
-                message = {**message, "headers": [*message.get("headers", ()), (header, state)]}
+                message = _with_state(message, header, breaker)
             await send(message)
 
         return stamped
@@ -175,55 +226,6 @@ class CircuitBreakerMiddleware:
             permit.throttled(parse_retry_after(retry_after))
         else:
             permit.success()
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        breaker = self.breaker or await self._breaker_for(scope)
-        if breaker is None:
-            await self.app(scope, receive, send)
-            return
-        permit = breaker.try_acquire()
-        if permit is None:
-            await self._reject(scope, receive, send, breaker)
-            return
-        downstream = send if self.state_header is None else self._stamped(send, breaker)
-        status = 0
-        retry_after: str | None = None
-        send_failed = False
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal status, retry_after, send_failed
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-                if status == 429:
-                    for name, value in message.get("headers", ()):
-                        if name.lower() == b"retry-after":
-                            retry_after = value.decode("latin-1")
-            try:
-                await downstream(message)
-            except BaseException:
-                send_failed = True
-                raise
-            if (kind == "http.response.body" and not message.get("more_body", False)) or (
-                kind == "http.response.pathsend"
-            ):
-                self._settle(permit, status, retry_after)
-
-        try:
-            await self.app(scope, receive, guarded_send)
-        except BaseException as exc:
-            if send_failed:
-                permit.ignore()
-            else:
-                permit.exception(exc)
-            raise
-        finally:
-            if not permit.done:
-                # The app returned without finishing a response: the server answers 500 (no
-                # start) or cuts the stream, so it is a failure either way.
-                permit.failure()
-            if breaker._pending:
-                await breaker.flush_events()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         breaker = await self._breaker_for(scope)
@@ -261,3 +263,99 @@ class CircuitBreakerMiddleware:
             permit.ignore()  # returned without a handshake: no verdict (no-op if settled)
             if breaker._pending:
                 await breaker.flush_events()
+
+
+def _with_state(message: Message, header: bytes, breaker: CircuitBreaker) -> Message:
+    # A copy: the app may reuse its message and header list (Starlette's raw_headers).
+    state = breaker.state.value.encode()
+    return {**message, "headers": [*message.get("headers", ()), (header, state)]}
+
+
+# ``_Responder.status`` once the request needs no more settling, or after a failed send.
+class _Responder:
+    """The per-request state of one admitted HTTP request; ``send`` wraps the server's.
+
+    It settles the request's permit (``token``, ``start``) exactly once, when the response
+    ends: the last body chunk went out (success, or failure for a failure status, or the
+    throttle policy for a 429). The middleware settles it when the app raises or returns
+    without finishing the response.
+
+    The middleware fills every field but ``retry_after`` itself: a Python-level
+    ``__init__`` would cost as much as the rest of the request's bookkeeping.
+    """
+
+    __slots__ = (
+        "breaker",
+        "done",
+        "downstream",
+        "mw",
+        "retry_after",
+        "send_failed",
+        "start",
+        "status",
+        "token",
+    )
+
+    mw: CircuitBreakerMiddleware
+    breaker: CircuitBreaker
+    token: int  # the permit: the epoch it was admitted in
+    start: float  # and when (0.0 when nothing needs the duration)
+    downstream: Send
+    status: int  # of the response, 0 before its start
+    retry_after: str | None  # set with a 429 status, and read only then
+    done: bool  # the permit is settled
+    send_failed: bool  # the server's send raised: the client went away
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            status = self.status = message["status"]
+            if status == 429:
+                self.retry_after = _retry_after(message)
+            header = self.mw.state_header
+            if header is not None:
+                message = _with_state(message, header, self.breaker)
+            try:
+                await self.downstream(message)
+            except BaseException:
+                self.send_failed = True
+                raise
+            return
+        try:
+            await self.downstream(message)
+        except BaseException:
+            self.send_failed = True
+            raise
+        if kind == "http.response.body":
+            if message.get("more_body"):
+                return
+        elif kind != "http.response.pathsend":
+            return
+        # The response ended: settle (inlined, this runs once per request).
+        if self.done:
+            return
+        self.done = True
+        breaker, token, status = self.breaker, self.token, self.status
+        if status in self.mw.failure_statuses:
+            breaker._settle(_FAILURE, token, self.start, None)
+        elif status == 429:
+            retry_after = parse_retry_after(self.retry_after)
+            breaker._settle_throttled(token, self.start, retry_after, None)
+        else:
+            machine = breaker._machine
+            if token == machine._epoch and machine._plain and not breaker._has_success:
+                # BreakerMachine.on_success for a plain breaker, as in CircuitBreaker.call.
+                machine.successes += 1
+                machine.last_success_time = breaker._clock()
+            else:
+                breaker._settle(_SUCCESS, token, self.start, None)
+
+
+_new_responder = object.__new__
+
+
+def _retry_after(message: Message) -> str | None:
+    for name, value in message.get("headers", ()):
+        if name.lower() == b"retry-after":
+            return str(value.decode("latin-1"))
+    return None

@@ -18,9 +18,10 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from fineflow._asgitypes import Message, Scope
 from fineflow._breaker import CircuitBreaker
 from fineflow._breaker_config import CircuitState
-from fineflow._breaker_middleware import CircuitBreakerMiddleware, Message, Scope
+from fineflow._breaker_middleware import CircuitBreakerMiddleware
 from fineflow._errors import ConfigurationError
 from fineflow._registry import BreakerRegistry
 

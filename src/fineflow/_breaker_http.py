@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import email.utils
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_HOLD", "http_throttle", "parse_retry_after", "retry_after_header"]
+__all__ = ["DEFAULT_HOLD", "http_throttle", "parse_retry_after"]
 
 #: Seconds to hold when a 429 carries no usable ``Retry-After``.
 DEFAULT_HOLD = 1.0
@@ -67,10 +66,3 @@ def http_throttle(obj: object) -> float | None:
         if seconds is not None:
             return seconds
     return DEFAULT_HOLD
-
-
-def retry_after_header(retry_after: float | None) -> str:
-    """Integer seconds for a ``Retry-After`` header, rounded up, at least 1."""
-    if retry_after is None or not math.isfinite(retry_after):
-        return "1"
-    return str(max(math.ceil(retry_after), 1))

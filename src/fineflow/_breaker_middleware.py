@@ -13,22 +13,20 @@ goes through the breaker's ``on_throttle`` policy, an exception raised by the do
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Container, MutableMapping
-from typing import Any
+import math
+from collections.abc import Awaitable, Callable, Container
 
+from ._asgitypes import ASGIApp, Message, Receive, Scope, Send
 from ._breaker import CircuitBreaker, Permit
-from ._breaker_http import parse_retry_after, retry_after_header
+from ._breaker_http import parse_retry_after
 from ._breaker_permit import _FAILURE, _SUCCESS
 from ._errors import ConfigurationError
+from ._headers import retry_after_header
+from ._problem import ProblemResponse
 from ._registry import BreakerRegistry
 
-__all__ = ["CircuitBreakerMiddleware", "ServiceUnavailable", "path_key"]
+__all__ = ["CircuitBreakerMiddleware", "path_key", "service_unavailable"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 KeyFunc = Callable[[Scope], "str | Awaitable[str | None] | None"]
 
 PROBLEM_TYPE = "urn:fineflow:problem:circuit-open"
@@ -40,46 +38,27 @@ def path_key(scope: Scope) -> str:
     return (str(scope.get("root_path", "")) + str(scope.get("path", ""))) or "/"
 
 
-class ServiceUnavailable:
-    """The ASGI app answering a rejected request: 503, ``Retry-After`` and problem+json.
+def service_unavailable(name: str, retry_after: float | None) -> ProblemResponse:
+    """The answer to a rejected request: 503, ``Retry-After`` and problem+json (a websocket
+    handshake without the denial-response extension is closed with 1013, try again later).
 
     Args:
         name: the breaker's name, reported in the body.
         retry_after: seconds until a retry may succeed (``None``: unknown, sent as 1).
     """
-
-    __slots__ = ("name", "retry_after")
-
-    def __init__(self, name: str, retry_after: float | None) -> None:
-        self.name = name
-        self.retry_after = retry_after
-
-    def _parts(self) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        seconds = retry_after_header(self.retry_after)
-        body = json.dumps(
-            {
-                "type": PROBLEM_TYPE,
-                "title": "Service Unavailable",
-                "status": 503,
-                "detail": f"circuit {self.name!r} is open; retry after {seconds}s",
-                "circuit": self.name,
-            }
-        ).encode()
-        headers = [
-            (b"content-type", b"application/problem+json"),
-            (b"retry-after", seconds.encode()),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        return headers, body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers, body = self._parts()
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.http.response.start", "status": 503, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": body})
-            return
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    if retry_after is None or not math.isfinite(retry_after):
+        retry_after = 1.0
+    header = retry_after_header(retry_after)
+    body = json.dumps(
+        {
+            "type": PROBLEM_TYPE,
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": f"circuit {name!r} is open; retry after {header[1].decode()}s",
+            "circuit": name,
+        }
+    ).encode()
+    return ProblemResponse(503, body, [header], "circuit open", close_code=1013)
 
 
 class CircuitBreakerMiddleware:
@@ -216,7 +195,7 @@ class CircuitBreakerMiddleware:
     ) -> None:
         if breaker._pending:
             await breaker.flush_events()
-        app = self.fallback or ServiceUnavailable(breaker.name, breaker.retry_after())
+        app = self.fallback or service_unavailable(breaker.name, breaker.retry_after())
         await app(scope, receive, self._stamped(send, breaker))
 
     def _settle(self, permit: Permit, status: int, retry_after: str | None) -> None:

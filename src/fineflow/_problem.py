@@ -42,10 +42,11 @@ class ProblemResponse:
         status: the HTTP status code.
         body: the encoded problem+json body.
         headers: extra headers (content type and length are added).
-        reason: the close reason when a websocket handshake must be refused with 1008.
+        reason: the close reason when a websocket handshake must be refused.
+        close_code: the close code then (default 1008, policy violation).
     """
 
-    __slots__ = ("body", "headers", "reason", "status")
+    __slots__ = ("body", "close_code", "headers", "reason", "status")
 
     def __init__(
         self,
@@ -53,6 +54,7 @@ class ProblemResponse:
         body: bytes,
         headers: Sequence[tuple[bytes, bytes]] = (),
         reason: str = "",
+        close_code: int = WS_POLICY_VIOLATION,
     ) -> None:
         self.status = status
         self.body = body
@@ -63,13 +65,14 @@ class ProblemResponse:
             *headers,
         ]
         self.reason = reason
+        self.close_code = close_code
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the response for ``scope`` (``http`` or ``websocket``)."""
         if scope["type"] == "websocket":
             if "websocket.http.response" not in (scope.get("extensions") or {}):
                 await send(
-                    {"type": "websocket.close", "code": WS_POLICY_VIOLATION, "reason": self.reason}
+                    {"type": "websocket.close", "code": self.close_code, "reason": self.reason}
                 )
                 return
             prefix = "websocket."

@@ -18,15 +18,13 @@ import contextlib
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fineflow.testing import UvicornProcess
 
 from ._apps import fineflow_name
 from ._common import Context, Row, Table, at_least, interleave, percentile, ratios, stat
@@ -48,69 +46,30 @@ _CONTENDERS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Server:
+class _Server(UvicornProcess):
     """A uvicorn subprocess serving one variant on 127.0.0.1; stopped by ``stop()``."""
 
     def __init__(self, variant: str, env: dict[str, str]) -> None:
         self.variant = variant
-        self.port = _free_port()
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks._apps:http_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-                "--lifespan",
-                "on",
-            ],
+        super().__init__(
+            "benchmarks._apps:http_app",
+            factory=True,
             cwd=ROOT,
             env={**os.environ, **env, "BENCH_VARIANT": variant},
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
         )
 
     async def ready(self) -> None:
         """Wait up to 30 s until a request succeeds (or raise with the server's log)."""
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.process.poll() is not None:
                 break
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 result = await _raw_load(self.port, 1, 1.0, 1)
                 if result["statuses"].get(200):
                     return
             await asyncio.sleep(0.1)
-        self.log.seek(0)
-        raise RuntimeError(
-            f"uvicorn ({self.variant}) did not come up: "
-            + self.log.read().decode(errors="replace")[-800:]
-        )
-
-    def stop(self) -> None:
-        """Terminate, then kill if it lingers."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        raise RuntimeError(f"uvicorn ({self.variant}) did not come up: {self.output(800)}")
 
 
 async def _raw_load(port: int, connections: int, seconds: float, cap: int) -> dict[str, Any]:

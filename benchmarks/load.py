@@ -33,16 +33,15 @@ import os
 import random
 import re
 import secrets
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from fineflow.testing import UvicornProcess
 
 from ._common import Context, Row, Stat, Table, num, percentile
 
@@ -145,70 +144,24 @@ def _plain(value: Any) -> Any:
 # -- processes -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class _Worker:
-    """One uvicorn process on its own port; ``stop()`` terminates (then kills) it."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "benchmarks.load:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--lifespan",
-                "on",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-                "--backlog",
-                "4096",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log.close()
-
-
 @contextlib.contextmanager
-def _workers(dsn: str, schema: str) -> Iterator[list[_Worker]]:
+def _workers(dsn: str, schema: str) -> Iterator[list[UvicornProcess]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINEFLOW_")}
     src = str(ROOT / "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), src, env.get("PYTHONPATH")]))
     env.update(FINEFLOW_LOAD_DSN=dsn, FINEFLOW_LOAD_SCHEMA=schema)
-    started: list[_Worker] = []
+    started: list[UvicornProcess] = []
     try:
         for _ in range(WORKERS):
-            started.append(_Worker(env))
+            started.append(
+                UvicornProcess(
+                    "benchmarks.load:create_app",
+                    factory=True,
+                    cwd=ROOT,
+                    env=env,
+                    args=("--backlog", "4096"),
+                )
+            )
         yield started
     finally:
         for worker in started:
@@ -231,11 +184,11 @@ async def _get(port: int, path: str) -> tuple[int, bytes]:
     return int(head[9:12]), body
 
 
-async def _ready(workers: list[_Worker], deadline_s: float = 60.0) -> None:
+async def _ready(workers: list[UvicornProcess], deadline_s: float = 60.0) -> None:
     deadline = time.monotonic() + deadline_s
     for worker in workers:
         while True:
-            if worker.proc.poll() is not None:
+            if worker.process.poll() is not None:
                 raise RuntimeError(f"uvicorn exited at startup:\n{worker.output()}")
             with contextlib.suppress(OSError, asyncio.TimeoutError, ValueError):
                 if (await _get(worker.port, "/_stats"))[0] == 200:

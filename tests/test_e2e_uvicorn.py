@@ -12,21 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import httpx
 import pytest
 
 from asgi_helpers import sf
+from fineflow.testing import UvicornProcess
 
 pytestmark = pytest.mark.postgres
 
@@ -37,62 +32,8 @@ LIMIT = 50
 START_DEADLINE = 60.0  # seconds for every worker to answer /ping (bounds a broken start)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Worker:
-    """One uvicorn process serving ``e2e_app:create_app`` on its own port."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "e2e_app:create_app",
-                "--app-dir",
-                str(TESTS),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--lifespan",
-                "on",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.log.close()
-
-
 @pytest.fixture
-def workers(pg_dsn: str, pg_schema: str) -> Iterator[list[Worker]]:
+def workers(pg_dsn: str, pg_schema: str) -> Iterator[list[UvicornProcess]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINEFLOW_")}
     env.update(
         FINEFLOW_E2E_DSN=pg_dsn,
@@ -100,23 +41,18 @@ def workers(pg_dsn: str, pg_schema: str) -> Iterator[list[Worker]]:
         FINEFLOW_E2E_QUOTA=f"{LIMIT}/minute",
         PYTHONUNBUFFERED="1",
     )
-    started: list[Worker] = []
+    started: list[UvicornProcess] = []
     try:
         for _ in range(WORKERS):
-            started.append(Worker(env))
-        deadline = time.monotonic() + START_DEADLINE
+            started.append(
+                UvicornProcess("e2e_app:create_app", factory=True, app_dir=TESTS, env=env)
+            )
         for worker in started:
-            while True:
-                if worker.process.poll() is not None:
-                    pytest.fail(f"uvicorn exited at startup:\n{worker.output()}")
-                try:
-                    if httpx.get(worker.url + "/ping", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"uvicorn did not answer within {START_DEADLINE}s")
-                time.sleep(0.05)  # waiting for a subprocess to listen, not moving time
+            try:
+                worker.wait_listening(START_DEADLINE)
+            except RuntimeError as exc:
+                pytest.fail(str(exc))
+            assert httpx.get(worker.url + "/ping", timeout=5).status_code == 200
         yield started
     finally:
         for worker in started:
@@ -168,7 +104,7 @@ async def burst(ports: list[int], path: str, client: str = "one-client") -> list
     return await asyncio.gather(*(read_reply(r, w) for r, w in streams))
 
 
-def test_several_uvicorn_workers_share_one_limit(workers: list[Worker]) -> None:
+def test_several_uvicorn_workers_share_one_limit(workers: list[UvicornProcess]) -> None:
     ports = [w.port for w in workers]
     pings = asyncio.run(burst(ports, "/ping"))
     assert {p.status for p in pings} == {200}

@@ -19,6 +19,7 @@ import pytest
 import fineflow
 from asgi_helpers import Clock, TestClient, sf
 from fineflow import MemoryStorage
+from fineflow.testing import free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = ["raw_asgi", "starlette_app", "fastapi_app", "quart_app"]
@@ -120,13 +121,6 @@ async def test_quart_example() -> None:
     test_client = quart_app.test_client()
     statuses = [(await test_client.get(f"/hello/{i}")).status_code for i in range(6)]
     assert statuses == [200] * 5 + [429]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

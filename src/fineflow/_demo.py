@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -73,18 +72,13 @@ def _build_app(storage: Storage) -> Any:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _drive(app: Any) -> tuple[list[list[str]], list[list[str]], list[str]]:
     import httpx
     import uvicorn
 
-    port = _free_port()
+    from .testing import free_port
+
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())

@@ -445,3 +445,58 @@ async def test_async_listener_removed_with_events_pending_still_gets_them() -> N
     assert seen == ["CircuitState.CLOSED -> CircuitState.FORCED_OPEN"]
     await breaker.call(ok)
     assert seen == ["CircuitState.CLOSED -> CircuitState.FORCED_OPEN"]
+
+
+async def test_the_inlined_path_passes_positional_and_keyword_arguments() -> None:
+    async def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, kwargs
+
+    breaker = CircuitBreaker("svc")
+    assert await breaker.call(echo) == ((), {})
+    assert await breaker.call(echo, 1, 2) == ((1, 2), {})
+    assert await breaker.call(echo, 1, key="v") == ((1,), {"key": "v"})
+    assert (await breaker.execute(echo)).value == ((), {})
+    assert (await breaker.execute(echo, 1, key="v")).value == ((1,), {"key": "v"})
+    assert breaker.metrics().total_successes == 5
+
+
+async def test_what_changes_during_an_inlined_call_decides_how_its_success_counts() -> None:
+    """A success listener, a hold or a reset arriving while a call on the inlined closed path
+    is awaited sends its success through the full path (event, staleness) instead."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", clock=clock, on_throttle="hold")
+    seen: list[str] = []
+    entered, gate = anyio.Event(), anyio.Event()
+
+    async def slow() -> int:
+        entered.set()
+        await gate.wait()
+        return 1
+
+    async def run(change: Any) -> None:
+        nonlocal entered, gate
+        entered, gate = anyio.Event(), anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(breaker.call, slow)
+            await entered.wait()
+            assert breaker.metrics().in_flight == 1
+            change()
+            gate.set()
+        assert breaker.metrics().in_flight == 0
+
+    def on_success(event: BreakerEvent) -> None:
+        seen.append(event.kind)
+
+    await run(lambda: breaker.add_listener("success", on_success))
+    assert seen == ["success"]
+    breaker.remove_listener("success", on_success)
+    await run(lambda: breaker._machine.hold(clock(), 5.0))
+    m = breaker.metrics()
+    assert (m.total_successes, m.consecutive_successes, m.last_success_time) == (2, 2, 1000.0)
+    clock.now = 1010.0
+    await breaker.call(ok)  # the hold ended: back on the inlined path
+    await run(breaker.reset)
+    m = breaker.metrics()
+    # The stale success counts in the totals only.
+    assert (m.total_successes, m.consecutive_successes) == (4, 0)
+    assert m.last_success_time == 1010.0

@@ -10,6 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from fineflow._breaker_config import BreakerConfig, CircuitState
 from fineflow._breaker_machine import (
+    NOT_HOT,
     REJECTED,
     TRANSITIONS,
     BreakerMachine,
@@ -234,6 +235,25 @@ def test_outcomes_of_calls_admitted_before_a_reset_are_stale() -> None:
     assert machine.failures == 3 and machine.in_flight == 0
 
 
+def test_hot_token_follows_epoch_hold_window_and_quiet() -> None:
+    machine, _ = make()
+    assert machine._hot_token == machine._epoch == 0
+    machine.set_quiet(False)
+    assert machine._hot_token == NOT_HOT
+    machine.set_quiet(True)
+    machine.reset(0.0)
+    assert machine._hot_token == machine._epoch == 1
+    machine.hold(0.0, 5.0)
+    assert machine._hot_token == NOT_HOT
+    assert machine.acquire(1.0) == REJECTED
+    assert machine.acquire(6.0) == machine._hot_token == 1  # the hold ended
+    trip(machine)
+    assert machine._hot_token == NOT_HOT
+    windowed, _ = make(failure_rate_threshold=0.5)
+    timed, _ = make(slow_call_duration=1.0)
+    assert windowed._hot_token == timed._hot_token == NOT_HOT
+
+
 def test_transition_table() -> None:
     assert check_transition(CLOSED, OPEN) == "trip"
     with pytest.raises(IllegalTransitionError, match="CLOSED -> HALF_OPEN"):
@@ -388,6 +408,20 @@ class MachineModel(RuleBasedStateMachine):
             assert state_of(self.m) is CLOSED and self.m.consecutive_failures == 0
         elif self.ref.state is not target:
             self.ref.go(target, self.now)
+
+    @rule(quiet=st.booleans())
+    def quiet(self, quiet: bool) -> None:
+        self.m.set_quiet(quiet)
+
+    @invariant()
+    def hot_token_is_the_epoch_exactly_when_the_inlined_path_applies(self) -> None:
+        # The model's breaker has no window and no slow-call policy, so a success needs
+        # nothing but the counters in DISABLED, and in CLOSED once a hold is cleared (by the
+        # first acquire after it ended).
+        m = self.m
+        cleared = m.state is CLOSED and m._hold_until == float("-inf")
+        hot = m._quiet and (cleared or m.state is CircuitState.DISABLED)
+        assert m._hot_token == (m._epoch if hot else NOT_HOT)
 
     @invariant()
     def agrees_with_the_reference(self) -> None:

@@ -127,18 +127,19 @@ class CircuitBreaker(Listeners):
         self._ignore = ignore_exceptions
         self._failure_if = failure_if
         self._throttle = throttle
-        super().__init__()
         self._untimed = slow_call_duration is None
         self._clock = clock
+        # Before the listener flags: ``_update_flags`` tells the machine whether it is quiet.
         self._machine = BreakerMachine(self.config, random=random, on_transition=self._moved)
+        super().__init__()
         self._frames: ContextVar[_Frame | None] = ContextVar(f"breaker:{name}", default=None)
         self._last_fallback: BreakerResult[Any] | None = None
 
     def _update_flags(self) -> None:
         super()._update_flags()
         # A success needs no classification and no event, and no async listener can have
-        # left events pending: the hot path's single check.
-        self._quiet = (
+        # left events pending: folded into the machine's ``_hot_token``, the hot path's check.
+        self._machine.set_quiet(
             self._failure_if is None
             and self._throttle is None
             and not self._has_success
@@ -161,22 +162,23 @@ class CircuitBreaker(Listeners):
             BaseException: whatever the call raised, after recording it.
         """
         machine = self._machine
-        if machine._hot:
-            # The closed path's cost is mostly Python calls and attribute writes, so
-            # BreakerMachine.acquire and on_success are inlined for a plain breaker (see
-            # BreakerMachine._refresh): admission needs no clock, and a success in the epoch
-            # it was admitted in, with no listener or classifier to consult (``_quiet``:
-            # nothing can be pending either), is two attribute writes and one clock read.
+        token = machine._hot_token
+        if token >= 0:
+            # The closed path's cost is mostly Python calls and attribute loads and writes,
+            # so BreakerMachine.acquire and on_success are inlined for a plain, quiet breaker
+            # (see BreakerMachine._refresh): admission needs no clock, and a success while
+            # ``_hot_token`` is unchanged (same epoch, still no listener or classifier to
+            # consult, nothing pending) is two attribute writes and one clock read.
             machine.calls += 1
-            token = machine._epoch
             try:
-                result = await fn(*args, **kwargs)
+                # Without kwargs, the call skips building the call from an (empty) dict.
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))  # type: ignore[call-arg]
             except BaseException as exc:
                 self._on_exception(token, 0.0, exc)
                 if self._pending and isinstance(exc, Exception):
                     await self.flush_events()
                 raise
-            if token == machine._epoch and self._quiet:
+            if token == machine._hot_token:
                 machine.successes += 1
                 machine.last_success_time = self._clock()
                 return result
@@ -230,18 +232,18 @@ class CircuitBreaker(Listeners):
                 answers rejections only, not failures).
         """
         machine = self._machine
-        if machine._hot:
+        token = machine._hot_token
+        if token >= 0:
             # The same inlined closed path as ``call``.
             machine.calls += 1
-            token = machine._epoch
             try:
-                result = await fn(*args, **kwargs)
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
             except BaseException as exc:
                 self._on_exception(token, 0.0, exc)
                 if self._pending and isinstance(exc, Exception):
                     await self.flush_events()
                 raise
-            if token == machine._epoch and self._quiet:
+            if token == machine._hot_token:
                 machine.successes += 1
                 machine.last_success_time = self._clock()
                 return _result(BreakerResult, (result, machine.state, False))

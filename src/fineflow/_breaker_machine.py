@@ -43,6 +43,7 @@ from collections.abc import Callable
 from ._breaker_config import BreakerConfig, BreakerMetrics, CircuitState, CountWindow, TimeWindow
 
 __all__ = [
+    "NOT_HOT",
     "REJECTED",
     "TRANSITIONS",
     "BreakerMachine",
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 REJECTED = -1
+#: ``_hot_token`` when a call needs more than the inlined closed path: never a token.
+NOT_HOT = -2
 _NEVER = float("-inf")
 _FOREVER = float("inf")
 
@@ -108,11 +111,13 @@ class BreakerMachine:
         "_half_open_since",
         "_hold_until",
         "_hot",
+        "_hot_token",
         "_next_timeout",
         "_on_transition",
         "_open_until",
         "_permits_used",
         "_plain",
+        "_quiet",
         "_random",
         "_reject_until",
         "_success_mark",
@@ -155,6 +160,7 @@ class BreakerMachine:
         self.last_state_change: float | None = None
         self.calls = self.successes = self.failures = self.ignored = 0
         self.rejections = self.fallbacks = self.times_opened = 0
+        self._quiet = True
         self._new_window()
         self._refresh()
 
@@ -284,6 +290,12 @@ class BreakerMachine:
         if token == self._epoch and self.state is _H:
             self._permits_used -= 1
 
+    def set_quiet(self, quiet: bool) -> None:
+        """Say whether the owner has nothing to run on a success (no listener, classifier
+        or pending event); only ``_hot_token`` depends on it."""
+        self._quiet = quiet
+        self._refresh()
+
     def note_fallback(self) -> None:
         """Count one fallback served instead of a rejected call."""
         self.fallbacks += 1
@@ -392,6 +404,11 @@ class BreakerMachine:
         # Admission needs no clock and a success only bumps ``successes`` and the time: the
         # path ``CircuitBreaker.call`` and the ASGI middleware inline.
         self._hot = self._fast and self._plain and untimed
+        # ``CircuitBreaker.call`` loads this once to admit and compares it once to settle:
+        # the epoch while a hot success has nothing else to do, ``NOT_HOT`` otherwise. Every
+        # epoch change ends in ``_refresh``, so an equal value after the await also means the
+        # call's epoch is still current.
+        self._hot_token = self._epoch if self._hot and self._quiet else NOT_HOT
         # Callers arriving before this are rejected with no further question (OPEN before its
         # deadline, FORCED_OPEN, a hold in CLOSED); HALF_OPEN always asks ``_acquire_slow``.
         if state is _O:

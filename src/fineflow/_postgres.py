@@ -131,6 +131,7 @@ class PostgresStorage:
         self._in_flight = 0
         self._pending: list[_Request] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._starting = 0  # tasks started that have not taken their batch yet
         self.batches = 0
         # Tests turn these off to hold each statement to the model.
         self._fast_path = True  # a lone single-quota GCRA request: hit()
@@ -325,29 +326,46 @@ class PostgresStorage:
         return request.result
 
     def _dispatch(self) -> None:
-        """Start batches while fewer than ``max_in_flight`` statements are running."""
-        while self._pending and self._in_flight < self.max_in_flight:
-            pending = [r for r in self._pending if not r.future.done()]
-            if not pending:
-                self._pending = []
-                return
-            algorithm = pending[0].algorithm
-            batch: list[_Request] = []
-            rest: list[_Request] = []
-            for request in pending:
-                if request.algorithm == algorithm and len(batch) < self.max_batch:
-                    batch.append(request)
-                else:
-                    rest.append(request)
-            self._pending = rest
+        """Start statement tasks while fewer than ``max_in_flight`` are running.
+
+        A task takes its batch when it first runs, not here: callers woken together by the
+        previous batch all re-arrive in the same loop iteration, and one statement then
+        carries them all (taking the first arrival alone would cost a second statement and
+        commit per cycle). So while coalescing, one task at a time waits to take a batch."""
+        waiting = min(len(self._pending), 1) if self.coalesce else len(self._pending)
+        while self._starting < waiting and self._in_flight < self.max_in_flight:
+            self._starting += 1
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._run_owned(algorithm, batch))
+            task = asyncio.get_running_loop().create_task(self._run_owned())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_owned(self, algorithm: str, batch: list[_Request]) -> None:
+    def _take(self) -> tuple[str, list[_Request]]:
+        """The next batch: pending requests of the first one's algorithm, in arrival order
+        (one request when not coalescing)."""
+        self._starting -= 1
+        pending = [r for r in self._pending if not r.future.done()]
+        if not pending:
+            self._pending = []
+            return "", []
+        algorithm = pending[0].algorithm
+        limit = self.max_batch if self.coalesce else 1
+        batch: list[_Request] = []
+        rest: list[_Request] = []
+        for request in pending:
+            if request.algorithm == algorithm and len(batch) < limit:
+                batch.append(request)
+            else:
+                rest.append(request)
+        self._pending = rest
+        return algorithm, batch
+
+    async def _run_owned(self) -> None:
+        algorithm, batch = self._take()
+        self._dispatch()  # what did not fit goes out at once in another statement
         try:
-            await self._run(algorithm, batch)
+            if batch:
+                await self._run(algorithm, batch)
         except BaseException as exc:
             error = exc if isinstance(exc, StorageError) else StorageError(f"{exc!r}")
             for request in batch:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from fineflow import (
     CircuitState,
     ConfigurationError,
+    Decision,
     Decisions,
     Hit,
     MemoryStorage,
@@ -87,6 +90,35 @@ async def test_every_algorithm_limits(clock: FakeClock, algorithm: str) -> None:
     limiter = RateLimiter(MemoryStorage(clock=clock), algorithm=algorithm)
     got = [(await limiter.hit("k", "3/minute")).allowed for _ in range(5)]
     assert got == [True, True, True, False, False]
+    metrics = limiter.metrics()
+    assert (metrics.decisions, metrics.allowed, metrics.denied) == (5, 3, 2)
+
+
+async def test_a_storage_subclass_and_a_limiter_subclass_keep_their_overrides(
+    clock: FakeClock,
+) -> None:
+    seen: list[str] = []
+
+    class Audited(MemoryStorage):
+        def decide_sync(
+            self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        ) -> list[Decision]:
+            seen.append("storage")
+            return super().decide_sync(algorithm, hits, now=now)
+
+    class Logged(RateLimiter):
+        async def hit(
+            self, key: str, quota: Quota | str, cost: int = 1, *, endpoint: str = "", tier: str = ""
+        ) -> Decision:
+            seen.append("limiter")
+            return await super().hit(key, quota, cost, endpoint=endpoint, tier=tier)
+
+    limiter = Logged(Audited(clock=clock))
+    got = [(await limiter.hit("k", "1/minute")).allowed for _ in range(2)]
+    assert got == [True, False]
+    assert seen == ["limiter", "storage"] * 2
+    metrics = limiter.metrics()
+    assert (metrics.decisions, metrics.allowed, metrics.denied) == (2, 1, 1)
 
 
 @pytest.mark.parametrize("cost", [-1, 2.5, True])
@@ -121,6 +153,12 @@ async def test_a_closed_storage_fails_open_or_closed_by_policy() -> None:
         many = await limiter.hit_all("k", ["1/second", "2/second"])
         assert many.storage_failed
         assert many.allowed is allowed
+        one = limiter.decide_nowait([Hit("k", Quota(1, 1.0))])
+        assert one is not None and one.storage_failed
+        metrics = limiter.metrics()
+        assert (metrics.decisions, metrics.allowed, metrics.denied) == (3, 0, 0)
+        assert (metrics.failed_open, metrics.failed_closed) == ((3, 0) if allowed else (0, 3))
+        assert metrics.storage_errors == 3
 
 
 async def test_storage_breaker_opens_and_probes(clock: FakeClock) -> None:

@@ -298,6 +298,23 @@ async def test_storage_failure_never_answers_500(policy: Literal["allow", "deny"
     assert mw.metrics().storage_failed == 5
 
 
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+async def test_a_closed_memory_storage_is_a_storage_failure_on_the_in_process_path(
+    policy: Literal["allow", "deny"],
+) -> None:
+    storage = MemoryStorage()
+    limiter = RateLimiter(storage, on_storage_error=policy)
+    mw = RateLimitMiddleware(echo_app, limiter=limiter, rules=[Rule("/x", quota="1/minute")])
+    assert (await call(mw, http_scope("/x"))).status == 200
+    await storage.close()
+    response = await call(mw, http_scope("/x"))
+    assert response.status == (200 if policy == "allow" else 503)
+    assert response.header(b"ratelimit") is None
+    assert mw.metrics().storage_failed == 1
+    metrics = limiter.metrics()
+    assert (metrics.decisions, metrics.allowed, metrics.storage_errors) == (2, 1, 1)
+
+
 async def test_streaming_passes_through_unbuffered() -> None:
     finished = False
 

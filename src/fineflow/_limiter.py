@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -122,11 +122,16 @@ class RateLimiter:
         self.storage = storage
         self.on_storage_error = on_storage_error
         self.timeout = None if getattr(storage, "local", False) else timeout
-        # In-process storages decide synchronously: ``decider(algorithm)`` gives the
-        # one-quota decision ``(key, quota, cost, endpoint, tier)``.
+        # [1..7]: allowed, denied, storage errors, timeouts, short-circuited, failed open,
+        # failed closed ([0] unused). "decisions" is the sum of the outcomes (allowed,
+        # denied, failed open or closed): one increment per decision on the hot path.
+        self._counts = [0, 0, 0, 0, 0, 0, 0, 0]
+        # In-process storages decide synchronously: ``decider(algorithm, counts)`` gives the
+        # one-quota decision ``(key, quota, cost, endpoint, tier)``, which counts allowed
+        # and denied decisions itself and raises StorageError (see _local_failure).
         decider = getattr(storage, "decider", None)
-        self._decide_one: Callable[[str, Quota, int, str, str], Decision] | None = (
-            None if decider is None else decider(self.algorithm)
+        self._local_one: Callable[[str, Quota, int, str, str], Decision] | None = (
+            None if decider is None else decider(self.algorithm, self._counts)
         )
         self._decide_sync: Callable[..., list[Decision]] | None = getattr(
             storage, "decide_sync", None
@@ -139,8 +144,11 @@ class RateLimiter:
             success_threshold=1,
             clock=clock,
         )
-        self._counts = [0, 0, 0, 0, 0, 0, 0, 0]
         self._failing_since: int | None = None
+        if self._local_one is not None and type(self).hit is RateLimiter.hit:
+            # In-process storage: ``hit`` becomes a closure over the local decision, a call
+            # layer and the attribute loads fewer (same semantics as the method).
+            self.__dict__["hit"] = self._make_local_hit()
 
     async def __aenter__(self) -> RateLimiter:
         await self.storage.open()
@@ -155,19 +163,38 @@ class RateLimiter:
         """Charge ``cost`` against ``quota`` for ``key`` if it fits; return the decision."""
         if quota.__class__ is not Quota:
             quota = _quota(quota)
-        fast = self._decide_one
-        if fast is not None:
-            # In-process storage: decide synchronously, no time budget (it cannot hang).
+        local = self._local_one
+        if local is not None:
             try:
-                decision = fast(key, quota, cost, endpoint, tier)
+                return local(key, quota, cost, endpoint, tier)
             except StorageError as exc:
-                self._counts[3] += 1
-                return self._fallback([Hit(key, quota, cost, endpoint, tier)], exc)[0]
-            counts = self._counts
-            counts[0] += 1
-            counts[1 if decision[0] else 2] += 1
-            return decision
+                return self._local_failure([Hit(key, quota, cost, endpoint, tier)], exc)[0]
         return (await self.decide([Hit(key, quota, cost, endpoint, tier)]))[0]
+
+    def _local_failure(self, hits: Sequence[Hit], exc: StorageError) -> Decisions:
+        """What an in-process decision that raised ``exc`` becomes: ``on_storage_error``."""
+        self._counts[3] += 1
+        return self._fallback(hits, exc)
+
+    def _make_local_hit(self) -> Callable[..., Awaitable[Decision]]:
+        # The method above for an in-process storage, as a closure: the per-decision cost
+        # is the product here.
+        local = self._local_one
+        assert local is not None
+        failure = self._local_failure
+
+        async def hit(
+            key: str, quota: Quota | str, cost: int = 1, *, endpoint: str = "", tier: str = ""
+        ) -> Decision:
+            if quota.__class__ is not Quota:
+                quota = _quota(quota)
+            try:
+                return local(key, quota, cost, endpoint, tier)
+            except StorageError as exc:
+                return failure([Hit(key, quota, cost, endpoint, tier)], exc)[0]
+
+        hit.__doc__ = RateLimiter.hit.__doc__
+        return hit
 
     async def hit_all(
         self,
@@ -202,16 +229,15 @@ class RateLimiter:
         fast = self._decide_sync
         if fast is None:
             return None
+        local = self._local_one
+        if local is not None and len(hits) == 1:
+            # One quota: straight to the storage's single decision (as hit() does).
+            try:
+                return _new_decisions(Decisions, (local(*hits[0]),))
+            except StorageError as exc:
+                return self._local_failure(hits, exc)
         counts = self._counts
-        counts[0] += 1
-        one = self._decide_one
         try:
-            if one is not None and len(hits) == 1:
-                # One quota: straight to the storage's single decision (as hit() does).
-                key, quota, cost, endpoint, tier = hits[0]
-                decision = one(key, quota, cost, endpoint, tier)
-                counts[1 if decision[0] else 2] += 1
-                return _new_decisions(Decisions, (decision,))
             decisions = fast(self.algorithm, hits)
         except StorageError as exc:
             counts[3] += 1
@@ -230,7 +256,6 @@ class RateLimiter:
         ``ValueError`` for a bad cost (negative, not an int).
         """
         counts = self._counts
-        counts[0] += 1
         permit = self.breaker.try_acquire()
         if permit is None:
             counts[5] += 1
@@ -266,7 +291,7 @@ class RateLimiter:
         allow = self.on_storage_error == "allow"
         self._counts[6 if allow else 7] += 1
         if self._failing_since is None:
-            self._failing_since = self._counts[0]
+            self._failing_since = self._decisions()
             what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
             logger.warning(
                 "rate-limit storage %s; %s requests until it recovers (logged once per burst)",
@@ -292,15 +317,19 @@ class RateLimiter:
         if self._failing_since is not None:
             logger.warning(
                 "rate-limit storage recovered after %d requests decided by on_storage_error",
-                self._counts[0] - self._failing_since,
+                self._decisions() - self._failing_since,
             )
             self._failing_since = None
+
+    def _decisions(self) -> int:
+        c = self._counts
+        return c[1] + c[2] + c[6] + c[7]
 
     def metrics(self) -> LimiterMetrics:
         """A snapshot of the limiter's counters."""
         c = self._counts
         return LimiterMetrics(
-            c[0],
+            self._decisions(),
             c[1],
             c[2],
             c[3],

@@ -95,7 +95,7 @@ class MemoryStorage:
         self._size = 0
         self._closed = False
         self._warned_eviction = False
-        self._gcra = self._make_gcra()
+        self._gcra = self._make_gcra([0, 0, 0])
 
     async def __aenter__(self) -> MemoryStorage:
         await self.open()
@@ -143,25 +143,43 @@ class MemoryStorage:
             algorithm, key, quota, cost, endpoint, tier, self.clock() if now is None else now
         )
 
-    def decider(self, algorithm: str) -> Callable[[str, Quota, int, str, str], Decision]:
+    def decider(
+        self, algorithm: str, tally: list[int] | None = None
+    ) -> Callable[[str, Quota, int, str, str], Decision]:
         """``decide_one`` with ``algorithm`` bound: ``(key, quota, cost, endpoint, tier)``.
 
         What :class:`RateLimiter` calls per decision; for ``gcra`` it skips a layer of
         calls. A subclass overriding ``decide_sync`` or ``decide_one`` is called through
-        them.
+        them. ``tally[1]`` and ``tally[2]`` count the allowed and denied decisions (the
+        limiter's counters, kept here to save it a call layer per decision).
         """
         cls = type(self)
+        if tally is None:
+            tally = [0, 0, 0]
+        if (
+            cls.decide_one is MemoryStorage.decide_one
+            and algorithm == "gcra"
+            and (cls.decide_sync is MemoryStorage.decide_sync)
+        ):
+            return self._make_gcra(tally)
+        one: Callable[[str, Quota, int, str, str], Decision]
         if cls.decide_sync is not MemoryStorage.decide_sync:
 
             def via_sync(key: str, quota: Quota, cost: int, endpoint: str, tier: str) -> Decision:
                 return self.decide_sync(algorithm, [Hit(key, quota, cost, endpoint, tier)])[0]
 
-            return via_sync
-        if cls.decide_one is MemoryStorage.decide_one and algorithm == "gcra":
-            return self._gcra
-        return partial(self.decide_one, algorithm)
+            one = via_sync
+        else:
+            one = partial(self.decide_one, algorithm)
 
-    def _make_gcra(self) -> Callable[..., Decision]:
+        def counted(key: str, quota: Quota, cost: int, endpoint: str, tier: str) -> Decision:
+            decision = one(key, quota, cost, endpoint, tier)
+            tally[2 - decision[0]] += 1  # allowed (True) -> 1, denied -> 2
+            return decision
+
+        return counted
+
+    def _make_gcra(self, tally: list[int]) -> Callable[..., Decision]:
         """The GCRA decision, as a closure (cell reads are cheaper than attribute reads)."""
         index = self._index
         decide = self._decide
@@ -175,67 +193,74 @@ class MemoryStorage:
             tier: str = "",
             now: int | None = None,
         ) -> Decision:
-            if storage._closed:
-                raise StorageClosedError("this MemoryStorage was closed; create a new one")
             if cost.__class__ is not int or cost < 0:
                 raise ValueError(f"cost must be a non-negative int, got {cost!r}")
-            if now is None:
-                now = storage.clock()
             # The index holds only storable names, so a hit on the raw names is the right
-            # entry; a miss may still be a long or odd name stored as a digest.
-            tables = index.get(endpoint)
-            if tables is not None:
-                table = tables.get(quota.policy)
-                entry = None if table is None else table.get(key)
-                if entry is not None and entry.algorithm == "gcra" and cost <= quota.capacity:
-                    # A known key: the arithmetic of gcra_step on ``ahead``, how far the
-                    # TAT runs ahead of now (small ints, cheaper than TATs).
-                    interval = quota.emission_interval_ns
-                    tau = quota.capacity * interval
-                    ahead = entry.t - now
-                    if ahead < 0:
-                        ahead = 0
-                    after = ahead + cost * interval
-                    entry.used = True
-                    if after <= tau:  # new_tat - tau <= now: admitted
-                        if cost:  # (a peek records nothing)
-                            entry.t = entry.expires = now + after
-                            entry.allowed += cost
-                            entry.tier = tier
-                            entry.quota = quota
-                        return _new_decision(
-                            Decision,
-                            (
-                                True,
-                                quota.limit,
-                                (tau - after) // interval,
-                                after / NS,
-                                0.0,
-                                quota.policy,
-                                quota.period,
-                                None,
-                            ),
-                        )
-                    # Denied: nothing is charged, the state stays as it is.
-                    if cost:
-                        entry.denied += cost
+            # entry; a miss may still be a long or odd name stored as a digest. A closed
+            # storage has an empty index: it is refused on the miss path below.
+            try:
+                entry = index[endpoint][quota.policy][key]  # (subscripts: cheaper than get)
+            except KeyError:
+                entry = None
+            if entry is not None and entry.algorithm == "gcra" and cost <= quota.capacity:
+                # A known key: the arithmetic of gcra_step on ``ahead``, how far the
+                # TAT runs ahead of now (small ints, cheaper than TATs).
+                if now is None:
+                    now = storage.clock()
+                interval = quota.emission_interval_ns
+                tau = quota.tolerance_ns
+                ahead = entry.t - now
+                if ahead < 0:
+                    ahead = 0
+                after = ahead + cost * interval
+                entry.used = True
+                if after <= tau:  # new_tat - tau <= now: admitted
+                    if cost:  # (a peek records nothing)
+                        entry.t = entry.expires = now + after
+                        entry.allowed += cost
                         entry.tier = tier
                         entry.quota = quota
-                    remaining = (tau - ahead) // interval
+                    tally[1] += 1
                     return _new_decision(
                         Decision,
                         (
-                            False,
+                            True,
                             quota.limit,
-                            remaining if remaining > 0 else 0,
-                            ahead / NS,
-                            (after - tau) / NS,
+                            (tau - after) // interval,
+                            after / NS,
+                            0.0,
                             quota.policy,
                             quota.period,
                             None,
                         ),
                     )
-            return decide("gcra", key, quota, cost, endpoint, tier, now)
+                # Denied: nothing is charged, the state stays as it is.
+                if cost:
+                    entry.denied += cost
+                    entry.tier = tier
+                    entry.quota = quota
+                remaining = (tau - ahead) // interval
+                tally[2] += 1
+                return _new_decision(
+                    Decision,
+                    (
+                        False,
+                        quota.limit,
+                        remaining if remaining > 0 else 0,
+                        ahead / NS,
+                        (after - tau) / NS,
+                        quota.policy,
+                        quota.period,
+                        None,
+                    ),
+                )
+            if storage._closed:
+                raise StorageClosedError("this MemoryStorage was closed; create a new one")
+            decision = decide(
+                "gcra", key, quota, cost, endpoint, tier, storage.clock() if now is None else now
+            )
+            tally[2 - decision[0]] += 1
+            return decision
 
         return gcra
 

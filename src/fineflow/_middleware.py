@@ -28,10 +28,10 @@ from math import ceil
 from typing import Any, Literal
 
 from ._asgitypes import ASGIApp, Message, Receive, Scope, Send
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, StorageError
 from ._headers import RATELIMIT, AppliedPolicy, HeaderStyle, render_headers, validate_style
 from ._lifecycle import OwnedStorage
-from ._limiter import STORAGE_UNAVAILABLE, RateLimiter
+from ._limiter import STORAGE_UNAVAILABLE, Decisions, RateLimiter
 from ._problem import quota_exceeded, storage_unavailable
 from ._quota import Quota
 from ._rules import CostFunc, PathPattern, Rule
@@ -40,7 +40,8 @@ from .keys import ClientIP, client_ip
 
 __all__ = ["MiddlewareMetrics", "RateLimitMiddleware"]
 
-_new_hit = tuple.__new__  # builds a Hit without NamedTuple's Python-level __new__
+# Build a Hit or Decisions without a Python-level __new__.
+_new_hit = _new_decisions = tuple.__new__
 
 logger = logging.getLogger("fineflow.middleware")
 
@@ -80,6 +81,7 @@ class _Compiled:
         "cost",
         "default_plan",
         "default_tier",
+        "ietf",
         "key",
         "literal",
         "methods",
@@ -116,6 +118,10 @@ class _Compiled:
             (self.plan[0][0], (self.plan[0][1],))
             if not self.tiers and len(self.plan) == 1 and isinstance(self.cost, int)
             else None
+        )
+        # The single quota's pre-encoded IETF pieces: the policy header, the rate template.
+        self.ietf = (
+            (self.plan[0][1].policy_header, self.plan[0][1].rate_template) if self.plan else None
         )
 
 
@@ -265,6 +271,7 @@ class RateLimitMiddleware:
         self._exempt_literal = frozenset(p.template for p in exempt if p.regex is None)
         self._exempt_regex = tuple(p.regex for p in exempt if p.regex is not None)
         self._owned = None if storage is None else OwnedStorage(storage, migrate=bool(migrate))
+        self._local_one = limiter._local_one  # the in-process one-quota decision, or None
         self._counts = [0] * 7
         self._warned_tiers: set[str] = set()
         # One rule of the single shape and no tier function: skip the general loop.
@@ -306,7 +313,7 @@ class RateLimitMiddleware:
                 counts[_EXEMPT] += 1
                 await self.app(scope, receive, send)
                 return
-        hits: Sequence[Hit]
+        hits: Sequence[Hit] | None = None  # (not built on the in-process single-rule path)
         applied: Sequence[AppliedPolicy]
         c = self._single
         if c is not None:
@@ -320,6 +327,9 @@ class RateLimitMiddleware:
                 counts[_UNMATCHED] += 1
                 await self.app(scope, receive, send)
                 return
+            owned = self._owned
+            if owned is not None and not owned.opened:
+                await owned.ensure_open()
             key_fn = c.key
             if key_fn is None:
                 key_fn = self._key
@@ -338,36 +348,38 @@ class RateLimitMiddleware:
                 await self.app(scope, receive, send)
                 return
             quota, applied = c.single  # type: ignore[misc]
-            hits = (_new_hit(Hit, (value, quota, c.cost, c.name, "")),)
+            local = self._local_one
+            if local is not None:
+                # An in-process storage: decided here, no awaits, no Hit to build.
+                try:
+                    decision = local(value, quota, c.cost, c.name, "")  # type: ignore[arg-type]
+                    decisions = _new_decisions(Decisions, (decision,))
+                except StorageError as exc:
+                    hits = (Hit(value, quota, c.cost, c.name, ""),)  # type: ignore[arg-type]
+                    decisions = self.limiter._local_failure(hits, exc)
+            else:
+                hits = (_new_hit(Hit, (value, quota, c.cost, c.name, "")),)
+                decisions = await self._decide(hits)
         else:
             hits, applied, matched = await self._collect(scope, method, path)
             if not hits:
                 counts[_EXEMPT if matched else _UNMATCHED] += 1
                 await self.app(scope, receive, send)
                 return
-        owned = self._owned
-        if owned is not None and not owned.opened:
-            await owned.ensure_open()
-
-        limiter = self.limiter
-        decisions = limiter.decide_nowait(hits)
-        if decisions is None:
-            decisions = await limiter.decide(hits)
+            decisions = await self._decide(hits)
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
         state["fineflow"] = decisions
         if c is not None and self._ietf_always and kind == "http":
             # The single-rule path's usual outcome: admitted by the storage, IETF headers.
+            # (Indexes, not field names: allowed, remaining, reset_after, reason.)
             d = decisions[0]
-            if d.allowed and d.reason is None:
+            if d[0] and d[7] is None:
                 counts[_ALLOWED] += 1
-                a = applied[0]
+                policy_header, rate_template = c.ietf  # type: ignore[misc]
                 # Decisions never carry a negative reset_after, so ceil alone is enough.
-                ietf = (
-                    a.policy_header,
-                    (RATELIMIT, a.rate_template % (d.remaining, ceil(d.reset_after))),
-                )
+                ietf = (policy_header, (RATELIMIT, rate_template % (d[2], ceil(d[3]))))
 
                 def send_with_ietf(message: Message) -> Awaitable[None]:
                     # As send_with_headers below.
@@ -425,7 +437,7 @@ class RateLimitMiddleware:
                 "shadow mode: would deny %s %s for key %r (policies %s)",
                 method,
                 path[:200],
-                hits[denied[0]].key[:200],
+                (value if hits is None else hits[denied[0]].key)[:200],
                 [applied[i].name for i in denied],
             )
             await self.app(scope, receive, send)
@@ -445,6 +457,16 @@ class RateLimitMiddleware:
             extra_list = render_headers(style, applied, decisions) if style and show else []
             violated = [a for a, d in zip(applied, decisions, strict=True) if not d.allowed]
             await quota_exceeded(violated, decisions.retry_after, extra_list)(scope, receive, send)
+
+    async def _decide(self, hits: Sequence[Hit]) -> Decisions:
+        owned = self._owned
+        if owned is not None and not owned.opened:
+            await owned.ensure_open()
+        limiter = self.limiter
+        decisions = limiter.decide_nowait(hits)
+        if decisions is None:
+            decisions = await limiter.decide(hits)
+        return decisions
 
     async def _collect(
         self, scope: Scope, method: str, path: str

@@ -54,7 +54,8 @@ class Quota:
             the numbers, e.g. ``"100-per-60s"``.
 
     Derived attributes (computed once): ``capacity`` (``burst`` or ``limit``),
-    ``period_ns``, ``emission_interval_ns`` (GCRA's T, whole nanoseconds) and ``policy``
+    ``period_ns``, ``emission_interval_ns`` (GCRA's T, whole nanoseconds), ``tolerance_ns``
+    (``capacity * emission_interval_ns``, GCRA's tau) and ``policy``
     (``name`` or the derived name).
 
     Raises:
@@ -69,6 +70,7 @@ class Quota:
     capacity: int = field(init=False, repr=False, compare=False)
     period_ns: int = field(init=False, repr=False, compare=False)
     emission_interval_ns: int = field(init=False, repr=False, compare=False)
+    tolerance_ns: int = field(init=False, repr=False, compare=False)
     policy: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +96,7 @@ class Quota:
         object.__setattr__(self, "capacity", capacity)
         object.__setattr__(self, "period_ns", period_ns)
         object.__setattr__(self, "emission_interval_ns", period_ns // self.limit)
+        object.__setattr__(self, "tolerance_ns", capacity * (period_ns // self.limit))
         if self.capacity * self.period / self.limit > _MAX_PERIOD:
             raise ConfigurationError(
                 f"Quota burst {self.burst} makes a tolerance over ten years; lower it"

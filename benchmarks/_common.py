@@ -112,10 +112,10 @@ PROFILES: dict[str, Profile] = {
         durability_concurrency=(64,),
         spread_keys=10_000,
         pgbench_seconds=1,
-        http_seconds=1.5,
-        http_requests=60_000,
+        http_seconds=0.5,
+        http_requests=20_000,
         http_concurrency=32,
-        http_rounds=3,
+        http_rounds=9,
     ),
     "full": Profile(
         name="full",
@@ -131,10 +131,10 @@ PROFILES: dict[str, Profile] = {
         durability_concurrency=(1, 16, 64),
         spread_keys=10_000,
         pgbench_seconds=3,
-        http_seconds=5.0,
-        http_requests=500_000,
+        http_seconds=1.5,
+        http_requests=150_000,
         http_concurrency=64,
-        http_rounds=5,
+        http_rounds=15,
     ),
 }
 

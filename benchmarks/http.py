@@ -1,9 +1,19 @@
 """Suite 2: real HTTP through uvicorn on 127.0.0.1, requests/s and latency.
 
 One uvicorn process per contender (bare Starlette, fineflow with memory and with PostgreSQL
-storage, slowapi, asgi-ratelimit), all started up front on free ports and stopped in a
-``finally``. Each round drives each server in turn with a bounded load: a fixed number of
-connections, a time limit and a request cap, so it always stops by itself.
+storage, slowapi, asgi-ratelimit), all started up front on free ports with the same uvicorn
+options (``UvicornProcess``: one worker, no access log, the same loop and HTTP
+implementation) and stopped in a ``finally``. Each round drives each server in turn with a
+bounded load: a fixed number of connections, a time limit and a request cap, so it always
+stops by itself. Rounds are short and many, in rotating order, and every ratio is the median
+of per-round ratios, so a neighbour's burst hits a round, not a contender. A second bare
+server (the A/A control) shows how far the method itself wanders from 1.0. The server's CPU
+time per request (``/proc/<pid>/task/*/schedstat``) is reported too: it barely depends on
+how much CPU neighbours leave over, so it shows the middleware's cost where req/s is noisy.
+
+Client and servers are not pinned to cores: on a shared 2-core machine pinning every server
+to one core lowered throughput and did not narrow the A/A spread (a busy neighbour on the
+server's core can no longer be escaped).
 
 Load generator: ``wrk`` when on PATH; else a built-in keep-alive HTTP/1.1 client on raw
 asyncio streams (``--http-client raw``, the default). ``--http-client aiohttp`` uses an aiohttp
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -27,7 +38,7 @@ from typing import Any
 from fineflow.testing import UvicornProcess
 
 from ._apps import fineflow_name
-from ._common import Context, Row, Table, at_least, interleave, percentile, ratios, stat
+from ._common import Context, Row, Stat, Table, at_least, interleave, percentile, ratios, stat
 
 __all__ = ["run"]
 
@@ -39,6 +50,7 @@ _LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 
 _CONTENDERS = [
     ("bare", "bare Starlette"),
+    ("bare-aa", "bare Starlette, 2nd server (A/A control)"),
     ("fineflow-memory", "fineflow memory"),
     ("fineflow-postgres", "fineflow PostgreSQL"),
     ("slowapi", "slowapi (decorator + middleware)"),
@@ -51,12 +63,23 @@ class _Server(UvicornProcess):
 
     def __init__(self, variant: str, env: dict[str, str]) -> None:
         self.variant = variant
+        app_variant = "bare" if variant == "bare-aa" else variant
         super().__init__(
             "benchmarks._apps:http_app",
             factory=True,
             cwd=ROOT,
-            env={**os.environ, **env, "BENCH_VARIANT": variant},
+            env={**os.environ, **env, "BENCH_VARIANT": app_variant},
         )
+
+    def cpu_ns(self) -> int | None:
+        """CPU time the server has used so far, in ns (``None`` where /proc cannot say)."""
+        total = 0
+        try:
+            for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return total
 
     async def ready(self) -> None:
         """Wait up to 30 s until a request succeeds (or raise with the server's log)."""
@@ -160,6 +183,7 @@ async def _wrk_load(port: int, connections: int, seconds: float, cap: int) -> di
             await proc.wait()
     text = out.decode(errors="replace")
     rps = re.search(r"Requests/sec:\s*([0-9.]+)", text)
+    sent = re.search(r"(\d+) requests in", text)
     p50 = re.search(r"50%\s+([0-9.]+)(us|ms|s)", text)
     p99 = re.search(r"99%\s+([0-9.]+)(us|ms|s)", text)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
@@ -170,6 +194,7 @@ async def _wrk_load(port: int, connections: int, seconds: float, cap: int) -> di
         "p50_ms": _unit_ms(*p50.groups()) if p50 else float("nan"),
         "p99_ms": _unit_ms(*p99.groups()) if p99 else float("nan"),
         "statuses": {"non_2xx": int(non2xx.group(1))} if non2xx else {},
+        "requests": int(sent.group(1)) if sent else 0,
     }
 
 
@@ -185,6 +210,13 @@ def _summary(
         "requests": len(latencies),
         "statuses": dict(statuses),
     }
+
+
+def _implementations() -> str:
+    # What uvicorn's ``--loop auto --http auto`` picks; every server runs this interpreter.
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} loop, {http}"
 
 
 def _client() -> str:
@@ -216,7 +248,8 @@ async def run(ctx: Context) -> list[Table]:
     table.notes.append(
         f"{profile.http_concurrency} keep-alive connections, {profile.http_seconds:g}s or "
         f"{profile.http_requests:,} requests per contender per round, "
-        f"{profile.http_rounds} rounds; one uvicorn worker each (default loop/http)"
+        f"{profile.http_rounds} rounds in rotating order; every server: one uvicorn worker, "
+        f"{_implementations()}, no access log"
     )
     variants = [v for v, _ in _CONTENDERS]
     if fineflow_name("RateLimitMiddleware") is None:
@@ -239,19 +272,25 @@ async def run(ctx: Context) -> list[Table]:
 
         def measure(variant: str) -> Any:
             async def once() -> float:
+                server = servers[variant]
+                cpu = server.cpu_ns()
                 result = await load(
-                    servers[variant].port,
+                    server.port,
                     profile.http_concurrency,
                     profile.http_seconds,
                     profile.http_requests,
                 )
+                after = server.cpu_ns()
+                if cpu is not None and after is not None and result.get("requests"):
+                    result["server_us"] = (after - cpu) / 1e3 / result["requests"]
                 details[variant].append(result)
                 return float(result["rps"])
 
             return once
 
-        for variant in servers:  # warm up every server (caches, pools, JIT-less imports)
-            await load(servers[variant].port, profile.http_concurrency, 0.2, 2_000)
+        warm_up = min(0.5, profile.http_seconds)
+        for variant in servers:  # warm up every server (caches, pools, lazy imports)
+            await load(servers[variant].port, profile.http_concurrency, warm_up, 5_000)
         results = await interleave({v: measure(v) for v in servers}, profile.http_rounds)
     labels = dict(_CONTENDERS)
     bare = results["bare"]
@@ -268,6 +307,7 @@ async def run(ctx: Context) -> list[Table]:
                 extra={
                     "p50 ms": stat([d["p50_ms"] for d in per]).text(),
                     "p99 ms": stat([d["p99_ms"] for d in per]).text(),
+                    "server CPU us/req": _server_us(per),
                     "client CPU": (
                         f"{stat([d['client_cpu'] for d in per]).median:.0%}"
                         if "client_cpu" in per[0]
@@ -299,7 +339,25 @@ async def run(ctx: Context) -> list[Table]:
                     met=at_least(r.median, bound),
                 )
             )
-    for peer in ("slowapi", "asgi-ratelimit"):
+    for peer in ("bare-aa", "slowapi", "asgi-ratelimit"):
         if peer in results:
             targets.add(Row(f"{labels[peer]} req/s / bare", stat(ratios(results[peer], bare)), "x"))
+    extra = _extra_cpu(details, "fineflow-memory")
+    if extra is not None:
+        targets.add(Row("fineflow memory: server CPU per request over bare", extra, "us"))
     return [table, targets]
+
+
+def _server_us(per: list[dict[str, Any]]) -> str:
+    values = [d["server_us"] for d in per if "server_us" in d]
+    return stat(values).text() if values else ""
+
+
+def _extra_cpu(details: dict[str, list[dict[str, Any]]], variant: str) -> Stat | None:
+    """Per-round server CPU per request of ``variant`` minus bare's, when both are known."""
+    pairs = [
+        (d["server_us"], b["server_us"])
+        for d, b in zip(details.get(variant, []), details.get("bare", []), strict=False)
+        if "server_us" in d and "server_us" in b
+    ]
+    return stat([v - b for v, b in pairs]) if pairs else None

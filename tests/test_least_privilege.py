@@ -49,7 +49,7 @@ async def test_runtime_role_decides_but_cannot_read_or_change_rows(
         assert not (await limiter.hit("me", "2/minute")).allowed
         assert (await limiter.peek("me", "10/hour")).remaining == 9
         burst = await asyncio.gather(*(limiter.hit("many", "5/minute") for _ in range(20)))
-        assert sum(d.allowed for d in burst) == 5  # coalesced: hit_many()
+        assert sum(d.allowed for d in burst) == 5  # coalesced: hit_keys()
         assert [s.key for s in await runtime.status("me")] == ["me", "me"]
         with pytest.raises(StorageError):
             await runtime.reset("other-user")
@@ -82,7 +82,7 @@ async def test_functions_pin_search_path_and_definer_only_where_needed(
             (pg_schema,),
         ).fetchall()
     names = {name for name, _, _ in rows}
-    assert names == {"decide", "hit", "hit_many", "peek", "status", "reset", "cleanup"}
+    assert names == {"decide", "hit", "hit_many", "hit_keys", "peek", "status", "reset", "cleanup"}
     for _, definer, config in rows:
         assert definer
         assert config == ["search_path=pg_catalog, pg_temp"]

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 
+import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg import sql
 
-from fineflow import Hit, PostgresStorage, Quota
+import fineflow._postgres
+from fineflow import BucketState, Decision, Hit, PostgresStorage, Quota
+from fineflow._algorithms import NS, step_all
 
 pytestmark = pytest.mark.anyio
 
@@ -49,3 +56,96 @@ async def test_without_coalescing_each_request_is_its_own_statement(
         )
         assert sum(d[0].allowed for d in out) == 5
         assert pg.batches == 0  # every request went alone, through hit()
+
+
+T0 = 1_700_000_000 * NS
+
+
+@pytest.mark.parametrize("cost", [1, 2, 4])  # 4 > the capacity of 3: never fits
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    keys=st.lists(st.integers(0, 3), min_size=2, max_size=40),
+    gap=st.integers(0, 3 * NS),
+)
+async def test_batches_sharing_one_quota_match_the_model_in_arrival_order(
+    storage: PostgresStorage, cost: int, keys: list[int], gap: int
+) -> None:
+    """hit_keys(): many requests on a few keys, one quota and cost, decided as the model
+    decides them one by one in arrival order (one statement in flight)."""
+    storage.max_in_flight = 1
+    endpoint = f"e{secrets.token_hex(4)}"
+    quota = Quota(3, 1.0)
+    now = T0 + gap
+    model: dict[int, BucketState | None] = {}
+    expected = []
+    for key in keys:
+        decisions, states = step_all("gcra", [model.get(key)], now, [quota], cost)
+        model[key] = states[0]
+        expected.append(decisions[0])
+    batches = storage.batches
+    got = await asyncio.gather(
+        *(storage.decide("gcra", [Hit(str(k), quota, cost, endpoint)], now=now) for k in keys)
+    )
+    assert [g[0] for g in got] == expected
+    assert storage._keys and storage.batches > batches
+
+
+async def test_a_v1_schema_decides_then_upgrades_to_v2(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance of this version on a schema still at v1 falls back to hit_many(); after
+    migrate() the schema is at v2, state carries over, and a runtime role granted under v1
+    may call hit_keys()."""
+    role = f"ff_rt_{secrets.token_hex(4)}"
+    quota = Quota(5, 3600.0)
+
+    async def burst(pg: PostgresStorage, n: int) -> list[Decision]:
+        hits = [Hit("a", quota, 1, "up")]
+        return [d[0] for d in await asyncio.gather(*(pg.decide("gcra", hits) for _ in range(n)))]
+
+    try:
+        async with PostgresStorage(pg_dsn, schema=pg_schema) as old:
+            monkeypatch.setattr(fineflow._postgres, "LATEST_VERSION", 1)
+            await old.migrate()
+            monkeypatch.undo()
+            async with old.pool.connection() as conn:
+                await conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+                await conn.execute(
+                    sql.SQL(
+                        "GRANT USAGE ON SCHEMA {s} TO {r}; GRANT EXECUTE ON FUNCTION "
+                        "{s}.hit_many(bigint, text[], text[], text[], text[], bigint[], "
+                        "bigint[], bigint[], bigint[], bigint[]) TO {r}"
+                    ).format(s=sql.Identifier(pg_schema), r=sql.Identifier(role))
+                )
+            first = await burst(old, 3)
+            assert all(d.allowed for d in first)
+            assert not old._keys  # hit_keys() is missing: the batch went to hit_many()
+
+        async with PostgresStorage(pg_dsn, schema=pg_schema) as new:
+            await new.migrate()
+            async with new.pool.connection() as conn:
+                cur = await conn.execute(
+                    sql.SQL("SELECT max(version) FROM {}.schema_version").format(
+                        sql.Identifier(pg_schema)
+                    )
+                )
+                assert await cur.fetchone() == (2,)
+                cur = await conn.execute(
+                    "SELECT has_function_privilege(%s, %s, 'EXECUTE')",
+                    (
+                        role,
+                        f"{pg_schema}.hit_keys(bigint, text[], bigint[], text, text, text, "
+                        "bigint, bigint, bigint, bigint)",
+                    ),
+                )
+                assert await cur.fetchone() == (True,)
+            second = await burst(new, 4)
+            assert new._keys
+            assert sum(d.allowed for d in second) == 2  # 3 of 5 were taken under v1
+            assert sorted(d.remaining for d in second if d.allowed) == [0, 1]
+            (status,) = await new.status("a")
+            assert (status.allowed_total, status.denied_total) == (5, 2)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

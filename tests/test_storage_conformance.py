@@ -1,7 +1,8 @@
 """One conformance suite for every storage backend, plus differential tests against the
 reference model. PostgreSQL runs on a real server: logged, unlogged, and with the lone-request
-fast path turned off so requests go through the general batch statement (``decide()``) or the
-grouped single-quota one (``hit_many()``)."""
+fast path turned off so requests go through the general batch statement (``decide()``), the
+grouped single-quota one (``hit_many()``) or the one for batches sharing one quota
+(``hit_keys()``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ from fineflow._algorithms import NS, step_all
 pytestmark = pytest.mark.anyio
 
 T0 = 1_700_000_000 * NS
-BACKENDS = ["memory", "postgres", "postgres-unlogged", "postgres-batch", "postgres-grouped"]
+BACKENDS = [
+    "memory",
+    "postgres",
+    "postgres-unlogged",
+    "postgres-batch",
+    "postgres-grouped",
+    "postgres-keys",
+]
 ALGORITHMS = ["gcra", "fixed_window", "sliding_window"]
 
 
@@ -31,9 +39,10 @@ async def storage(request: pytest.FixtureRequest, pg_dsn: str) -> AsyncIterator[
         return
     schema = f"ff_{secrets.token_hex(6)}"
     pg = PostgresStorage(pg_dsn, schema=schema, unlogged=kind == "postgres-unlogged")
-    if kind in ("postgres-batch", "postgres-grouped"):
+    if kind in ("postgres-batch", "postgres-grouped", "postgres-keys"):
         pg._fast_path = False  # lone requests go through the batch statements
-        pg._grouped = kind == "postgres-grouped"  # hit_many() rather than decide()
+        pg._grouped = kind != "postgres-batch"  # hit_keys() or hit_many() rather than decide()
+        pg._keys = kind == "postgres-keys"
     async with pg:
         await pg.migrate()
         yield pg

@@ -13,15 +13,24 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ._algorithms import ALGORITHMS, COST_TOO_HIGH, NS, BucketState, Decision, validate_algorithm
+from ._algorithms import ALGORITHMS, NS, BucketState, Decision, validate_algorithm
 from ._errors import ConfigurationError, SchemaVersionError, StorageClosedError, StorageError
+from ._postgres_batch import (
+    Request,
+    Statements,
+    by_key,
+    by_row,
+    run_batch,
+    run_keys,
+    run_rows,
+    run_single,
+)
 from ._postgres_sql import GRANT_RUNTIME, LATEST_VERSION, MIGRATIONS, render
 from ._quota import Quota
 from ._storage import Hit, KeyStatus, StatsRow, check_hits, storage_key
@@ -32,15 +41,6 @@ logger = logging.getLogger("fineflow.storage")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TIER_MAX = 64
-
-
-@dataclass(slots=True)
-class _Request:
-    hits: Sequence[Hit]
-    now: int | None
-    algorithm: str
-    future: asyncio.Future[None]
-    result: list[Decision] = field(default_factory=list)
 
 
 class PostgresStorage:
@@ -129,29 +129,17 @@ class PostgresStorage:
         self._opened = False
         self._closed = False
         self._in_flight = 0
-        self._pending: list[_Request] = []
+        self._pending: list[Request] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting = 0  # tasks started that have not taken their batch yet
         self.batches = 0
         # Tests turn these off to hold each statement to the model.
         self._fast_path = True  # a lone single-quota GCRA request: hit()
-        self._grouped = True  # a batch of single-quota GCRA requests: hit_many()
+        self._grouped = True  # a batch of single-quota GCRA requests: hit_keys(), hit_many()
+        self._keys = True  # hit_keys() when the batch shares endpoint, quota, tier and cost
         self.batched_requests = 0
+        self._statements = Statements.compose(schema)
         ident = sql.Identifier(schema)
-        self._single = sql.SQL(
-            "SELECT * FROM {}.hit(%(key)s, %(endpoint)s, %(policy)s, %(tier)s, "
-            "%(lim)s::bigint, %(period)s::bigint, %(cap)s::bigint, %(cost)s::bigint, "
-            "%(iv)s::bigint, %(now)s::bigint)"
-        ).format(ident)
-        self._decide = sql.SQL(
-            "SELECT * FROM {}.decide(%s, %b::bigint[], %b::int[], %b::text[], %b::text[], "
-            "%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])"
-        ).format(ident)
-        self._hit_many = sql.SQL(
-            # %b: arrays go in binary, which skips the text format's quoting and escaping.
-            "SELECT * FROM {}.hit_many(%s::bigint, %b::text[], %b::text[], %b::text[], "
-            "%b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])"
-        ).format(ident)
         self._peek = sql.SQL(
             "SELECT * FROM {}.peek(%(key)s::text[], %(endpoint)s::text[], %(policy)s::text[])"
         ).format(ident)
@@ -317,7 +305,7 @@ class PostgresStorage:
                 "PostgresStorage is not open: use `async with storage:` or `await storage.open()`"
             )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        request = _Request(hits, now, algorithm, future)
+        request = Request(hits, now, algorithm, future)
         self._pending.append(request)
         self._dispatch()
         # A caller's time budget cancels only this wait: the statement runs on in a task the
@@ -340,7 +328,7 @@ class PostgresStorage:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _take(self) -> tuple[str, list[_Request]]:
+    def _take(self) -> tuple[str, list[Request]]:
         """The next batch: pending requests of the first one's algorithm, in arrival order
         (one request when not coalescing)."""
         self._starting -= 1
@@ -350,8 +338,8 @@ class PostgresStorage:
             return "", []
         algorithm = pending[0].algorithm
         limit = self.max_batch if self.coalesce else 1
-        batch: list[_Request] = []
-        rest: list[_Request] = []
+        batch: list[Request] = []
+        rest: list[Request] = []
         for request in pending:
             if request.algorithm == algorithm and len(batch) < limit:
                 batch.append(request)
@@ -381,7 +369,7 @@ class PostgresStorage:
             self._in_flight -= 1
             self._dispatch()
 
-    async def _run(self, algorithm: str, batch: list[_Request]) -> None:
+    async def _run(self, algorithm: str, batch: list[Request]) -> None:
         try:
             async with self.pool.connection() as conn:
                 # Requests whose callers gave up while we waited for a connection are
@@ -389,162 +377,41 @@ class PostgresStorage:
                 live = [r for r in batch if not r.future.done()]
                 if not live:
                     return
-                if algorithm == "gcra" and all(len(r.hits) == 1 for r in live):
-                    if self._fast_path and len(live) == 1:
-                        await self._run_single(conn, live[0])
-                        return
-                    groups = self._groups(live) if self._grouped else None
-                    if groups is not None:
-                        await self._run_grouped(conn, live[0].now, groups)
-                        return
-                await self._run_batch(conn, algorithm, live)
+                await self._run_live(conn, algorithm, live)
         except psycopg.Error as exc:
             raise StorageError(f"rate-limit decision failed: {exc}") from exc
 
-    async def _run_single(self, conn: psycopg.AsyncConnection[Any], request: _Request) -> None:
-        hit = request.hits[0]
-        quota = hit.quota
-        interval = quota.emission_interval_ns
-        cap = quota.capacity
-        cost = min(hit.cost, cap + 1)
-        params = {
-            "key": storage_key(hit.key),
-            "endpoint": storage_key(hit.endpoint),
-            "policy": quota.policy,
-            "tier": _tier(hit.tier),
-            "lim": quota.limit,
-            "period": quota.period_ns,
-            "cap": cap,
-            "cost": cost,
-            "iv": interval,
-            "now": request.now,
-        }
-        cur = await conn.execute(self._single, params, prepare=True)
-        row = await cur.fetchone()
-        assert row is not None
-        ok, tat, now = row
-        tau = cap * interval
-        if ok:
-            request.result = [_make(True, quota, (now + tau - tat) // interval, tat - now, 0)]
-            return
-        tat = max(tat, now)
-        if cost > cap:
-            decision = _make(False, quota, (now + tau - tat) // interval, tat - now, None)
-        else:
-            retry = tat + cost * interval - tau - now
-            decision = _make(False, quota, (now + tau - tat) // interval, tat - now, retry)
-        request.result = [decision]
-
-    @staticmethod
-    def _groups(batch: list[_Request]) -> dict[tuple[str, str, str], list[_Request]] | None:
-        """Group single-quota requests per row, or ``None`` if the closed form does not
-        apply (different explicit times, or different costs on one row)."""
-        now = batch[0].now
-        groups: dict[tuple[str, str, str], list[_Request]] = {}
-        for request in batch:
-            hit = request.hits[0]
-            if request.now != now:
-                return None
-            slot = (storage_key(hit.key), storage_key(hit.endpoint), hit.quota.policy)
-            group = groups.get(slot)
-            if group is None:
-                groups[slot] = [request]
-            elif group[0].hits[0].cost != hit.cost or group[0].hits[0].quota != hit.quota:
-                return None
-            else:
-                group.append(request)
-        return groups
-
-    async def _run_grouped(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        now: int | None,
-        groups: dict[tuple[str, str, str], list[_Request]],
+    async def _run_live(
+        self, conn: psycopg.AsyncConnection[Any], algorithm: str, live: list[Request]
     ) -> None:
-        cols: list[list[Any]] = [[] for _ in range(9)]
-        keys, eps, pols, tiers, lims, pers, caps, costs, counts = cols
-        for (key, endpoint, policy), requests in groups.items():
-            hit = requests[0].hits[0]
-            quota = hit.quota
-            keys.append(key)
-            eps.append(endpoint)
-            pols.append(policy)
-            tiers.append(_tier(hit.tier))
-            lims.append(quota.limit)
-            pers.append(quota.period_ns)
-            caps.append(quota.capacity)
-            costs.append(min(hit.cost, quota.capacity + 1))
-            counts.append(len(requests))
-        cur = await conn.execute(self._hit_many, [now, *cols], prepare=True)
-        rows = await cur.fetchall()
-        self.batches += 1
-        self.batched_requests += sum(counts)
-        for key, endpoint, policy, tat, admitted, db_now in rows:
-            requests = groups[(key, endpoint, policy)]
-            hit = requests[0].hits[0]
-            quota = hit.quota
-            interval = quota.emission_interval_ns
-            cost = min(hit.cost, quota.capacity + 1)
-            step = cost * interval
-            tau = quota.capacity * interval
-            tat0 = tat - admitted * step if admitted else max(tat, db_now)
-            for k, request in enumerate(requests, start=1):
-                if k <= admitted:
-                    new_tat = tat0 + k * step
-                    request.result = [
-                        _make(
-                            True, quota, (db_now + tau - new_tat) // interval, new_tat - db_now, 0
-                        )
-                    ]
-                    continue
-                end = tat0 + admitted * step
-                retry = None if cost > quota.capacity else end + step - tau - db_now
-                request.result = [
-                    _make(False, quota, (db_now + tau - end) // interval, end - db_now, retry)
-                ]
+        statements = self._statements
+        if algorithm == "gcra" and all(len(r.hits) == 1 for r in live):
+            if self._fast_path and len(live) == 1:
+                await run_single(conn, statements, live[0])
+                return
+            if self._grouped:
+                keyed = by_key(live) if self._keys else None
+                if keyed is not None:
+                    try:
+                        await run_keys(conn, statements, live, keyed)
+                    except psycopg.errors.UndefinedFunction:
+                        # A schema not yet migrated to v2 (an instance of this version
+                        # started before ``migrate()`` ran): hit_many() decides the same.
+                        self._keys = False
+                    else:
+                        self._count(live)
+                        return
+                rows = by_row(live)
+                if rows is not None:
+                    await run_rows(conn, statements, live[0].now, rows)
+                    self._count(live)
+                    return
+        await run_batch(conn, statements, algorithm, live)
+        self._count(live)
 
-    async def _run_batch(
-        self, conn: psycopg.AsyncConnection[Any], algorithm: str, batch: list[_Request]
-    ) -> None:
-        cols: list[list[Any]] = [[] for _ in range(10)]
-        (
-            now_col,
-            req_col,
-            key_col,
-            ep_col,
-            pol_col,
-            tier_col,
-            lim_col,
-            per_col,
-            cap_col,
-            cost_col,
-        ) = cols
-        for index, request in enumerate(batch):
-            for hit in request.hits:
-                quota = hit.quota
-                cap = quota.capacity if algorithm == "gcra" else quota.limit
-                now_col.append(request.now)
-                req_col.append(index)
-                key_col.append(storage_key(hit.key))
-                ep_col.append(storage_key(hit.endpoint))
-                pol_col.append(quota.policy)
-                tier_col.append(_tier(hit.tier))
-                lim_col.append(quota.limit)
-                per_col.append(quota.period_ns)
-                cap_col.append(quota.capacity)
-                cost_col.append(min(hit.cost, cap + 1))
-        cur = await conn.execute(self._decide, [algorithm, *cols], prepare=True)
-        rows = await cur.fetchall()
+    def _count(self, batch: list[Request]) -> None:
         self.batches += 1
         self.batched_requests += len(batch)
-        position = 0
-        for request in batch:
-            out = []
-            for hit in request.hits:
-                ok, remaining, reset_ns, retry_ns, _now = rows[position]
-                position += 1
-                out.append(_make(ok, hit.quota, remaining, reset_ns, retry_ns))
-            request.result = out
 
     async def _peek_hits(
         self, algorithm: str, hits: Sequence[Hit], now: int | None
@@ -653,20 +520,3 @@ def _check_dsn(dsn: str) -> None:
             f"invalid PostgreSQL DSN: sslmode {sslmode!r} is not one of "
             f"{', '.join(sorted(_SSLMODES))}"
         )
-
-
-def _tier(tier: str) -> str:
-    return storage_key(tier)[:_TIER_MAX]
-
-
-def _make(ok: bool, quota: Quota, remaining: int, reset_ns: int, retry_ns: int | None) -> Decision:
-    return Decision(
-        ok,
-        quota.limit,
-        max(int(remaining), 0),
-        max(int(reset_ns), 0) / NS,
-        None if retry_ns is None else max(int(retry_ns), 0) / NS,
-        quota.policy,
-        quota.period,
-        COST_TOO_HIGH if (retry_ns is None and not ok) else None,
-    )

@@ -405,6 +405,55 @@ END
 $fn$
 """
 
+# v2: a batch of single-quota GCRA requests that share endpoint, quota, tier and cost (the
+# usual case: one rule, many callers), grouped per key by the caller (``p_n`` NULL: each key
+# once). The closed form of hit_many(), but the shared figures are scalars bound once per
+# statement instead of arrays unnested and re-derived from EXCLUDED on every row: about a
+# third less work per row. EXCLUDED.count carries n (``count`` is unused by GCRA rows).
+_K_TAT = "(CASE WHEN b.algorithm = 'gcra' AND b.t >= clock THEN b.t ELSE clock END)"
+_K_M = f"least(EXCLUDED.count, greatest(0, (room - {_K_TAT}) / step))"
+_HIT_KEYS_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION {{schema}}.hit_keys(
+    p_now bigint, p_key text[], p_n bigint[], p_endpoint text, p_policy text, p_tier text,
+    p_lim bigint, p_period bigint, p_cap bigint, p_cost bigint
+) RETURNS TABLE (key text, t bigint, admitted bigint, now_ns bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    clock bigint := coalesce(p_now, {{now}});
+    step bigint := p_cost * (p_period / p_lim);
+    room bigint := clock + p_cap * (p_period / p_lim);  -- tat + k*step <= room: k admitted
+    fresh bigint := p_cap / p_cost;  -- what a missing row admits
+BEGIN
+RETURN QUERY
+INSERT INTO {{schema}}.buckets AS b
+    (key, endpoint, policy, algorithm, tier, t, expires, lim, period, cap,
+     count, prev, allowed, denied, last_ok, seen)
+SELECT g.k, p_endpoint, p_policy, 'gcra', p_tier,
+       CASE WHEN g.m > 0 THEN clock + g.m * step ELSE 0 END,
+       CASE WHEN g.m > 0 THEN clock + g.m * step ELSE 0 END,
+       p_lim, p_period, p_cap, g.n, g.m, g.m * p_cost, (g.n - g.m) * p_cost, g.m = g.n, clock
+FROM (SELECT u.k, u.n, least(u.n, fresh) AS m
+      FROM (SELECT v.k, coalesce(p_n[v.i], 1) AS n
+            FROM unnest(p_key) WITH ORDINALITY AS v(k, i)) u) g
+ORDER BY g.k
+ON CONFLICT (key, endpoint, policy) DO UPDATE SET
+    t = CASE WHEN {_K_M} > 0 THEN {_K_TAT} + {_K_M} * step ELSE b.t END,
+    expires = CASE WHEN {_K_M} > 0 THEN {_K_TAT} + {_K_M} * step ELSE b.expires END,
+    prev = {_K_M},
+    allowed = b.allowed + {_K_M} * p_cost,
+    denied = b.denied + (EXCLUDED.count - {_K_M}) * p_cost,
+    last_ok = {_K_M} = EXCLUDED.count,
+    algorithm = 'gcra', tier = p_tier, lim = p_lim, period = p_period, cap = p_cap,
+    seen = clock
+RETURNING b.key, b.t, b.prev, b.seen;
+END
+$fn$
+"""
+
 # Read-only: the rows of some (key, endpoint, policy) triples and the database clock.
 _PEEK_FUNCTION = """
 CREATE OR REPLACE FUNCTION {schema}.peek(p_key text[], p_endpoint text[], p_policy text[])
@@ -459,18 +508,46 @@ REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC
 """
 
+_HIT_KEYS_SIGNATURE = (
+    "{schema}.hit_keys(bigint, text[], bigint[], text, text, text, bigint, bigint, bigint, bigint)"
+)
+_HIT_MANY_SIGNATURE = (
+    "{schema}.hit_many(bigint, text[], text[], text[], text[], bigint[], bigint[], bigint[], "
+    "bigint[], bigint[])"
+)
+
+# v2 on a schema already in use: runtime roles granted under v1 may call hit_many(), so they
+# get hit_keys() as well, or their batches would be refused after the upgrade.
+_REVOKE_AND_GRANT_HIT_KEYS = f"""
+REVOKE ALL ON FUNCTION {_HIT_KEYS_SIGNATURE} FROM PUBLIC;
+DO $do$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT a.grantee::regrole AS role
+        FROM pg_proc AS p, aclexplode(p.proacl) AS a
+        WHERE p.oid = '{_HIT_MANY_SIGNATURE}'::regprocedure
+          AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION {_HIT_KEYS_SIGNATURE} TO %s', r.role);
+    END LOOP;
+END
+$do$
+"""
+
 # The runtime role: may decide, peek and read one key's status; no table access.
-GRANT_RUNTIME = """
-GRANT USAGE ON SCHEMA {schema} TO {role};
-GRANT EXECUTE ON FUNCTION {schema}.hit(text, text, text, text, bigint, bigint, bigint, bigint,
-                                       bigint, bigint) TO {role};
-GRANT EXECUTE ON FUNCTION {schema}.decide(text, bigint[], int[], text[], text[], text[],
+GRANT_RUNTIME = f"""
+GRANT USAGE ON SCHEMA {{schema}} TO {{role}};
+GRANT EXECUTE ON FUNCTION {{schema}}.hit(text, text, text, text, bigint, bigint, bigint, bigint,
+                                       bigint, bigint) TO {{role}};
+GRANT EXECUTE ON FUNCTION {{schema}}.decide(text, bigint[], int[], text[], text[], text[],
                                           text[], bigint[], bigint[], bigint[], bigint[])
-    TO {role};
-GRANT EXECUTE ON FUNCTION {schema}.hit_many(bigint, text[], text[], text[], text[], bigint[],
-                                            bigint[], bigint[], bigint[], bigint[]) TO {role};
-GRANT EXECUTE ON FUNCTION {schema}.peek(text[], text[], text[]) TO {role};
-GRANT EXECUTE ON FUNCTION {schema}.status(text, bigint) TO {role}
+    TO {{role}};
+GRANT EXECUTE ON FUNCTION {_HIT_MANY_SIGNATURE} TO {{role}};
+GRANT EXECUTE ON FUNCTION {_HIT_KEYS_SIGNATURE} TO {{role}};
+GRANT EXECUTE ON FUNCTION {{schema}}.peek(text[], text[], text[]) TO {{role}};
+GRANT EXECUTE ON FUNCTION {{schema}}.status(text, bigint) TO {{role}}
 """
 
 MIGRATIONS: list[list[str]] = [
@@ -485,6 +562,11 @@ MIGRATIONS: list[list[str]] = [
         _STATUS_FUNCTION,
         _RESET_FUNCTION,
         _REVOKE,
+    ],
+    # v2: hit_keys() for batches that share endpoint, quota, tier and cost.
+    [
+        _HIT_KEYS_FUNCTION,
+        _REVOKE_AND_GRANT_HIT_KEYS,
     ],
 ]
 LATEST_VERSION = len(MIGRATIONS)

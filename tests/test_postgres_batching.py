@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -15,6 +16,7 @@ from psycopg import sql
 import fineflow._postgres
 from fineflow import BucketState, Decision, Hit, PostgresStorage, Quota
 from fineflow._algorithms import NS, step_all
+from fineflow._postgres_batch import Request
 
 pytestmark = pytest.mark.anyio
 
@@ -28,13 +30,10 @@ async def storage(pg_dsn: str, pg_schema: str) -> AsyncIterator[PostgresStorage]
         yield pg
 
 
-@pytest.mark.parametrize("max_in_flight", [1, 2])
-async def test_callers_woken_together_go_out_as_one_statement(
-    storage: PostgresStorage, max_in_flight: int
-) -> None:
+async def test_callers_woken_together_go_out_as_one_statement(storage: PostgresStorage) -> None:
     """Callers that re-arrive in the same loop iteration are one batch, not a lone first
     arrival plus a batch of the rest (which would cost two statements per cycle)."""
-    storage.max_in_flight = max_in_flight
+    storage.max_in_flight = 1
     waves, callers = 3, 32
 
     async def caller(i: int) -> None:
@@ -44,6 +43,30 @@ async def test_callers_woken_together_go_out_as_one_statement(
 
     await asyncio.gather(*(caller(i) for i in range(callers)))
     assert (storage.batches, storage.batched_requests) == (waves, waves * callers)
+
+
+async def test_a_lone_statement_shares_its_batch_with_a_second(storage: PostgresStorage) -> None:
+    """With nothing else in flight, a batch goes out as two statements of half each, so the
+    client handles one's results while the database runs the other."""
+    sizes: list[int] = []
+    run_live = storage._run_live
+
+    async def spy(conn: Any, algorithm: str, live: list[Request]) -> None:
+        sizes.append(len(live))
+        await run_live(conn, algorithm, live)
+
+    storage._run_live = spy  # type: ignore[method-assign]
+    out = await asyncio.gather(
+        *(storage.decide("gcra", [Hit(f"s{i}", QUOTA, 1, "split")]) for i in range(40))
+    )
+    assert all(d[0].allowed for d in out)
+    assert sizes == [20, 20]
+    sizes.clear()
+    out = await asyncio.gather(
+        *(storage.decide("gcra", [Hit("hot", Quota(7, 60.0), 1, "split")]) for _ in range(30))
+    )
+    assert sizes == [15, 15]
+    assert sum(d[0].allowed for d in out) == 7  # one row in two statements: still exact
 
 
 async def test_without_coalescing_each_request_is_its_own_statement(

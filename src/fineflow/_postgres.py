@@ -40,7 +40,9 @@ __all__ = ["PostgresStorage"]
 logger = logging.getLogger("fineflow.storage")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_TIER_MAX = 64
+# Pending requests from which a lone statement splits its batch in two (below, the second
+# statement's fixed cost outweighs the overlap it buys).
+_SPLIT_MIN = 4
 
 
 class PostgresStorage:
@@ -61,7 +63,9 @@ class PostgresStorage:
             ``min(2, max_size)`` and 10; thanks to coalescing, decisions need only
             ``max_in_flight`` connections).
         coalesce: batch decisions that arrive while others are in flight (default True).
-        max_in_flight: statements in flight at once before arrivals are batched (default 2).
+        max_in_flight: statements in flight at once before arrivals are batched (default 2;
+            a batch that would go out alone is split between two statements, so the database
+            runs one while this process handles the other's results).
         max_batch: the most requests in one batch (default 512).
         connect_timeout: seconds to wait for a new connection (default 5).
         statement_timeout: server-side cap in seconds on any statement (default 5).
@@ -338,6 +342,11 @@ class PostgresStorage:
             return "", []
         algorithm = pending[0].algorithm
         limit = self.max_batch if self.coalesce else 1
+        if self._in_flight == 1 and self.max_in_flight > 1 and len(pending) >= _SPLIT_MIN:
+            # Nothing else in flight: send half now and half at once in a second statement.
+            # While one is on the server the other's results are handled here, so the client
+            # and the database work in parallel instead of taking turns.
+            limit = min(limit, (len(pending) + 1) // 2)
         batch: list[Request] = []
         rest: list[Request] = []
         for request in pending:

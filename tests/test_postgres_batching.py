@@ -172,3 +172,11 @@ async def test_a_v1_schema_decides_then_upgrades_to_v2(
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+async def test_the_pool_starts_with_one_connection(pg_dsn: str, pg_schema: str) -> None:
+    """Idle connections are handed out in turn, and a lone request is slower on one of two
+    alternating connections than on the same one each time: start with one."""
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as pg:
+        await pg.pool.wait()
+        assert pg.pool.get_stats()["pool_size"] == 1

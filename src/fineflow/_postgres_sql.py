@@ -410,8 +410,39 @@ $fn$
 # once). The closed form of hit_many(), but the shared figures are scalars bound once per
 # statement instead of arrays unnested and re-derived from EXCLUDED on every row: about a
 # third less work per row. EXCLUDED.count carries n (``count`` is unused by GCRA rows).
+# With every n = 1 the closed form is a single comparison, a further tenth less per row.
 _K_TAT = "(CASE WHEN b.algorithm = 'gcra' AND b.t >= clock THEN b.t ELSE clock END)"
 _K_M = f"least(EXCLUDED.count, greatest(0, (room - {_K_TAT}) / step))"
+_K_OK = f"({_K_TAT} <= last)"
+_K_SET_MANY = f"""    t = CASE WHEN {_K_M} > 0 THEN {_K_TAT} + {_K_M} * step ELSE b.t END,
+    expires = CASE WHEN {_K_M} > 0 THEN {_K_TAT} + {_K_M} * step ELSE b.expires END,
+    prev = {_K_M},
+    allowed = b.allowed + {_K_M} * p_cost,
+    denied = b.denied + (EXCLUDED.count - {_K_M}) * p_cost,
+    last_ok = {_K_M} = EXCLUDED.count,"""
+_K_SET_ONE = f"""    t = CASE WHEN {_K_OK} THEN {_K_TAT} + step ELSE b.t END,
+    expires = CASE WHEN {_K_OK} THEN {_K_TAT} + step ELSE b.expires END,
+    prev = CASE WHEN {_K_OK} THEN 1 ELSE 0 END,
+    allowed = b.allowed + CASE WHEN {_K_OK} THEN p_cost ELSE 0 END,
+    denied = b.denied + CASE WHEN {_K_OK} THEN 0 ELSE p_cost END,
+    last_ok = {_K_OK},"""
+_K_UPSERT = """
+INSERT INTO {{schema}}.buckets AS b
+    (key, endpoint, policy, algorithm, tier, t, expires, lim, period, cap,
+     count, prev, allowed, denied, last_ok, seen)
+SELECT g.k, p_endpoint, p_policy, 'gcra', p_tier,
+       CASE WHEN g.m > 0 THEN clock + g.m * step ELSE 0 END,
+       CASE WHEN g.m > 0 THEN clock + g.m * step ELSE 0 END,
+       p_lim, p_period, p_cap, g.n, g.m, g.m * p_cost, (g.n - g.m) * p_cost, g.m = g.n, clock
+FROM (SELECT u.k, u.n, least(u.n, fresh) AS m
+      FROM (SELECT v.k, coalesce(p_n[v.i], 1) AS n
+            FROM unnest(p_key) WITH ORDINALITY AS v(k, i)) u) g
+ORDER BY g.k
+ON CONFLICT (key, endpoint, policy) DO UPDATE SET
+{set}
+    algorithm = 'gcra', tier = p_tier, lim = p_lim, period = p_period, cap = p_cap,
+    seen = clock
+RETURNING b.key, b.t, b.prev, b.seen"""
 _HIT_KEYS_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION {{schema}}.hit_keys(
     p_now bigint, p_key text[], p_n bigint[], p_endpoint text, p_policy text, p_tier text,
@@ -427,29 +458,13 @@ DECLARE
     step bigint := p_cost * (p_period / p_lim);
     room bigint := clock + p_cap * (p_period / p_lim);  -- tat + k*step <= room: k admitted
     fresh bigint := p_cap / p_cost;  -- what a missing row admits
+    last bigint := room - step;  -- the latest tat that admits one more
 BEGIN
-RETURN QUERY
-INSERT INTO {{schema}}.buckets AS b
-    (key, endpoint, policy, algorithm, tier, t, expires, lim, period, cap,
-     count, prev, allowed, denied, last_ok, seen)
-SELECT g.k, p_endpoint, p_policy, 'gcra', p_tier,
-       CASE WHEN g.m > 0 THEN clock + g.m * step ELSE 0 END,
-       CASE WHEN g.m > 0 THEN clock + g.m * step ELSE 0 END,
-       p_lim, p_period, p_cap, g.n, g.m, g.m * p_cost, (g.n - g.m) * p_cost, g.m = g.n, clock
-FROM (SELECT u.k, u.n, least(u.n, fresh) AS m
-      FROM (SELECT v.k, coalesce(p_n[v.i], 1) AS n
-            FROM unnest(p_key) WITH ORDINALITY AS v(k, i)) u) g
-ORDER BY g.k
-ON CONFLICT (key, endpoint, policy) DO UPDATE SET
-    t = CASE WHEN {_K_M} > 0 THEN {_K_TAT} + {_K_M} * step ELSE b.t END,
-    expires = CASE WHEN {_K_M} > 0 THEN {_K_TAT} + {_K_M} * step ELSE b.expires END,
-    prev = {_K_M},
-    allowed = b.allowed + {_K_M} * p_cost,
-    denied = b.denied + (EXCLUDED.count - {_K_M}) * p_cost,
-    last_ok = {_K_M} = EXCLUDED.count,
-    algorithm = 'gcra', tier = p_tier, lim = p_lim, period = p_period, cap = p_cap,
-    seen = clock
-RETURNING b.key, b.t, b.prev, b.seen;
+IF p_n IS NULL THEN
+    RETURN QUERY {_K_UPSERT.format(set=_K_SET_ONE)};
+ELSE
+    RETURN QUERY {_K_UPSERT.format(set=_K_SET_MANY)};
+END IF;
 END
 $fn$
 """

@@ -300,11 +300,15 @@ class PostgresStorage:
     ) -> list[Decision]:
         """Decide ``hits`` for one request, all or nothing, in one statement (see
         :class:`fineflow.Storage`)."""
-        validate_algorithm(algorithm)
+        if algorithm not in ALGORITHMS:
+            validate_algorithm(algorithm)
         check_hits(hits)
-        if not hits:
+        if len(hits) == 1:
+            if hits[0].cost == 0:
+                return await self._peek_hits(algorithm, hits, now)
+        elif not hits:
             return []
-        if all(h.cost == 0 for h in hits):
+        elif all(h.cost == 0 for h in hits):
             return await self._peek_hits(algorithm, hits, now)
         if self._closed or not self._opened:
             raise StorageClosedError(

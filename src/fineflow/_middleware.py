@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from inspect import isawaitable
 from math import ceil
 from typing import Any, Literal
 
@@ -32,9 +31,9 @@ from ._errors import ConfigurationError, StorageError
 from ._headers import RATELIMIT, AppliedPolicy, HeaderStyle, render_headers, validate_style
 from ._lifecycle import OwnedStorage
 from ._limiter import STORAGE_UNAVAILABLE, Decisions, RateLimiter
+from ._middleware_rules import RuleSet, finish_key
 from ._problem import quota_exceeded, storage_unavailable
-from ._quota import Quota
-from ._rules import CostFunc, PathPattern, Rule
+from ._rules import PathPattern, Rule
 from ._storage import Hit, Storage
 from .keys import ClientIP, client_ip
 
@@ -46,9 +45,6 @@ _new_hit = _new_decisions = tuple.__new__
 logger = logging.getLogger("fineflow.middleware")
 
 _REQUESTS, _ALLOWED, _LIMITED, _SHADOW, _EXEMPT, _UNMATCHED, _STORE = range(7)
-_MAX_WARNED_TIERS = 256
-_MAX_TIER_LEN = 64
-_Plan = tuple[tuple[Quota, AppliedPolicy], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,86 +68,6 @@ class MiddlewareMetrics:
     exempt: int
     unmatched: int
     storage_failed: int
-
-
-class _Compiled:
-    """A rule as the request path needs it: flat attributes, per-tier header plans."""
-
-    __slots__ = (
-        "cost",
-        "default_plan",
-        "default_tier",
-        "ietf",
-        "key",
-        "literal",
-        "methods",
-        "name",
-        "plan",
-        "prefix",
-        "regex",
-        "single",
-        "tiers",
-    )
-
-    def __init__(self, rule: Rule, default_tier: str | None) -> None:
-        def plan(quotas: tuple[Quota, ...]) -> _Plan:
-            one = len(quotas) == 1
-            return tuple(
-                (q, AppliedPolicy(rule.name if one else f"{rule.name}:{q.policy}", q))
-                for q in quotas
-            )
-
-        self.name = rule.name
-        self.methods = rule.methods
-        self.literal = rule.pattern.literal
-        self.prefix = rule.pattern.prefix
-        self.regex = None if self.prefix is not None else rule.pattern.regex
-        self.key = rule.key
-        self.cost = rule.cost
-        self.plan = plan(rule.quotas)
-        self.tiers = {tier: plan(qs) for tier, qs in rule.tiers.items()}
-        self.default_tier = default_tier if default_tier is not None else next(iter(self.tiers), "")
-        self.default_plan = self.tiers.get(self.default_tier, ())
-        # The common shape: one fixed quota, a fixed cost. Such a rule yields exactly one
-        # hit per request, built without the general loop.
-        self.single: tuple[Quota, tuple[AppliedPolicy]] | None = (
-            (self.plan[0][0], (self.plan[0][1],))
-            if not self.tiers and len(self.plan) == 1 and isinstance(self.cost, int)
-            else None
-        )
-        # The single quota's pre-encoded IETF pieces: the policy header, the rate template.
-        self.ietf = (
-            (self.plan[0][1].policy_header, self.plan[0][1].rate_template) if self.plan else None
-        )
-
-
-async def _finish_key(value: object) -> str | None:
-    if isawaitable(value):
-        value = await value
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
-
-
-async def _tier_of(fn: Callable[[Scope], Any], scope: Scope) -> str | None:
-    value = fn(scope)
-    if isawaitable(value):
-        value = await value
-    if value is None:
-        return None
-    value = value if isinstance(value, str) else str(value)
-    return value[:_MAX_TIER_LEN]
-
-
-async def _cost_of(fn: CostFunc, rule: str, scope: Scope) -> int:
-    value = fn(scope)
-    if isawaitable(value):
-        value = await value
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(
-            f"the cost function of rule {rule!r} returned {value!r}; return an int >= 0"
-        )
-    return value
 
 
 class RateLimitMiddleware:
@@ -266,14 +182,14 @@ class RateLimitMiddleware:
         self._peer_key = isinstance(self._key, ClientIP) and self._key.peer_only
         self._tier = tier
         self._deny_app = deny_app
-        self._compiled = tuple(_Compiled(r, default_tier) for r in rules)
+        self._ruleset = RuleSet(self.rules, self._key, tier, default_tier)
+        self._compiled = self._ruleset.compiled
         self._exempt_methods = frozenset(str(m).upper() for m in exempt_methods)
         self._exempt_literal = frozenset(p.template for p in exempt if p.regex is None)
         self._exempt_regex = tuple(p.regex for p in exempt if p.regex is not None)
         self._owned = None if storage is None else OwnedStorage(storage, migrate=bool(migrate))
         self._local_one = limiter._local_one  # the in-process one-quota decision, or None
         self._counts = [0] * 7
-        self._warned_tiers: set[str] = set()
         # One rule of the single shape and no tier function: skip the general loop.
         only = self._compiled[0]
         self._single = only if len(self._compiled) == 1 and only.single and tier is None else None
@@ -342,7 +258,7 @@ class RateLimitMiddleware:
             else:
                 value = key_fn(scope)
             if value is not None and value.__class__ is not str:
-                value = await _finish_key(value)
+                value = await finish_key(value)
             if value is None:
                 counts[_EXEMPT] += 1
                 await self.app(scope, receive, send)
@@ -361,7 +277,7 @@ class RateLimitMiddleware:
                 hits = (_new_hit(Hit, (value, quota, c.cost, c.name, "")),)
                 decisions = await self._decide(hits)
         else:
-            hits, applied, matched = await self._collect(scope, method, path)
+            hits, applied, matched = await self._ruleset.collect(scope, method, path)
             if not hits:
                 counts[_EXEMPT if matched else _UNMATCHED] += 1
                 await self.app(scope, receive, send)
@@ -467,73 +383,3 @@ class RateLimitMiddleware:
         if decisions is None:
             decisions = await limiter.decide(hits)
         return decisions
-
-    async def _collect(
-        self, scope: Scope, method: str, path: str
-    ) -> tuple[list[Hit], list[AppliedPolicy], bool]:
-        """The hits of every rule matching the request, their policies, and whether any
-        rule matched (the general case: several rules, tiers, cost functions)."""
-        hits: list[Hit] = []
-        applied: list[AppliedPolicy] = []
-        matched = key_done = tier_done = False
-        default_key: str | None = None
-        tier: str | None = None
-        for c in self._compiled:
-            if c.methods is not None and method not in c.methods:
-                continue
-            if c.regex is not None:
-                if c.regex.fullmatch(path) is None:
-                    continue
-            elif c.prefix is not None:
-                if not path.startswith(c.prefix):
-                    continue
-            elif path != c.literal:
-                continue
-            matched = True
-            if c.key is None:
-                if not key_done:
-                    value = self._key(scope)
-                    default_key = (
-                        value
-                        if value is None or value.__class__ is str
-                        else (await _finish_key(value))
-                    )
-                    key_done = True
-                subject = default_key
-            else:
-                value = c.key(scope)
-                subject = (
-                    value if value is None or value.__class__ is str else (await _finish_key(value))
-                )
-            if subject is None:
-                continue
-            if not tier_done:
-                tier = None if self._tier is None else await _tier_of(self._tier, scope)
-                tier_done = True
-            if c.tiers:
-                plan = c.tiers.get(tier) if tier is not None else None
-                tier_name = tier
-                if plan is None:
-                    if tier is not None:
-                        self._warn_tier(tier, c)
-                    plan, tier_name = c.default_plan, c.default_tier
-            else:
-                plan, tier_name = c.plan, tier
-            cost = c.cost if isinstance(c.cost, int) else await _cost_of(c.cost, c.name, scope)
-            for quota, policy in plan:
-                hits.append(_new_hit(Hit, (subject, quota, cost, c.name, tier_name or "")))
-                applied.append(policy)
-        return hits, applied, matched
-
-    def _warn_tier(self, tier: str, c: _Compiled) -> None:
-        warned = self._warned_tiers
-        if tier in warned or len(warned) >= _MAX_WARNED_TIERS:
-            return
-        warned.add(tier)
-        logger.warning(
-            "unknown tier %r for rule %r: using default tier %r (logged once per tier%s)",
-            tier,
-            c.name,
-            c.default_tier,
-            "; no more unknown tiers will be logged" if len(warned) == _MAX_WARNED_TIERS else "",
-        )

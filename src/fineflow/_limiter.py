@@ -61,7 +61,20 @@ class Decisions(tuple[Decision, ...]):
 
 @dataclass(frozen=True, slots=True)
 class LimiterMetrics:
-    """A snapshot of a limiter's counters."""
+    """A snapshot of a limiter's counters.
+
+    Attributes:
+        decisions: decisions made: ``allowed + denied + failed_open + failed_closed``.
+        allowed: admitted by the storage.
+        denied: denied by the storage.
+        storage_errors: decisions whose storage call failed.
+        storage_timeouts: decisions whose storage call ran out of the time budget.
+        failed_open: decided "allowed" by ``on_storage_error="allow"`` (errors, timeouts,
+            or skipped while the storage's breaker is open).
+        failed_closed: decided "denied" by ``on_storage_error="deny"``.
+        short_circuited: decisions that skipped the storage while its breaker was open.
+        storage_healthy: whether the storage's breaker is closed.
+    """
 
     decisions: int
     allowed: int

@@ -34,7 +34,12 @@ def plot(tables: list[Table], stem: Path) -> str:
         colors = ["tab:green" if "fineflow" in n else "tab:gray" for n in names]
         ax.barh(names, medians, xerr=[low, high], color=colors)
         ax.invert_yaxis()
-        ax.set_xlabel(rows[0].unit or "ratio")
+        positive = [m for m in medians if m > 0]
+        if positive and len(positive) == len(medians) and max(positive) > 50 * min(positive):
+            ax.set_xscale("log")  # e.g. microseconds next to milliseconds: keep both readable
+        ax.set_xlabel(
+            (rows[0].unit or "ratio") + (", log scale" if ax.get_xscale() == "log" else "")
+        )
         ax.set_title(table.title, fontsize=10)
         fig.tight_layout()
         slug = re.sub(r"[^a-z0-9]+", "-", table.title.lower()).strip("-")[:60]

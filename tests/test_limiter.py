@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from asgi_helpers import FailingStorage
 from fineflow import (
     CircuitState,
     ConfigurationError,
@@ -177,3 +178,32 @@ async def test_storage_breaker_opens_and_probes(clock: FakeClock) -> None:
     assert (await limiter.decide(hits)).allowed
     state: CircuitState = limiter.breaker.state  # re-read: mypy narrowed it above
     assert state is CircuitState.CLOSED
+
+
+async def test_recovery_is_logged_with_the_number_of_fallback_decisions(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Flaky(FailingStorage):
+        """Down for three decisions, then a working in-memory store (not in-process to
+        the limiter: no decider, so decisions take the general path)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.memory = MemoryStorage()
+
+        async def decide(
+            self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        ) -> list[Decision]:
+            if self.decide_calls < 3:
+                return await super().decide(algorithm, hits, now=now)
+            return self.memory.decide_sync(algorithm, hits, now=now)
+
+    limiter = RateLimiter(Flaky(), failure_threshold=10)
+    with caplog.at_level("WARNING", logger="fineflow.limiter"):
+        got = [(await limiter.hit("k", "10/minute")).reason for _ in range(5)]
+    assert got == [STORAGE_UNAVAILABLE] * 3 + [None] * 2
+    messages = [r.getMessage() for r in caplog.records if r.name == "fineflow.limiter"]
+    assert len(messages) == 2
+    assert "recovered after 3 requests" in messages[1]
+    metrics = limiter.metrics()
+    assert (metrics.decisions, metrics.allowed, metrics.failed_open) == (5, 2, 3)

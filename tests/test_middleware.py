@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import anyio
@@ -22,6 +23,7 @@ from asgi_helpers import (
 from fineflow import (
     ConfigurationError,
     Decisions,
+    Hit,
     MemoryStorage,
     Quota,
     RateLimiter,
@@ -510,3 +512,18 @@ async def test_the_single_rule_path_answers_like_the_general_one(client: Any) ->
         b = await call(general, http_scope(path, client=client))
         assert (a.status, a.headers, a.body) == (b.status, b.headers, b.body)
     assert fast.metrics() == general.metrics()
+
+
+async def test_a_limiter_subclass_is_called_through_its_methods() -> None:
+    calls: list[int] = []
+
+    class Audited(RateLimiter):
+        def decide_nowait(self, hits: Sequence[Hit]) -> Decisions | None:
+            calls.append(len(hits))
+            return super().decide_nowait(hits)
+
+    limiter = Audited(MemoryStorage())
+    mw = RateLimitMiddleware(echo_app, limiter=limiter, rules=[Rule("/x", quota="1/minute")])
+    statuses = [(await call(mw, http_scope("/x"))).status for _ in range(2)]
+    assert statuses == [200, 429]
+    assert calls == [1, 1]

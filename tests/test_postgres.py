@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+import fineflow._postgres
 from fineflow import (
     ConfigurationError,
     Hit,
@@ -86,12 +87,27 @@ async def test_concurrent_migrations_are_safe(pg_dsn: str, pg_schema: str) -> No
         await storages[0].migrate()
         async with storages[0].pool.connection() as conn:
             cur = await conn.execute(
-                f"SELECT count(*), count(DISTINCT version) FROM {pg_schema}.schema_version"
+                f"SELECT count(*), count(DISTINCT version) FROM {pg_schema}.schema_migrations"
             )
             assert await cur.fetchone() == (LATEST_VERSION, LATEST_VERSION)  # each applied once
+            cur = await conn.execute(f"SELECT version FROM {pg_schema}.schema_version")
+            # The compatibility level, one row per level reached: every version so far is
+            # additive after v1, so code that knows only v1 still accepts this schema.
+            assert await cur.fetchall() == [(1,)]
     finally:
         for s in storages:
             await s.close()
+
+
+async def test_older_code_accepts_a_schema_with_additive_migrations_only(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling deploy or a rollback: an instance that knows only v1 runs on a v2 schema."""
+    monkeypatch.setattr(fineflow._postgres, "LATEST_VERSION", 1)
+    await storage.migrate()  # does not raise, changes nothing
+    hits = [Hit("old", Quota(2, 60.0), 1, "e")]
+    results = await asyncio.gather(*(storage.decide("gcra", hits) for _ in range(3)))
+    assert sorted(r[0].allowed for r in results) == [False, True, True]
 
 
 async def test_refuses_a_newer_schema(storage: PostgresStorage) -> None:
@@ -188,3 +204,24 @@ async def test_a_user_owned_pool_is_left_open(pg_dsn: str, pg_schema: str) -> No
         assert not pool.closed
         async with pool.connection() as conn:
             assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+
+
+async def test_a_statement_task_cancelled_before_it_ran_does_not_jam_the_storage(
+    storage: PostgresStorage,
+) -> None:
+    """Say a shutdown hook cancels every task: the storage's own statement task may be
+    cancelled before its first step. Its slot is given back and the request still goes out."""
+    hits = [Hit("jam", Quota(10, 60.0), 1, "e")]
+    caller = asyncio.create_task(storage.decide("gcra", hits))
+    await asyncio.sleep(0)  # the caller queued its request and started a statement task
+    owned = list(storage._tasks)
+    assert owned
+    for task in owned:
+        task.cancel()
+    (first,) = await asyncio.wait_for(caller, 10)
+    assert first.allowed
+    later = await asyncio.wait_for(
+        asyncio.gather(*(storage.decide("gcra", hits) for _ in range(5))), 10
+    )
+    assert sorted(d[0].remaining for d in later) == [4, 5, 6, 7, 8]
+    assert (storage._in_flight, storage._starting) == (0, 0)

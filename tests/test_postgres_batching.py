@@ -132,6 +132,10 @@ async def test_a_v1_schema_decides_then_upgrades_to_v2(
             await old.migrate()
             monkeypatch.undo()
             async with old.pool.connection() as conn:
+                # As fineflow versions that knew only v1 left it: no schema_migrations.
+                await conn.execute(
+                    sql.SQL("DROP TABLE {}.schema_migrations").format(sql.Identifier(pg_schema))
+                )
                 await conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
                 await conn.execute(
                     sql.SQL(
@@ -148,11 +152,12 @@ async def test_a_v1_schema_decides_then_upgrades_to_v2(
             await new.migrate()
             async with new.pool.connection() as conn:
                 cur = await conn.execute(
-                    sql.SQL("SELECT max(version) FROM {}.schema_version").format(
-                        sql.Identifier(pg_schema)
-                    )
+                    sql.SQL(
+                        "SELECT (SELECT max(version) FROM {s}.schema_version), "
+                        "(SELECT max(version) FROM {s}.schema_migrations)"
+                    ).format(s=sql.Identifier(pg_schema))
                 )
-                assert await cur.fetchone() == (2,)
+                assert await cur.fetchone() == (1, 2)  # v2 applied; v1 code still compatible
                 cur = await conn.execute(
                     "SELECT has_function_privilege(%s, %s, 'EXECUTE')",
                     (

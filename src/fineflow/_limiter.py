@@ -237,7 +237,8 @@ class RateLimiter:
         """Decide without awaiting when the storage is in-process, else return ``None``.
 
         The middleware's fast path: with :class:`MemoryStorage` it saves the coroutine
-        layers of :meth:`decide`. Same semantics and counters as :meth:`decide`.
+        layers of :meth:`decide`. Same decisions and counters as :meth:`decide`, without
+        the storage breaker: an in-process storage fails only once closed, for good.
         """
         fast = self._decide_sync
         if fast is None:
@@ -302,15 +303,15 @@ class RateLimiter:
 
     def _fallback(self, hits: Sequence[Hit], exc: BaseException | None) -> Decisions:
         allow = self.on_storage_error == "allow"
-        self._counts[6 if allow else 7] += 1
         if self._failing_since is None:
-            self._failing_since = self._decisions()
+            self._failing_since = self._decisions()  # (before this one is counted)
             what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
             logger.warning(
                 "rate-limit storage %s; %s requests until it recovers (logged once per burst)",
                 what,
                 "allowing" if allow else "denying",
             )
+        self._counts[6 if allow else 7] += 1
         retry = None if allow else max(self.breaker.retry_after() or 0.0, 1.0)
         return Decisions(
             Decision(

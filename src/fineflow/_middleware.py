@@ -188,7 +188,11 @@ class RateLimitMiddleware:
         self._exempt_literal = frozenset(p.template for p in exempt if p.regex is None)
         self._exempt_regex = tuple(p.regex for p in exempt if p.regex is not None)
         self._owned = None if storage is None else OwnedStorage(storage, migrate=bool(migrate))
-        self._local_one = limiter._local_one  # the in-process one-quota decision, or None
+        # The in-process one-quota decision, or None; not when a RateLimiter subclass
+        # overrides how decisions are made (it is called through its methods then).
+        cls = type(limiter)
+        plain = cls.decide_nowait is RateLimiter.decide_nowait and cls.decide is RateLimiter.decide
+        self._local_one = limiter._local_one if plain else None
         self._counts = [0] * 7
         # One rule of the single shape and no tier function: skip the general loop.
         only = self._compiled[0]

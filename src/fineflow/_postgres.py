@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -31,7 +32,7 @@ from ._postgres_batch import (
     run_rows,
     run_single,
 )
-from ._postgres_sql import GRANT_RUNTIME, LATEST_VERSION, MIGRATIONS, render
+from ._postgres_sql import COMPATIBLE_WITH, GRANT_RUNTIME, LATEST_VERSION, MIGRATIONS, render
 from ._quota import Quota
 from ._storage import Hit, KeyStatus, StatsRow, check_hits, storage_key
 
@@ -66,8 +67,9 @@ class PostgresStorage:
             measurably slower than on the same one each time, hence one by default.
         coalesce: batch decisions that arrive while others are in flight (default True).
         max_in_flight: statements in flight at once before arrivals are batched (default 2;
-            a batch that would go out alone is split between two statements, so the database
-            runs one while this process handles the other's results).
+            four or more waiting requests with nothing in flight are split between two
+            statements, so the database runs one while this process handles the other's
+            results).
         max_batch: the most requests in one batch (default 512).
         connect_timeout: seconds to wait for a new connection (default 5).
         statement_timeout: server-side cap in seconds on any statement (default 5).
@@ -227,26 +229,44 @@ class PostgresStorage:
                         "applied_at timestamptz NOT NULL DEFAULT now())"
                     ).format(ident)
                 )
-                cur = await conn.execute(
-                    sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_version").format(ident)
+                compat = await _scalar(
+                    conn, "SELECT coalesce(max(version), 0) FROM {}.schema_version", ident
                 )
-                row = await cur.fetchone()
-                current = int(row[0]) if row else 0
-                if current > LATEST_VERSION:
+                if compat > LATEST_VERSION:
                     raise SchemaVersionError(
-                        f"schema {self.schema!r} is at version {current}, newer than this "
+                        f"schema {self.schema!r} is at version {compat}, newer than this "
                         f"fineflow knows ({LATEST_VERSION}); upgrade fineflow"
                     )
-                for version in range(current + 1, LATEST_VERSION + 1):
+                await conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {}.schema_migrations (version int PRIMARY "
+                        "KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                    ).format(ident)
+                )
+                # A schema from before schema_migrations existed lists nothing there: it is
+                # at its compatibility level.
+                applied = await _scalar(
+                    conn, "SELECT coalesce(max(version), 0) FROM {}.schema_migrations", ident
+                )
+                for version in range(max(applied, compat) + 1, LATEST_VERSION + 1):
                     for statement in MIGRATIONS[version - 1]:
                         await conn.execute(render(statement, self.schema, unlogged=self.unlogged))
                     await conn.execute(
-                        sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(
+                        sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)").format(
                             ident
                         ),
                         (version,),
                     )
+                    if COMPATIBLE_WITH[version - 1] > compat:
+                        compat = COMPATIBLE_WITH[version - 1]
+                        await conn.execute(
+                            sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(
+                                ident
+                            ),
+                            (compat,),
+                        )
                     logger.info("migrated schema %r to version %d", self.schema, version)
+                self._keys = True  # hit_keys() exists now, whatever an earlier batch found
         except PoolTimeout as exc:
             raise StorageError(
                 f"migration of schema {self.schema!r} failed: {await self._why_unreachable(exc)}"
@@ -290,6 +310,11 @@ class PostgresStorage:
                             sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role))
                         )
                 await conn.execute(render(GRANT_RUNTIME, self.schema, role=role))
+        except psycopg.errors.UndefinedFunction as exc:
+            raise StorageError(
+                f"granting runtime access to {role!r} failed: schema {self.schema!r} is older "
+                f"than this fineflow; run migrate() (fineflow migrate) first ({exc})"
+            ) from exc
         except psycopg.Error as exc:
             raise StorageError(f"granting runtime access to {role!r} failed: {exc}") from exc
 
@@ -334,9 +359,19 @@ class PostgresStorage:
         while self._starting < waiting and self._in_flight < self.max_in_flight:
             self._starting += 1
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._run_owned())
+            started: list[bool] = []
+            task = asyncio.get_running_loop().create_task(self._run_owned(started))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(partial(self._finished, started))
+
+    def _finished(self, started: list[bool], task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not started:
+            # Cancelled before its first step (say, a shutdown cancelling every task):
+            # _run_owned never settled its counters, and would otherwise hold a slot forever.
+            self._starting -= 1
+            self._in_flight -= 1
+            self._dispatch()
 
     def _take(self) -> tuple[str, list[Request]]:
         """The next batch: pending requests of the first one's algorithm, in arrival order
@@ -363,7 +398,8 @@ class PostgresStorage:
         self._pending = rest
         return algorithm, batch
 
-    async def _run_owned(self) -> None:
+    async def _run_owned(self, started: list[bool]) -> None:
+        started.append(True)
         algorithm, batch = self._take()
         self._dispatch()  # what did not fit goes out at once in another statement
         try:
@@ -535,3 +571,9 @@ def _check_dsn(dsn: str) -> None:
             f"invalid PostgreSQL DSN: sslmode {sslmode!r} is not one of "
             f"{', '.join(sorted(_SSLMODES))}"
         )
+
+
+async def _scalar(conn: psycopg.AsyncConnection[Any], query: str, schema: sql.Identifier) -> int:
+    cur = await conn.execute(sql.SQL(query).format(schema))
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0

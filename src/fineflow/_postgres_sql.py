@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-__all__ = ["GRANT_RUNTIME", "LATEST_VERSION", "MIGRATIONS", "render"]
+__all__ = ["COMPATIBLE_WITH", "GRANT_RUNTIME", "LATEST_VERSION", "MIGRATIONS", "render"]
 
 # The database clock in integer nanoseconds since the epoch.
 _NOW = "(extract(epoch from clock_timestamp()) * 1000000000)::bigint"
@@ -585,6 +585,12 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 LATEST_VERSION = len(MIGRATIONS)
+# For each migration, the oldest code (by the schema version it knows) that can still use
+# the schema once it is applied. ``schema_version`` records this level, which is what every
+# fineflow compares with what it knows, so an additive migration (new functions only, like
+# v2) leaves older instances running: a rolling deploy or a rollback keeps working. Every
+# applied migration is listed in ``schema_migrations``.
+COMPATIBLE_WITH: list[int] = [1, 1]
 
 
 def render(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import anyio
 import pytest
 
 from asgi_helpers import FailingStorage
@@ -207,3 +208,42 @@ async def test_recovery_is_logged_with_the_number_of_fallback_decisions(
     assert "recovered after 3 requests" in messages[1]
     metrics = limiter.metrics()
     assert (metrics.decisions, metrics.allowed, metrics.failed_open) == (5, 2, 3)
+
+
+class Slow(FailingStorage):
+    """A store that answers after ``delay`` seconds (a slow database)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.memory = MemoryStorage()
+
+    async def decide(
+        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+    ) -> list[Decision]:
+        await anyio.sleep(self.delay)
+        return self.memory.decide_sync(algorithm, hits, now=now)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_the_time_budget_holds_on_asyncio_and_trio(anyio_backend: str) -> None:
+    limiter = RateLimiter(Slow(10.0), timeout=0.05, failure_threshold=10)
+    with anyio.fail_after(5):  # (a hang would fail here, not wait ten seconds)
+        decision = await limiter.hit("k", "5/minute")
+    assert decision.reason == STORAGE_UNAVAILABLE and decision.allowed
+    assert limiter.metrics().storage_timeouts == 1
+    fast = RateLimiter(Slow(0.0), timeout=0.05)
+    assert (await fast.hit("k", "5/minute")).remaining == 4
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_caller_cancelled_inside_the_budget_is_not_a_storage_timeout(
+    anyio_backend: str,
+) -> None:
+    limiter = RateLimiter(Slow(10.0), timeout=5.0, failure_threshold=10)
+    with anyio.move_on_after(0.05) as scope:
+        await limiter.hit("k", "5/minute")
+    assert scope.cancelled_caught
+    metrics = limiter.metrics()
+    assert (metrics.decisions, metrics.storage_timeouts, metrics.storage_errors) == (0, 0, 0)
+    assert metrics.storage_healthy

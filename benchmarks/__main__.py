@@ -32,8 +32,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full")
+    mode.add_argument(
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="the default: every suite in about two minutes",
+    )
+    mode.add_argument(
+        "--full",
+        dest="mode",
+        action="store_const",
+        const="full",
+        help="more and longer rounds than --quick: narrower ranges, several times longer",
+    )
     mode.add_argument(
         "--smoke",
         dest="mode",
@@ -43,7 +55,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.set_defaults(mode="quick")
     parser.add_argument("--only", nargs="+", choices=SUITES, metavar="SUITE", help=str(SUITES))
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        metavar="PATH",
+        help=f"where the results go (default {DEFAULT_JSON})",
+    )
     parser.add_argument("--plot", action="store_true", help="PNG charts (needs matplotlib)")
     parser.add_argument(
         "--http-client",

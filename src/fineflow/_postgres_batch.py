@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _TIER_MAX = 64
+_new_decision = tuple.__new__  # builds a Decision without NamedTuple's Python-level __new__
 
 
 @dataclass(slots=True)
@@ -198,15 +199,18 @@ async def run_keys(
             if k <= admitted:
                 new_tat = tat0 + k * step
                 request.result = [
-                    Decision(
-                        True,
-                        limit,
-                        (now + tau - new_tat) // interval,
-                        (new_tat - now) / NS,
-                        0.0,
-                        policy,
-                        period,
-                        None,
+                    _new_decision(
+                        Decision,
+                        (
+                            True,
+                            limit,
+                            (now + tau - new_tat) // interval,
+                            (new_tat - now) / NS,
+                            0.0,
+                            policy,
+                            period,
+                            None,
+                        ),
                     )
                 ]
                 continue

@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import httpx
+import psycopg_pool.base
 import pytest
 
 from asgi_helpers import echo_app
@@ -45,6 +46,14 @@ pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 QUOTA = Quota(5, 3600.0)  # nothing refills during a test
 RECOVERY = 1.0  # the limiter's recovery_time (seconds on the fake clock)
 RECOVERY_ATTEMPTS = 200  # bound on probes after the server is back (each waits <= 0.05 s)
+
+
+@pytest.fixture(autouse=True)
+def quick_pool_reconnects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg_pool re-makes connections lost in an outage with a backoff that starts at one
+    second and doubles; starting it at 0.2 s keeps these tests short after a restart. (If a
+    future psycopg_pool moves the constant, this does nothing and pool_idle still waits.)"""
+    monkeypatch.setattr(psycopg_pool.base.AttemptWithBackoff, "INITIAL_DELAY", 0.2, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +137,13 @@ async def settle(storage: PostgresStorage) -> None:
 async def pool_idle(storage: PostgresStorage) -> dict[str, int]:
     """The pool's stats once every connection is back in it (a leaked one never comes back).
 
-    Connections return to the pool in the background (after a reset), so this polls, with
-    a bound, for the outside world to catch up; it moves no time.
+    Connections return to the pool in the background (after a reset), and after an outage
+    the pool counts connections it is still re-making: its reconnection backoff doubles
+    from one second (1, 2, 4, 8, ... s after the first failure), so after a longer outage
+    on a loaded machine the last one may arrive a dozen seconds after the server is back.
+    This polls, with a bound well above that, and returns as soon as the pool is whole.
     """
-    for _ in range(500):
+    for _ in range(6_000):
         stats = storage.pool.get_stats()
         if stats.get("pool_available", 0) == stats.get("pool_size", 0):
             return stats

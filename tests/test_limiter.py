@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -232,7 +234,7 @@ async def test_the_time_budget_holds_on_asyncio_and_trio(anyio_backend: str) -> 
         decision = await limiter.hit("k", "5/minute")
     assert decision.reason == STORAGE_UNAVAILABLE and decision.allowed
     assert limiter.metrics().storage_timeouts == 1
-    fast = RateLimiter(Slow(0.0), timeout=0.05)
+    fast = RateLimiter(Slow(0.0), timeout=5.0)
     assert (await fast.hit("k", "5/minute")).remaining == 4
 
 
@@ -247,3 +249,29 @@ async def test_a_caller_cancelled_inside_the_budget_is_not_a_storage_timeout(
     metrics = limiter.metrics()
     assert (metrics.decisions, metrics.storage_timeouts, metrics.storage_errors) == (0, 0, 0)
     assert metrics.storage_healthy
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_answer_in_time_is_kept_when_a_busy_loop_also_passes_the_deadline(
+    anyio_backend: str,
+) -> None:
+    """The answer arrives at 10 ms, the budget ends at 20 ms, and a CPU-bound handler holds
+    the loop until 50 ms: both are due in one iteration. The answer (already charged) wins."""
+
+    class Late(Slow):
+        async def decide(
+            self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        ) -> list[Decision]:
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[list[Decision]] = loop.create_future()
+            decided = self.memory.decide_sync(algorithm, hits, now=now)
+            loop.call_later(0.01, answer.set_result, decided)
+            return await answer
+
+    limiter = RateLimiter(Late(0.0), timeout=0.02, failure_threshold=10)
+    task = asyncio.create_task(limiter.hit("k", "5/minute"))
+    await asyncio.sleep(0)  # the hit now waits for its answer
+    time.sleep(0.05)  # noqa: ASYNC251 - blocking on purpose: the busy handler
+    decision = await task
+    assert (decision.reason, decision.remaining) == (None, 4)
+    assert limiter.metrics().storage_timeouts == 0

@@ -527,3 +527,19 @@ async def test_a_limiter_subclass_is_called_through_its_methods() -> None:
     statuses = [(await call(mw, http_scope("/x"))).status for _ in range(2)]
     assert statuses == [200, 429]
     assert calls == [1, 1]
+
+
+async def test_a_limiter_subclass_overriding_decide_alone_is_called() -> None:
+    calls: list[int] = []
+
+    class Audited(RateLimiter):
+        async def decide(self, hits: Sequence[Hit], *, now: int | None = None) -> Decisions:
+            calls.append(len(hits))
+            return await super().decide(hits, now=now)
+
+    mw = RateLimitMiddleware(
+        echo_app, limiter=Audited(MemoryStorage()), rules=[Rule("/x", quota="1/minute")]
+    )
+    statuses = [(await call(mw, http_scope("/x"))).status for _ in range(2)]
+    assert statuses == [200, 429]
+    assert calls == [1, 1]

@@ -110,6 +110,26 @@ async def test_older_code_accepts_a_schema_with_additive_migrations_only(
     assert sorted(r[0].allowed for r in results) == [False, True, True]
 
 
+async def test_a_schema_from_before_schema_migrations_is_listed_and_levelled(
+    storage: PostgresStorage,
+) -> None:
+    """Code from before schema_migrations wrote every applied version to schema_version (a
+    build of v2 wrote 1 and 2): those become the list, and schema_version the level, so code
+    that knows only v1 accepts the schema again."""
+    schema = storage.schema
+    async with storage.pool.connection() as conn:
+        await conn.execute(f"DROP TABLE {schema}.schema_migrations")
+        await conn.execute(f"INSERT INTO {schema}.schema_version (version) VALUES (2)")
+    await storage.migrate()
+    async with storage.pool.connection() as conn:
+        cur = await conn.execute(f"SELECT version FROM {schema}.schema_version ORDER BY 1")
+        assert await cur.fetchall() == [(1,)]
+        cur = await conn.execute(f"SELECT version FROM {schema}.schema_migrations ORDER BY 1")
+        assert await cur.fetchall() == [(1,), (2,)]
+    hits = [Hit("listed", Quota(1, 60.0), 1, "e")]
+    assert (await storage.decide("gcra", hits))[0].allowed
+
+
 async def test_refuses_a_newer_schema(storage: PostgresStorage) -> None:
     async with storage.pool.connection() as conn:
         await conn.execute(f"INSERT INTO {storage.schema}.schema_version (version) VALUES (99)")

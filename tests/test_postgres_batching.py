@@ -153,11 +153,13 @@ async def test_a_v1_schema_decides_then_upgrades_to_v2(
             async with new.pool.connection() as conn:
                 cur = await conn.execute(
                     sql.SQL(
-                        "SELECT (SELECT max(version) FROM {s}.schema_version), "
-                        "(SELECT max(version) FROM {s}.schema_migrations)"
+                        "SELECT (SELECT array_agg(version ORDER BY version) "
+                        "        FROM {s}.schema_version), "
+                        "(SELECT array_agg(version ORDER BY version) FROM {s}.schema_migrations)"
                     ).format(s=sql.Identifier(pg_schema))
                 )
-                assert await cur.fetchone() == (1, 2)  # v2 applied; v1 code still compatible
+                # Both versions listed as applied; the level stays 1, so v1 code still runs.
+                assert await cur.fetchone() == ([1], [1, 2])
                 cur = await conn.execute(
                     "SELECT has_function_privilege(%s, %s, 'EXECUTE')",
                     (

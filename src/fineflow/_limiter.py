@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -278,13 +277,11 @@ class RateLimiter:
         try:
             if self.timeout is None:
                 decisions = await self.storage.decide(self.algorithm, hits, now=now)
-            elif _on_asyncio():
-                # asyncio's own timeout costs a third of anyio.fail_after (4 vs 12 us here),
-                # paid on every decision that goes to the database.
-                async with asyncio.timeout(self.timeout):
-                    decisions = await self.storage.decide(self.algorithm, hits, now=now)
             else:
-                with anyio.fail_after(self.timeout):  # trio, through anyio
+                # (Not asyncio.timeout, three times cheaper: when the answer and the deadline
+                # land in one loop iteration it cancels anyway and loses an answer that was
+                # already charged; anyio does not cancel a task whose wait is already done.)
+                with anyio.fail_after(self.timeout):
                     decisions = await self.storage.decide(self.algorithm, hits, now=now)
         except TimeoutError as exc:
             counts[4] += 1
@@ -359,14 +356,6 @@ class RateLimiter:
             c[5],
             self.breaker.state is CircuitState.CLOSED,
         )
-
-
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def _quota(value: Quota | str) -> Quota:

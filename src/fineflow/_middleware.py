@@ -193,6 +193,11 @@ class RateLimitMiddleware:
         cls = type(limiter)
         plain = cls.decide_nowait is RateLimiter.decide_nowait and cls.decide is RateLimiter.decide
         self._local_one = limiter._local_one if plain else None
+        # decide_nowait answers for in-process storages without calling decide: not when a
+        # subclass overrides decide alone.
+        self._nowait = cls.decide_nowait is not RateLimiter.decide_nowait or (
+            cls.decide is RateLimiter.decide
+        )
         self._counts = [0] * 7
         # One rule of the single shape and no tier function: skip the general loop.
         only = self._compiled[0]
@@ -383,7 +388,7 @@ class RateLimitMiddleware:
         if owned is not None and not owned.opened:
             await owned.ensure_open()
         limiter = self.limiter
-        decisions = limiter.decide_nowait(hits)
+        decisions = limiter.decide_nowait(hits) if self._nowait else None
         if decisions is None:
             decisions = await limiter.decide(hits)
         return decisions

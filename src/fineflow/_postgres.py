@@ -243,12 +243,27 @@ class PostgresStorage:
                         "KEY, applied_at timestamptz NOT NULL DEFAULT now())"
                     ).format(ident)
                 )
-                # A schema from before schema_migrations existed lists nothing there: it is
-                # at its compatibility level.
                 applied = await _scalar(
                     conn, "SELECT coalesce(max(version), 0) FROM {}.schema_migrations", ident
                 )
-                for version in range(max(applied, compat) + 1, LATEST_VERSION + 1):
+                if applied == 0 and compat > 0:
+                    # Written by code from before schema_migrations, whose schema_version
+                    # rows were the versions applied: list them, and bring schema_version
+                    # down to the compatibility level they amount to.
+                    applied = compat
+                    compat = max(COMPATIBLE_WITH[:applied])
+                    await conn.execute(
+                        sql.SQL(
+                            "INSERT INTO {}.schema_migrations (version) "
+                            "SELECT generate_series(1, %s)"
+                        ).format(ident),
+                        (applied,),
+                    )
+                    await conn.execute(
+                        sql.SQL("DELETE FROM {}.schema_version WHERE version > %s").format(ident),
+                        (compat,),
+                    )
+                for version in range(applied + 1, LATEST_VERSION + 1):
                     for statement in MIGRATIONS[version - 1]:
                         await conn.execute(render(statement, self.schema, unlogged=self.unlogged))
                     await conn.execute(

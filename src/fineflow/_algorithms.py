@@ -138,7 +138,7 @@ def gcra_step(
     """One GCRA decision (see the module docstring for the exact semantics)."""
     interval = quota.emission_interval_ns
     cap = quota.capacity
-    tau = cap * interval
+    tau = quota.tolerance_ns
     tat = now if state is None or state.t < now else state.t
     if cost > cap:
         remaining = (now + tau - tat) // interval

@@ -124,7 +124,7 @@ async def run_single(
     row = await cur.fetchone()
     assert row is not None
     ok, tat, now = row
-    tau = cap * interval
+    tau = quota.tolerance_ns
     if ok:
         request.result = [make_decision(True, quota, (now + tau - tat) // interval, tat - now, 0)]
         return
@@ -187,7 +187,7 @@ async def run_keys(
     rows = await cur.fetchall()
     interval = quota.emission_interval_ns
     step = cost * interval
-    tau = cap * interval
+    tau = quota.tolerance_ns
     limit, policy, period = quota.limit, quota.policy, quota.period
     too_high = cost > cap
     reason = COST_TOO_HIGH if too_high else None
@@ -279,7 +279,7 @@ async def run_rows(
         interval = quota.emission_interval_ns
         cost = min(hit.cost, quota.capacity + 1)
         step = cost * interval
-        tau = quota.capacity * interval
+        tau = quota.tolerance_ns
         tat0 = tat - admitted * step if admitted else max(tat, db_now)
         for k, request in enumerate(requests, start=1):
             if k <= admitted:

@@ -245,3 +245,51 @@ async def test_a_statement_task_cancelled_before_it_ran_does_not_jam_the_storage
     )
     assert sorted(d[0].remaining for d in later) == [4, 5, 6, 7, 8]
     assert (storage._in_flight, storage._starting) == (0, 0)
+
+
+async def test_a_request_past_its_timeout_while_waiting_for_a_connection_is_not_charged(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    async with PostgresStorage(pg_dsn, schema=pg_schema, max_size=1) as storage:
+        await storage.migrate()
+        hits = [Hit("wait", Quota(10, 60.0), 1, "e")]
+        async with storage.pool.connection():  # the pool's only connection is taken
+            short = asyncio.create_task(storage.decide("gcra", hits, timeout=0.05))
+            long = asyncio.create_task(storage.decide("gcra", hits, timeout=0.5))
+            done, _ = await asyncio.wait({short, long}, return_when=asyncio.FIRST_COMPLETED)
+            assert done == {short}  # each request keeps its own budget
+            with pytest.raises(TimeoutError):
+                short.result()
+            with pytest.raises(TimeoutError):
+                await long
+        # Neither was charged: both timed out before their statement could go out.
+        (after,) = await storage.decide("gcra", hits, timeout=5.0)
+        assert after.remaining == 9
+
+
+async def test_answers_within_the_timeout_leave_no_timer_behind(storage: PostgresStorage) -> None:
+    limiter = RateLimiter(storage, timeout=0.2)
+    quota = Quota(1000, 86400.0)
+    results = await asyncio.gather(*(limiter.hit(f"t{i % 20}", quota) for i in range(200)))
+    assert all(d.allowed and d.reason is None for d in results)
+    assert limiter.metrics().storage_timeouts == 0
+    await asyncio.sleep(0.3)  # past every deadline: the queue's timer drained it and stopped
+    assert (storage._timers, [len(q) for q in storage._deadlines.values()]) == ({}, [0])
+    # A peek (charges nothing) takes the same budget.
+    (peek,) = await storage.decide("gcra", [Hit("t0", quota, 0)], timeout=0.2)
+    assert peek.remaining == 990
+
+
+async def test_a_subclass_overriding_decide_gets_the_limiter_budget_as_a_cancel_scope(
+    storage: PostgresStorage,
+) -> None:
+    class Delayed(PostgresStorage):
+        async def decide(self, algorithm, hits, *, now=None):  # type: ignore[no-untyped-def,override]
+            await asyncio.sleep(10)
+            return await super().decide(algorithm, hits, now=now)
+
+    async with Delayed(storage.dsn, schema=storage.schema) as slow:
+        limiter = RateLimiter(slow, timeout=0.05)
+        decision = await asyncio.wait_for(limiter.hit("sub", Quota(5, 60.0)), 5)
+        assert decision.reason == "storage unavailable"
+        assert limiter.metrics().storage_timeouts == 1

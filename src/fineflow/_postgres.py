@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -140,6 +141,9 @@ class PostgresStorage:
         self._pending: list[Request] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting = 0  # tasks started that have not taken their batch yet
+        # Callers' deadlines, per timeout: (loop time, future) in order, and each queue's timer.
+        self._deadlines: dict[float, deque[tuple[float, asyncio.Future[None]]]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}
         self.batches = 0
         # Tests turn these off to hold each statement to the model.
         self._fast_path = True  # a lone single-quota GCRA request: hit()
@@ -193,6 +197,10 @@ class PostgresStorage:
         """Finish statements in flight, close the pool if this storage owns it; the
         storage refuses use afterwards."""
         self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._deadlines.clear()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.statement_timeout)
             for task in self._tasks:
@@ -336,20 +344,31 @@ class PostgresStorage:
     # -- decisions -------------------------------------------------------------------------
 
     async def decide(
-        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        self,
+        algorithm: str,
+        hits: Sequence[Hit],
+        *,
+        now: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - cheaper than a cancel scope, see below
     ) -> list[Decision]:
         """Decide ``hits`` for one request, all or nothing, in one statement (see
-        :class:`fineflow.Storage`)."""
+        :class:`fineflow.Storage`).
+
+        ``timeout``: seconds to wait for the answer, then raise ``TimeoutError``. A request
+        still waiting for its statement is dropped uncharged; one already on the server is
+        charged, like a caller cancelled at that point. (What :class:`RateLimiter` uses
+        for its time budget: cheaper than a cancel scope around the call.)
+        """
         if algorithm not in ALGORITHMS:
             validate_algorithm(algorithm)
         check_hits(hits)
         if len(hits) == 1:
             if hits[0].cost == 0:
-                return await self._peek_hits(algorithm, hits, now)
+                return await self._peek_within(algorithm, hits, now, timeout)
         elif not hits:
             return []
         elif all(h.cost == 0 for h in hits):
-            return await self._peek_hits(algorithm, hits, now)
+            return await self._peek_within(algorithm, hits, now, timeout)
         if self._closed or not self._opened:
             raise StorageClosedError(
                 "PostgresStorage is not open: use `async with storage:` or `await storage.open()`"
@@ -358,10 +377,39 @@ class PostgresStorage:
         request = Request(hits, now, algorithm, future)
         self._pending.append(request)
         self._dispatch()
-        # A caller's time budget cancels only this wait: the statement runs on in a task the
+        # A caller's time budget ends only this wait: the statement runs on in a task the
         # storage owns, so a timeout never breaks a connection mid-query.
+        if timeout is not None:
+            # Whichever comes first settles the future: the answer or the deadline. (An
+            # answer that came first is never lost to a deadline due in the same loop
+            # iteration, as it would be with asyncio.timeout.)
+            self._deadline(future, timeout)
         await future
         return request.result
+
+    def _deadline(self, future: asyncio.Future[None], timeout: float) -> None:
+        """Fail ``future`` with ``TimeoutError`` if it is still waiting ``timeout`` seconds
+        from now. Deadlines of one timeout come in order, so each timeout has a queue and
+        one timer armed for its oldest entry: an append per request, not a timer each."""
+        loop = future.get_loop()
+        queue = self._deadlines.get(timeout)
+        if queue is None:
+            queue = self._deadlines[timeout] = deque()
+        queue.append((loop.time() + timeout, future))
+        if timeout not in self._timers:
+            self._timers[timeout] = loop.call_at(queue[0][0], self._expire, loop, timeout)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        queue = self._deadlines[timeout]
+        now = loop.time() + 0.001  # (timers may fire a little early)
+        while queue and (queue[0][0] <= now or queue[0][1].done()):
+            future = queue.popleft()[1]
+            if not future.done():
+                future.set_exception(_out_of_budget())
+        if queue:
+            self._timers[timeout] = loop.call_at(queue[0][0], self._expire, loop, timeout)
+        else:
+            del self._timers[timeout]
 
     def _dispatch(self) -> None:
         """Start statement tasks while fewer than ``max_in_flight`` are running.
@@ -479,6 +527,18 @@ class PostgresStorage:
         self.batches += 1
         self.batched_requests += len(batch)
 
+    async def _peek_within(
+        self,
+        algorithm: str,
+        hits: Sequence[Hit],
+        now: int | None,
+        timeout: float | None,  # noqa: ASYNC109 - decide()'s own
+    ) -> list[Decision]:
+        if timeout is None:
+            return await self._peek_hits(algorithm, hits, now)
+        async with asyncio.timeout(timeout):  # (a peek charges nothing: no answer to lose)
+            return await self._peek_hits(algorithm, hits, now)
+
     async def _peek_hits(
         self, algorithm: str, hits: Sequence[Hit], now: int | None
     ) -> list[Decision]:
@@ -499,6 +559,8 @@ class PostgresStorage:
             state = None if alg != algorithm or t is None else BucketState(t, count, prev)
             out.append(step(state, db_now if now is None else now, hit.quota, 0)[0])
         return out
+
+    _bounded_decide = decide  # decide() enforces ``timeout`` itself (see RateLimiter)
 
     # -- administration --------------------------------------------------------------------
 
@@ -562,6 +624,10 @@ class PostgresStorage:
         except psycopg.Error as exc:
             raise StorageError(f"stats query failed: {exc}") from exc
         return [StatsRow(e, t, int(k), int(a), int(d)) for e, t, k, a, d in rows]
+
+
+def _out_of_budget() -> TimeoutError:
+    return TimeoutError("the rate-limit decision ran out of its time budget")
 
 
 _SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}

@@ -16,7 +16,7 @@ from psycopg import sql
 import fineflow._postgres
 from fineflow import BucketState, Decision, Hit, PostgresStorage, Quota
 from fineflow._algorithms import NS, step_all
-from fineflow._postgres_batch import Request
+from fineflow._postgres_batch import Request, text_array
 
 pytestmark = pytest.mark.anyio
 
@@ -111,6 +111,34 @@ async def test_batches_sharing_one_quota_match_the_model_in_arrival_order(
     )
     assert [g[0] for g in got] == expected
     assert storage._keys and storage.batches > batches
+
+
+ODD_KEYS = ["", " ", " x ", "NULL", '"', "\\", '\\"', "{a,b}", ",", "é€😀", "\t\n", "$1", "k"]
+
+
+async def test_keys_with_array_literal_syntax_reach_their_own_rows(
+    storage: PostgresStorage,
+) -> None:
+    """hit_keys() takes its keys as one array literal: quotes, backslashes, braces, commas,
+    blanks and the word NULL are keys like any other, each on its own row."""
+    storage.max_in_flight = 1
+    quota = Quota(2, 3600.0)
+    hits = [[Hit(k, quota, 1, "odd")] for k in ODD_KEYS]
+    batches = storage.batches
+    for allowed, left in ((True, 1), (True, 0), (False, 0)):
+        out = await asyncio.gather(*(storage.decide("gcra", h) for h in hits))
+        assert [(d[0].allowed, d[0].remaining) for d in out] == [(allowed, left)] * len(ODD_KEYS)
+    assert storage._keys and storage.batches > batches
+    for key in ODD_KEYS:
+        (status,) = await storage.status(key)
+        assert (status.key, status.endpoint, status.decision.remaining) == (key, "odd", 0)
+
+
+def test_text_array_round_trips_through_postgresql(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for items in ([], ["a"], ODD_KEYS, [str(i) for i in range(300)]):
+            row = conn.execute("SELECT %s::text[]", (text_array(items),)).fetchone()
+            assert row is not None and row[0] == items
 
 
 async def test_a_v1_schema_decides_then_upgrades_to_v2(

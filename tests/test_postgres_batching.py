@@ -45,6 +45,34 @@ async def test_callers_woken_together_go_out_as_one_statement(storage: PostgresS
     assert (storage.batches, storage.batched_requests) == (waves, waves * callers)
 
 
+@pytest.mark.parametrize("handoff_max", [64, 2])
+async def test_a_statement_task_keeps_its_connection_for_the_next_batch(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch, handoff_max: int
+) -> None:
+    """Callers answered by a batch re-arrive and go out as the next batch on the same
+    connection, with no pool round trip in between; after ``_HANDOFF_MAX`` batches in a
+    row the connection goes back to the pool, and it always does once the load stops."""
+    monkeypatch.setattr(fineflow._postgres, "_HANDOFF_MAX", handoff_max)
+    storage.max_in_flight = 1
+    waves, callers = 5, 16
+    before = storage.pool.get_stats().get("requests_num", 0)
+
+    async def caller(i: int) -> None:
+        for _ in range(waves):
+            (decision,) = await storage.decide("gcra", [Hit(f"h{i}", QUOTA, 1, "handoff")])
+            assert decision.allowed
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    assert (storage.batches, storage.batched_requests) == (waves, waves * callers)
+    requests = storage.pool.get_stats().get("requests_num", 0) - before
+    assert requests == -(-waves // handoff_max)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert (storage._in_flight, storage._starting, storage._tasks) == (0, 0, set())
+    stats = storage.pool.get_stats()
+    assert stats["pool_available"] == stats["pool_size"]
+
+
 async def test_a_lone_statement_shares_its_batch_with_a_second(storage: PostgresStorage) -> None:
     """With nothing else in flight, a batch goes out as two statements of half each, so the
     client handles one's results while the database runs the other."""

@@ -9,11 +9,12 @@ bottleneck; a lone request goes out at once and never waits for a timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -45,6 +46,9 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # Pending requests from which a lone statement splits its batch in two (below, the second
 # statement's fixed cost outweighs the overlap it buys).
 _SPLIT_MIN = 4
+# Batches a statement task runs in a row on the connection it holds before it gives the
+# connection back to the pool.
+_HANDOFF_MAX = 64
 
 
 class PostgresStorage:
@@ -467,7 +471,25 @@ class PostgresStorage:
         self._dispatch()  # what did not fit goes out at once in another statement
         try:
             if batch:
-                await self._run(algorithm, batch)
+                async with self._connection() as conn:
+                    for run in range(1, _HANDOFF_MAX + 1):
+                        await self._settle(conn, algorithm, batch)
+                        batch = []
+                        if run == _HANDOFF_MAX or not self._hand_over():
+                            break
+                        # This task takes the next batch, on the connection it holds: the
+                        # callers just answered re-arrive first (they were woken before
+                        # this task resumes), as they would for a new task.
+                        self._starting += 1
+                        try:
+                            await asyncio.sleep(0)
+                        except BaseException:
+                            self._starting -= 1
+                            raise
+                        algorithm, batch = self._take()
+                        self._dispatch()
+                        if not batch:
+                            break
         except BaseException as exc:
             error = exc if isinstance(exc, StorageError) else StorageError(f"{exc!r}")
             for request in batch:
@@ -475,25 +497,40 @@ class PostgresStorage:
                     request.future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
-        else:
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_result(None)
         finally:
             self._in_flight -= 1
             self._dispatch()
 
-    async def _run(self, algorithm: str, batch: list[Request]) -> None:
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         try:
             async with self.pool.connection() as conn:
-                # Requests whose callers gave up while we waited for a connection are
-                # dropped, so an answer already given (on_storage_error) is never charged.
-                live = [r for r in batch if not r.future.done()]
-                if not live:
-                    return
-                await self._run_live(conn, algorithm, live)
+                yield conn
         except psycopg.Error as exc:
             raise StorageError(f"rate-limit decision failed: {exc}") from exc
+
+    def _hand_over(self) -> bool:
+        """Whether a task that just answered its batch keeps its connection for the next
+        one (no pool round trip, no new task): while coalescing, when no other task is
+        about to take a batch. After ``_HANDOFF_MAX`` batches it returns the connection
+        anyway, so the pool's checks and lifetimes still apply."""
+        return self.coalesce and not self._closed and self._starting == 0
+
+    async def _settle(
+        self, conn: psycopg.AsyncConnection[Any], algorithm: str, batch: list[Request]
+    ) -> None:
+        """Decide ``batch`` on ``conn`` and wake its callers."""
+        # Requests whose callers gave up while we waited for a connection are dropped,
+        # so an answer already given (on_storage_error) is never charged.
+        live = [r for r in batch if not r.future.done()]
+        if live:
+            try:
+                await self._run_live(conn, algorithm, live)
+            except psycopg.Error as exc:
+                raise StorageError(f"rate-limit decision failed: {exc}") from exc
+        for request in batch:
+            if not request.future.done():
+                request.future.set_result(None)
 
     async def _run_live(
         self, conn: psycopg.AsyncConnection[Any], algorithm: str, live: list[Request]

@@ -485,18 +485,35 @@ def test_hostile_requests_never_crash(
     anyio.run(run)
 
 
-async def test_an_app_reusing_its_start_message_never_accumulates_headers() -> None:
-    start: Message = {"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1")]}
+@pytest.mark.parametrize(
+    ("rules", "style", "names"),
+    [
+        (1, "ietf", [b"ratelimit-policy", b"ratelimit"]),  # the single-rule shortcut
+        (2, "ietf", [b"ratelimit-policy", b"ratelimit"]),  # the general path
+        (1, "legacy", [b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset"]),
+    ],
+)
+@pytest.mark.parametrize("app_headers", [[(b"x-a", b"1")], None])
+async def test_an_app_reusing_its_start_message_never_accumulates_headers(
+    rules: int, style: str, names: list[bytes], app_headers: list[tuple[bytes, bytes]] | None
+) -> None:
+    start: Message = {"type": "http.response.start", "status": 200}
+    if app_headers is not None:
+        start["headers"] = app_headers
+    before = {**start, "headers": list(app_headers or [])}
 
     async def reusing(scope: Scope, receive: Receive, send: Send) -> None:
         await send(start)
         await send({"type": "http.response.body", "body": b"ok"})
 
-    mw = limited([Rule("/{path:path}", quota="5/minute")], app=reusing)
+    all_rules = [Rule("/{path:path}", quota="5/minute"), Rule("/", quota="9/minute", name="b")]
+    mw = limited(all_rules[:rules], app=reusing, headers=style)
+    own = [n for n, _ in app_headers or []]
     for _ in range(3):
         response = await call(mw, http_scope("/"))
-        assert [n for n, _ in response.headers] == [b"x-a", b"ratelimit-policy", b"ratelimit"]
-    assert start["headers"] == [(b"x-a", b"1")]
+        assert [n for n, _ in response.headers] == own + names
+    assert {**start, "headers": list(start.get("headers", []))} == before
+    assert ("headers" in start) == (app_headers is not None)
 
 
 @pytest.mark.parametrize("client", [("203.0.113.9", 1), ["203.0.113.9", 1], ("", 1), None])

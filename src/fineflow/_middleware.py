@@ -304,12 +304,13 @@ class RateLimitMiddleware:
                 counts[_ALLOWED] += 1
                 policy_header, rate_template = c.ietf  # type: ignore[misc]
                 # Decisions never carry a negative reset_after, so ceil alone is enough.
-                ietf = (policy_header, (RATELIMIT, rate_template % (d[2], ceil(d[3]))))
+                rate = (RATELIMIT, rate_template % (d[2], ceil(d[3])))
 
                 def send_with_ietf(message: Message) -> Awaitable[None]:
                     # As send_with_headers below.
                     if message["type"] == "http.response.start":
-                        message = {**message, "headers": [*message.get("headers", ()), *ietf]}
+                        message = {**message}
+                        message["headers"] = [*message.get("headers", ()), policy_header, rate]
                     return send(message)
 
                 await self.app(scope, receive, send_with_ietf)
@@ -349,8 +350,10 @@ class RateLimitMiddleware:
                 # Returns send's awaitable rather than awaiting it: one coroutine less per
                 # message (the app awaits it all the same).
                 if message["type"] == "http.response.start":
-                    # A copy: the app may reuse its message dicts.
-                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                    # A copy: the app may reuse its message dicts. (Copied, then assigned:
+                    # ``{**message, "headers": ...}`` builds a second dict on the way.)
+                    message = {**message}
+                    message["headers"] = [*message.get("headers", ()), *extra]
                 return send(message)
 
             await self.app(scope, receive, send_with_headers)

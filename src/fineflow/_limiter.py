@@ -263,12 +263,7 @@ class RateLimiter:
         except StorageError as exc:
             counts[3] += 1
             return self._fallback(hits, exc)
-        allowed = 1
-        for decision in decisions:
-            if not decision[0]:
-                allowed = 2
-        counts[allowed] += 1
-        return _new_decisions(Decisions, decisions)
+        return _counted(counts, decisions)
 
     async def decide(self, hits: Sequence[Hit], *, now: int | None = None) -> Decisions:
         """Decide the hits of one request all or nothing, within the time budget.
@@ -308,12 +303,7 @@ class RateLimiter:
         permit.success()
         if self._failing_since is not None:
             self._recovered()
-        result = Decisions(decisions)
-        if result.allowed:
-            counts[1] += 1
-        else:
-            counts[2] += 1
-        return result
+        return _counted(counts, decisions)
 
     def _fallback(self, hits: Sequence[Hit], exc: BaseException | None) -> Decisions:
         allow = self.on_storage_error == "allow"
@@ -367,6 +357,16 @@ class RateLimiter:
             c[5],
             self.breaker.state is CircuitState.CLOSED,
         )
+
+
+def _counted(counts: list[int], decisions: Sequence[Decision]) -> Decisions:
+    """``decisions`` as :class:`Decisions`, counted as allowed (all admit) or denied."""
+    allowed = 1
+    for decision in decisions:
+        if not decision[0]:
+            allowed = 2
+    counts[allowed] += 1
+    return _new_decisions(Decisions, decisions)
 
 
 def _quota(value: Quota | str) -> Quota:

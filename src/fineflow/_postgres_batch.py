@@ -210,6 +210,24 @@ async def run_keys(
     reason = COST_TOO_HIGH if too_high else None
     for key, tat, admitted, now in rows:
         requests = groups[key]
+        if admitted == 1 and len(requests) == 1:
+            # The usual case (one request on the key, admitted): tat is its new TAT.
+            requests[0].result = [
+                _new_decision(
+                    Decision,
+                    (
+                        True,
+                        limit,
+                        (now + tau - tat) // interval,
+                        (tat - now) / NS,
+                        0.0,
+                        policy,
+                        period,
+                        None,
+                    ),
+                )
+            ]
+            continue
         # tat is the row's TAT after this batch; tat0 the one it started from.
         tat0 = tat - admitted * step if admitted else max(tat, now)
         for k, request in enumerate(requests, start=1):

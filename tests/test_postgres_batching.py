@@ -16,7 +16,8 @@ from psycopg import sql
 import fineflow._postgres
 from fineflow import BucketState, Decision, Hit, PostgresStorage, Quota
 from fineflow._algorithms import NS, step_all
-from fineflow._postgres_batch import Request, text_array
+from fineflow._postgres_batch import Request, Statements, text_array
+from fineflow._postgres_sql import LATEST_VERSION
 
 pytestmark = pytest.mark.anyio
 
@@ -169,6 +170,46 @@ def test_text_array_round_trips_through_postgresql(pg_dsn: str) -> None:
             assert row is not None and row[0] == items
 
 
+async def test_a_statement_that_reaches_a_row_late_decides_it_no_earlier_than_its_last_decision(
+    storage: PostgresStorage, pg_dsn: str
+) -> None:
+    """Statement B reads the clock, then waits for a row held by transaction L; L decides
+    another row at its later clock and commits; B then decides that row. At B's own
+    (earlier) clock the request that fits would be denied with a retry-after of a few
+    milliseconds; hit_keys() decides the row at the later of the two times."""
+    quota = Quota(2, 3600.0)  # the second request of the hour fits
+    statements = Statements.compose(storage.schema)
+
+    def params(keys: list[str]) -> tuple[Any, ...]:
+        period, cap = quota.period_ns, quota.capacity
+        return (None, text_array(keys), None, "late", quota.policy, "", 2, period, cap, 1)
+
+    await storage.decide("gcra", [Hit("a", quota, 1, "late")])  # row "a" exists
+    async with (
+        await psycopg.AsyncConnection.connect(pg_dsn) as holder,
+        await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as late,
+    ):
+        await holder.execute(
+            sql.SQL("SELECT 1 FROM {}.buckets WHERE key = 'a' FOR UPDATE").format(
+                sql.Identifier(storage.schema)
+            )
+        )
+
+        async def run_late() -> list[tuple[Any, ...]]:
+            cur = await late.execute(statements.hit_keys, params(["a", "k"]))
+            return await cur.fetchall()
+
+        task = asyncio.create_task(run_late())  # reads its clock, then waits for "a"
+        await asyncio.sleep(0.2)
+        cur = await holder.execute(statements.hit_keys, params(["k"]))
+        ((_, _, first, _),) = await cur.fetchall()
+        await holder.commit()
+        rows = {row[0]: row for row in await task}
+    assert first == 1
+    assert rows["k"][2] == 1  # admitted: the second of two
+    assert rows["k"][3] >= rows["a"][3]
+
+
 async def test_a_v1_schema_decides_then_upgrades_to_v2(
     pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,8 +255,8 @@ async def test_a_v1_schema_decides_then_upgrades_to_v2(
                         "(SELECT array_agg(version ORDER BY version) FROM {s}.schema_migrations)"
                     ).format(s=sql.Identifier(pg_schema))
                 )
-                # Both versions listed as applied; the level stays 1, so v1 code still runs.
-                assert await cur.fetchone() == ([1], [1, 2])
+                # Every version listed as applied; the level stays 1, so v1 code still runs.
+                assert await cur.fetchone() == ([1], list(range(1, LATEST_VERSION + 1)))
                 cur = await conn.execute(
                     "SELECT has_function_privilege(%s, %s, 'EXECUTE')",
                     (

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import secrets
 from collections.abc import AsyncIterator
 
+import psycopg
 import pytest
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 import fineflow._postgres
 from fineflow import (
@@ -275,7 +279,7 @@ async def test_answers_within_the_timeout_leave_no_timer_behind(storage: Postgre
     assert all(d.allowed and d.reason is None for d in results)
     assert limiter.metrics().storage_timeouts == 0
     await asyncio.sleep(0.3)  # past every deadline: the queue's timer drained it and stopped
-    assert (storage._timers, [len(q) for q in storage._deadlines.values()]) == ({}, [0])
+    assert (storage._timers, storage._deadlines) == ({}, {})
     # A peek (charges nothing) takes the same budget.
     (peek,) = await storage.decide("gcra", [Hit("t0", quota, 0)], timeout=0.2)
     assert peek.remaining == 990
@@ -294,3 +298,134 @@ async def test_a_subclass_overriding_decide_gets_the_limiter_budget_as_a_cancel_
         decision = await asyncio.wait_for(limiter.hit("sub", Quota(5, 60.0)), 5)
         assert decision.reason == "storage unavailable"
         assert limiter.metrics().storage_timeouts == 1
+
+
+async def _lock_row(conn: psycopg.AsyncConnection[object], schema: str, key: str, ep: str) -> None:
+    await conn.execute(
+        sql.SQL("SELECT 1 FROM {}.buckets WHERE key = %s AND endpoint = %s FOR UPDATE").format(
+            sql.Identifier(schema)
+        ),
+        (key, ep),
+    )
+
+
+async def test_close_keeps_the_time_budget_of_callers_already_waiting(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    quota = Quota(100, 60.0)
+    storage = PostgresStorage(pg_dsn, schema=pg_schema, statement_timeout=30.0)
+    await storage.open()
+    await storage.migrate()
+    limiter = RateLimiter(storage, timeout=0.2)
+    await limiter.hit("k", quota)
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as holder:
+        await _lock_row(holder, pg_schema, "k", "")  # the next decision on "k" blocks
+        call = asyncio.create_task(limiter.hit("k", quota))
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(storage.close())
+        # Within its budget, not when close() gives up on the statement (30 s).
+        decision = await asyncio.wait_for(call, 10)
+        await holder.rollback()
+        await closing
+    assert decision.reason == "storage unavailable"
+    assert limiter.metrics().storage_timeouts == 1
+
+
+async def test_deadline_queues_hold_neither_answered_requests_nor_spent_timeouts(
+    storage: PostgresStorage,
+) -> None:
+    quota = Quota(10**6, 60.0)
+    for i in range(200):  # a caller passing its remaining budget: a new timeout each time
+        await storage.decide("gcra", [Hit(f"k{i % 10}", quota)], timeout=0.3 - i / 10_000)
+    await asyncio.sleep(0.35)
+    assert (storage._deadlines, storage._timers) == ({}, {})
+    limiter = RateLimiter(storage, timeout=math.inf)  # accepted: never due, never queued
+    for i in range(100):
+        assert (await limiter.hit(f"k{i % 10}", quota)).allowed
+    held = sum(len(queue) for queue in storage._deadlines.values())
+    assert held == 0
+    budget = RateLimiter(storage, timeout=60.0)
+    for i in range(100):
+        assert (await budget.hit(f"k{i % 10}", quota)).allowed
+    held = sum(len(queue) for queue in storage._deadlines.values())
+    assert held <= 1  # answered requests leave the queue as the next one arrives
+
+
+async def test_a_decide_wrapped_on_the_instance_is_called_without_the_timeout(
+    storage: PostgresStorage,
+) -> None:
+    inner = storage.decide
+    calls: list[int] = []
+
+    async def spy(algorithm, hits, *, now=None):  # type: ignore[no-untyped-def]
+        calls.append(len(hits))
+        return await inner(algorithm, hits, now=now)
+
+    storage.decide = spy  # type: ignore[method-assign,assignment]
+    decision = await RateLimiter(storage).hit("k", Quota(10, 60.0))
+    assert decision.allowed and decision.reason is None
+    assert calls == [1]
+
+
+async def test_bad_timeouts_are_refused(storage: PostgresStorage) -> None:
+    for bad in (0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="timeout"):
+            await storage.decide("gcra", [Hit("k", Quota(10, 60.0))], timeout=bad)
+
+
+async def test_the_connection_hand_off_does_not_starve_a_batch_waiting_for_a_connection(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """With a pool smaller than max_in_flight, a task running batch after batch on its
+    connection must give it back when another batch already waits for one."""
+    quota = Quota(10**6, 60.0)
+    async with (
+        AsyncConnectionPool(
+            pg_dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
+        ) as pool,
+        PostgresStorage(pool=pool, schema=pg_schema, max_in_flight=2) as storage,
+    ):
+        await storage.migrate()
+        waits: list[int] = []
+
+        async def caller(i: int) -> None:
+            for _ in range(40):
+                before = storage.batches
+                await storage.decide("gcra", [Hit(f"u{i}", quota, 1, "e")])
+                waits.append(storage.batches - before)
+
+        await asyncio.gather(*(caller(i) for i in range(16)))
+        assert max(waits) <= 4, f"a request waited {max(waits)} batches"
+
+
+@pytest.mark.parametrize("path", ["hit", "hit_many", "decide"])
+async def test_every_decision_function_decides_a_row_no_earlier_than_its_last_decision(
+    storage: PostgresStorage, path: str
+) -> None:
+    """Statement S reads the database clock, then waits for row "k" held by transaction L;
+    L decides "k" at its later clock and commits; S then decides "k". The second request of
+    2/hour fits at any instant S holds the row (hit_keys() is covered in
+    test_postgres_batching)."""
+    quota = Quota(2, 3600.0)
+    schema = storage.schema
+    hit_sql = sql.SQL("SELECT * FROM {}.hit(%s, %s, %s, '', 2, %s, 2, %s, %s, NULL)").format(
+        sql.Identifier(schema)
+    )
+    storage.max_in_flight = 1
+    args = ("k", "e", quota.policy, quota.period_ns)
+    async with await psycopg.AsyncConnection.connect(storage.dsn or "", autocommit=True) as c:
+        await c.execute(hit_sql, (*args, 0, quota.emission_interval_ns))  # the row, uncharged
+    async with await psycopg.AsyncConnection.connect(storage.dsn or "") as holder:
+        await _lock_row(holder, schema, "k", "e")
+        requests = [[Hit("k", quota, 1, "e")]]
+        if path == "hit_many":  # two endpoints in one batch: hit_many()
+            requests.append([Hit("z", quota, 1, "other")])
+        elif path == "decide":  # two quotas on one request: decide()
+            requests[0].append(Hit("k", Quota(9, 60.0), 1, "o"))
+        task = asyncio.gather(*(storage.decide("gcra", hits) for hits in requests))
+        await asyncio.sleep(0.3)  # S has read its clock and waits for the row
+        await holder.execute(hit_sql, (*args, 1, quota.emission_interval_ns))
+        await holder.commit()
+        results = await asyncio.wait_for(task, 10)
+    decision = results[0][0]
+    assert decision.allowed, f"denied, retry_after={decision.retry_after}"

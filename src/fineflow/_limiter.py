@@ -162,9 +162,12 @@ class RateLimiter:
         # budget passed in, which costs far less than a cancel scope around the call; a
         # subclass overriding decide() gets the cancel scope.
         cls = type(storage)
-        self._bounded = self.timeout is not None and getattr(
-            cls, "_bounded_decide", None
-        ) is getattr(cls, "decide", None)
+        self._bounded = (
+            self.timeout is not None
+            and getattr(cls, "_bounded_decide", None) is getattr(cls, "decide", None)
+            # (nor an instance attribute wrapping it: a spy or instrumentation)
+            and "decide" not in getattr(storage, "__dict__", ())
+        )
         if self._local_one is not None and type(self).hit is RateLimiter.hit:
             # In-process storage: ``hit`` becomes a closure over the local decision, a call
             # layer and the attribute loads fewer (same semantics as the method).

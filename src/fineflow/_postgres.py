@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 from collections import deque
@@ -145,6 +146,7 @@ class PostgresStorage:
         self._pending: list[Request] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting = 0  # tasks started that have not taken their batch yet
+        self._connecting = 0  # tasks holding a batch while they wait for a pool connection
         # Callers' deadlines, per timeout: (loop time, future) in order, and each queue's timer.
         self._deadlines: dict[float, deque[tuple[float, asyncio.Future[None]]]] = {}
         self._timers: dict[float, asyncio.TimerHandle] = {}
@@ -201,10 +203,8 @@ class PostgresStorage:
         """Finish statements in flight, close the pool if this storage owns it; the
         storage refuses use afterwards."""
         self._closed = True
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        self._deadlines.clear()
+        # (The deadline timers stay armed: callers waiting for statements that close()
+        # lets finish still get their TimeoutError within their own budget.)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.statement_timeout)
             for task in self._tasks:
@@ -366,6 +366,8 @@ class PostgresStorage:
         if algorithm not in ALGORITHMS:
             validate_algorithm(algorithm)
         check_hits(hits)
+        if timeout is not None and not timeout > 0:  # (NaN too: it would upset the timers)
+            raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
         if len(hits) == 1:
             if hits[0].cost == 0:
                 return await self._peek_within(algorithm, hits, now, timeout)
@@ -395,10 +397,17 @@ class PostgresStorage:
         """Fail ``future`` with ``TimeoutError`` if it is still waiting ``timeout`` seconds
         from now. Deadlines of one timeout come in order, so each timeout has a queue and
         one timer armed for its oldest entry: an append per request, not a timer each."""
+        if timeout == math.inf:
+            return  # never due: a queue entry would only be held forever
         loop = future.get_loop()
         queue = self._deadlines.get(timeout)
         if queue is None:
             queue = self._deadlines[timeout] = deque()
+        else:
+            # Answered entries at the head go now, not at the head's deadline: the queue
+            # holds the requests since the oldest one still waiting, not `timeout` seconds'.
+            while queue and queue[0][1].done():
+                queue.popleft()
         queue.append((loop.time() + timeout, future))
         if timeout not in self._timers:
             self._timers[timeout] = loop.call_at(queue[0][0], self._expire, loop, timeout)
@@ -413,7 +422,9 @@ class PostgresStorage:
         if queue:
             self._timers[timeout] = loop.call_at(queue[0][0], self._expire, loop, timeout)
         else:
+            # Both go: a caller passing its remaining budget uses a new timeout every time.
             del self._timers[timeout]
+            del self._deadlines[timeout]
 
     def _dispatch(self) -> None:
         """Start statement tasks while fewer than ``max_in_flight`` are running.
@@ -503,18 +514,33 @@ class PostgresStorage:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        self._connecting += 1
+        waiting = True
         try:
             async with self.pool.connection() as conn:
+                self._connecting -= 1
+                waiting = False
                 yield conn
         except psycopg.Error as exc:
             raise StorageError(f"rate-limit decision failed: {exc}") from exc
+        finally:
+            if waiting:
+                self._connecting -= 1
 
     def _hand_over(self) -> bool:
         """Whether a task that just answered its batch keeps its connection for the next
         one (no pool round trip, no new task): while coalescing, when no other task is
         about to take a batch. After ``_HANDOFF_MAX`` batches it returns the connection
         anyway, so the pool's checks and lifetimes still apply."""
-        return self.coalesce and not self._closed and self._starting == 0
+        return (
+            self.coalesce
+            and not self._closed
+            and self._starting == 0
+            # a batch already taken waits for a connection: this one goes back to the pool
+            # (first come, first served), or that batch would wait up to _HANDOFF_MAX
+            # batches while later arrivals are answered
+            and self._connecting == 0
+        )
 
     async def _settle(
         self, conn: psycopg.AsyncConnection[Any], algorithm: str, batch: list[Request]

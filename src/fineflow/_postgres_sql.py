@@ -520,6 +520,41 @@ END
 $fn$
 """
 
+# v4: the v3 rule for the other decision functions. hit() and hit_many() read the clock in
+# the statement's source row, before ON CONFLICT waits for the row; decide() reads it before
+# its upsert locks the rows. Each decides a row no earlier than the row's last decision
+# (``seen``) when the database clock decides, and never moves ``seen`` back.
+_V4_SEEN = "greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)"
+
+
+def _no_earlier(function: str) -> str:
+    head, _, tail = function.partition("ON CONFLICT")
+    return head + "ON CONFLICT" + tail.replace("EXCLUDED.seen", _V4_SEEN)
+
+
+_HIT_FUNCTION_V4 = _no_earlier(_HIT_FUNCTION)
+_HIT_MANY_FUNCTION_V4 = _no_earlier(_HIT_MANY_FUNCTION)
+_DECIDE_FUNCTION_V4 = (
+    _DECIDE_FUNCTION.replace("    s_seen bigint[];\n", "    s_seen bigint[]; s_seen0 bigint[];\n")
+    .replace(
+        "RETURNING b.key, b.endpoint, b.policy, b.algorithm, b.t, b.count, b.prev\n",
+        "RETURNING b.key, b.endpoint, b.policy, b.algorithm, b.t, b.count, b.prev, b.seen\n",
+    )
+    .replace(
+        "           array_agg(up.prev ORDER BY up.key, up.endpoint, up.policy)\n"
+        "    INTO s_key, s_ep, s_pol, s_alg, s_t, s_count, s_prev\n",
+        "           array_agg(up.prev ORDER BY up.key, up.endpoint, up.policy),\n"
+        "           array_agg(up.seen ORDER BY up.key, up.endpoint, up.policy)\n"
+        "    INTO s_key, s_ep, s_pol, s_alg, s_t, s_count, s_prev, s_seen0\n",
+    )
+    .replace(
+        "now := coalesce(p_now[i], clock);",
+        "now := coalesce(p_now[i], greatest(clock, s_seen0[j]));",
+    )
+)
+assert _HIT_FUNCTION_V4.count(_V4_SEEN) > 3 and _HIT_MANY_FUNCTION_V4.count(_V4_SEEN) > 3
+assert "s_seen0[j]" in _DECIDE_FUNCTION_V4 and "up.seen ORDER BY" in _DECIDE_FUNCTION_V4
+
 # Read-only: the rows of some (key, endpoint, policy) triples and the database clock.
 _PEEK_FUNCTION = """
 CREATE OR REPLACE FUNCTION {schema}.peek(p_key text[], p_endpoint text[], p_policy text[])
@@ -638,6 +673,12 @@ MIGRATIONS: list[list[str]] = [
     [
         _HIT_KEYS_FUNCTION_V3,
     ],
+    # v4: hit(), hit_many() and decide() likewise (same signatures: grants are kept).
+    [
+        _HIT_FUNCTION_V4,
+        _HIT_MANY_FUNCTION_V4,
+        _DECIDE_FUNCTION_V4,
+    ],
 ]
 LATEST_VERSION = len(MIGRATIONS)
 # For each migration, the oldest code (by the schema version it knows) that can still use
@@ -645,7 +686,7 @@ LATEST_VERSION = len(MIGRATIONS)
 # fineflow compares with what it knows, so an additive migration (new functions only, like
 # v2) leaves older instances running: a rolling deploy or a rollback keeps working. Every
 # applied migration is listed in ``schema_migrations``.
-COMPATIBLE_WITH: list[int] = [1, 1, 1]
+COMPATIBLE_WITH: list[int] = [1, 1, 1, 1]
 
 
 def render(

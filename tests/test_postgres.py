@@ -22,6 +22,7 @@ from fineflow import (
     RateLimiter,
     SchemaVersionError,
     StorageClosedError,
+    StorageError,
 )
 from fineflow._postgres_sql import LATEST_VERSION
 
@@ -429,3 +430,21 @@ async def test_every_decision_function_decides_a_row_no_earlier_than_its_last_de
         results = await asyncio.wait_for(task, 10)
     decision = results[0][0]
     assert decision.allowed, f"denied, retry_after={decision.retry_after}"
+
+
+async def test_a_failed_decision_is_reported_in_one_line(pg_dsn: str, pg_schema: str) -> None:
+    """psycopg's message carries the CONTEXT, which quotes the whole statement of the
+    function that failed; the StorageError (and so the limiter's log line) keeps the first
+    line, the full error stays on __cause__."""
+    async with PostgresStorage(pg_dsn, schema=pg_schema, statement_timeout=0.2) as storage:
+        await storage.migrate()
+        hits = [Hit("held", Quota(5, 60.0), 1, "e")]
+        await storage.decide("gcra", hits)
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as holder:
+            await _lock_row(holder, pg_schema, "held", "e")
+            with pytest.raises(StorageError) as caught:
+                await storage.decide("gcra", hits)
+            await holder.rollback()
+    message = str(caught.value)
+    assert "statement timeout" in message and "\n" not in message
+    assert "CONTEXT" in str(caught.value.__cause__)

@@ -522,7 +522,7 @@ class PostgresStorage:
                 waiting = False
                 yield conn
         except psycopg.Error as exc:
-            raise StorageError(f"rate-limit decision failed: {exc}") from exc
+            raise StorageError(f"rate-limit decision failed: {_brief(exc)}") from exc
         finally:
             if waiting:
                 self._connecting -= 1
@@ -553,7 +553,7 @@ class PostgresStorage:
             try:
                 await self._run_live(conn, algorithm, live)
             except psycopg.Error as exc:
-                raise StorageError(f"rate-limit decision failed: {exc}") from exc
+                raise StorageError(f"rate-limit decision failed: {_brief(exc)}") from exc
         for request in batch:
             if not request.future.done():
                 request.future.set_result(None)
@@ -615,7 +615,7 @@ class PostgresStorage:
                 cur = await conn.execute(self._peek, params, prepare=True)
                 rows = await cur.fetchall()
         except psycopg.Error as exc:
-            raise StorageError(f"rate-limit peek failed: {exc}") from exc
+            raise StorageError(f"rate-limit peek failed: {_brief(exc)}") from exc
         step = ALGORITHMS[algorithm]
         out = []
         for hit, (_, alg, t, count, prev, db_now) in zip(hits, rows, strict=True):
@@ -687,6 +687,12 @@ class PostgresStorage:
         except psycopg.Error as exc:
             raise StorageError(f"stats query failed: {exc}") from exc
         return [StatsRow(e, t, int(k), int(a), int(d)) for e, t, k, a, d in rows]
+
+
+def _brief(exc: psycopg.Error) -> str:
+    # The first line: the rest is the CONTEXT, which for an error inside fineflow's
+    # functions quotes the whole statement (kilobytes per log line); it stays on __cause__.
+    return str(exc).partition("\n")[0]
 
 
 def _out_of_budget() -> TimeoutError:

@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import secrets
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 import psycopg
 import pytest
@@ -368,10 +369,18 @@ async def test_a_decide_wrapped_on_the_instance_is_called_without_the_timeout(
     assert calls == [1]
 
 
-async def test_bad_timeouts_are_refused(storage: PostgresStorage) -> None:
-    for bad in (0, -1.0, math.nan):
+async def test_bad_timeouts_are_refused_before_anything_is_charged(
+    storage: PostgresStorage,
+) -> None:
+    quota = Quota(10, 60.0)
+    for bad in (0, -1.0, math.nan, True, "0.5", Decimal("0.5")):
         with pytest.raises(ValueError, match="timeout"):
-            await storage.decide("gcra", [Hit("k", Quota(10, 60.0))], timeout=bad)
+            await storage.decide("gcra", [Hit("k", quota)], timeout=bad)  # type: ignore[arg-type]
+    (peek,) = await storage.decide("gcra", [Hit("k", quota, 0)])
+    assert peek.remaining == 10
+    assert (storage._deadlines, storage._timers) == ({}, {})
+    (ok,) = await storage.decide("gcra", [Hit("k", quota)], timeout=1)  # an int is seconds
+    assert ok.remaining == 9
 
 
 async def test_the_connection_hand_off_does_not_starve_a_batch_waiting_for_a_connection(

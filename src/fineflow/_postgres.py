@@ -366,8 +366,15 @@ class PostgresStorage:
         if algorithm not in ALGORITHMS:
             validate_algorithm(algorithm)
         check_hits(hits)
-        if timeout is not None and not timeout > 0:  # (NaN too: it would upset the timers)
-            raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+        if timeout is not None:
+            # Checked before the request is queued: a timeout _deadline() could not use
+            # would raise there after the request was sent, and charged.
+            if timeout.__class__ is not float:
+                if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                    raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+                timeout = float(timeout)
+            if not timeout > 0:  # (NaN too: it would upset the timers)
+                raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
         if len(hits) == 1:
             if hits[0].cost == 0:
                 return await self._peek_within(algorithm, hits, now, timeout)
@@ -400,6 +407,7 @@ class PostgresStorage:
         if timeout == math.inf:
             return  # never due: a queue entry would only be held forever
         loop = future.get_loop()
+        deadline = loop.time() + timeout
         queue = self._deadlines.get(timeout)
         if queue is None:
             queue = self._deadlines[timeout] = deque()
@@ -408,7 +416,7 @@ class PostgresStorage:
             # holds the requests since the oldest one still waiting, not `timeout` seconds'.
             while queue and queue[0][1].done():
                 queue.popleft()
-        queue.append((loop.time() + timeout, future))
+        queue.append((deadline, future))
         if timeout not in self._timers:
             self._timers[timeout] = loop.call_at(queue[0][0], self._expire, loop, timeout)
 
@@ -690,9 +698,10 @@ class PostgresStorage:
 
 
 def _brief(exc: psycopg.Error) -> str:
-    # The first line: the rest is the CONTEXT, which for an error inside fineflow's
+    # The message, DETAIL and HINT without the CONTEXT, which for an error inside fineflow's
     # functions quotes the whole statement (kilobytes per log line); it stays on __cause__.
-    return str(exc).partition("\n")[0]
+    parts = [str(exc).partition("\n")[0], exc.diag.message_detail, exc.diag.message_hint]
+    return "; ".join(part for part in parts if part)
 
 
 def _out_of_budget() -> TimeoutError:

@@ -208,46 +208,35 @@ async def run_keys(
     limit, policy, period = quota.limit, quota.policy, quota.period
     too_high = cost > cap
     reason = COST_TOO_HIGH if too_high else None
+
+    def admit(now: int, new_tat: int) -> list[Decision]:
+        return [
+            _new_decision(
+                Decision,
+                (
+                    True,
+                    limit,
+                    (now + tau - new_tat) // interval,
+                    (new_tat - now) / NS,
+                    0.0,
+                    policy,
+                    period,
+                    None,
+                ),
+            )
+        ]
+
     for key, tat, admitted, now in rows:
         requests = groups[key]
         if admitted == 1 and len(requests) == 1:
             # The usual case (one request on the key, admitted): tat is its new TAT.
-            requests[0].result = [
-                _new_decision(
-                    Decision,
-                    (
-                        True,
-                        limit,
-                        (now + tau - tat) // interval,
-                        (tat - now) / NS,
-                        0.0,
-                        policy,
-                        period,
-                        None,
-                    ),
-                )
-            ]
+            requests[0].result = admit(now, tat)
             continue
         # tat is the row's TAT after this batch; tat0 the one it started from.
         tat0 = tat - admitted * step if admitted else max(tat, now)
         for k, request in enumerate(requests, start=1):
             if k <= admitted:
-                new_tat = tat0 + k * step
-                request.result = [
-                    _new_decision(
-                        Decision,
-                        (
-                            True,
-                            limit,
-                            (now + tau - new_tat) // interval,
-                            (new_tat - now) / NS,
-                            0.0,
-                            policy,
-                            period,
-                            None,
-                        ),
-                    )
-                ]
+                request.result = admit(now, tat0 + k * step)
                 continue
             end = tat0 + admitted * step
             request.result = [

@@ -443,7 +443,12 @@ ON CONFLICT (key, endpoint, policy) DO UPDATE SET
     algorithm = 'gcra', tier = p_tier, lim = p_lim, period = p_period, cap = p_cap,
     seen = clock
 RETURNING b.key, b.t, b.prev, b.seen"""
-_HIT_KEYS_FUNCTION = f"""
+
+
+def _hit_keys_function(variables: str, upsert: str, set_one: str, set_many: str) -> str:
+    """``hit_keys()``: the shared signature and the branch on ``p_n`` (one request per key,
+    or counts), around one version's variables and upsert."""
+    return f"""
 CREATE OR REPLACE FUNCTION {{schema}}.hit_keys(
     p_now bigint, p_key text[], p_n bigint[], p_endpoint text, p_policy text, p_tier text,
     p_lim bigint, p_period bigint, p_cap bigint, p_cost bigint
@@ -456,18 +461,26 @@ AS $fn$
 DECLARE
     clock bigint := coalesce(p_now, {{now}});
     step bigint := p_cost * (p_period / p_lim);
-    room bigint := clock + p_cap * (p_period / p_lim);  -- tat + k*step <= room: k admitted
-    fresh bigint := p_cap / p_cost;  -- what a missing row admits
-    last bigint := room - step;  -- the latest tat that admits one more
+{variables}
 BEGIN
 IF p_n IS NULL THEN
-    RETURN QUERY {_K_UPSERT.format(set=_K_SET_ONE)};
+    RETURN QUERY {upsert.format(set=set_one)};
 ELSE
-    RETURN QUERY {_K_UPSERT.format(set=_K_SET_MANY)};
+    RETURN QUERY {upsert.format(set=set_many)};
 END IF;
 END
 $fn$
 """
+
+
+_HIT_KEYS_FUNCTION = _hit_keys_function(
+    """    room bigint := clock + p_cap * (p_period / p_lim);  -- tat + k*step <= room: k admitted
+    fresh bigint := p_cap / p_cost;  -- what a missing row admits
+    last bigint := room - step;  -- the latest tat that admits one more""",
+    _K_UPSERT,
+    _K_SET_ONE,
+    _K_SET_MANY,
+)
 
 # v3: hit_keys() decides a row no earlier than the row's last decision (``seen``) when the
 # database clock decides. Two statements in flight at once each read the clock when they
@@ -495,30 +508,13 @@ _V3_SET_ONE = f"""    t = CASE WHEN {_V3_OK} THEN {_V3_TAT} + step ELSE b.t END,
     denied = b.denied + CASE WHEN {_V3_OK} THEN 0 ELSE p_cost END,
     last_ok = {_V3_OK},"""
 _V3_UPSERT = _K_UPSERT.replace("    seen = clock\n", f"    seen = {_V3_NOW}\n")
-_HIT_KEYS_FUNCTION_V3 = f"""
-CREATE OR REPLACE FUNCTION {{schema}}.hit_keys(
-    p_now bigint, p_key text[], p_n bigint[], p_endpoint text, p_policy text, p_tier text,
-    p_lim bigint, p_period bigint, p_cap bigint, p_cost bigint
-) RETURNS TABLE (key text, t bigint, admitted bigint, now_ns bigint)
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-#variable_conflict use_column
-DECLARE
-    clock bigint := coalesce(p_now, {{now}});
-    step bigint := p_cost * (p_period / p_lim);
-    tol bigint := p_cap * (p_period / p_lim);  -- tat + k*step <= now + tol: k admitted
-    fresh bigint := p_cap / p_cost;  -- what a missing row admits
-BEGIN
-IF p_n IS NULL THEN
-    RETURN QUERY {_V3_UPSERT.format(set=_V3_SET_ONE)};
-ELSE
-    RETURN QUERY {_V3_UPSERT.format(set=_V3_SET_MANY)};
-END IF;
-END
-$fn$
-"""
+_HIT_KEYS_FUNCTION_V3 = _hit_keys_function(
+    """    tol bigint := p_cap * (p_period / p_lim);  -- tat + k*step <= now + tol: k admitted
+    fresh bigint := p_cap / p_cost;  -- what a missing row admits""",
+    _V3_UPSERT,
+    _V3_SET_ONE,
+    _V3_SET_MANY,
+)
 
 # v4: the v3 rule for the other decision functions. hit() and hit_many() read the clock in
 # the statement's source row, before ON CONFLICT waits for the row; decide() reads it before

@@ -414,18 +414,30 @@ $fn$
 _K_TAT = "(CASE WHEN b.algorithm = 'gcra' AND b.t >= clock THEN b.t ELSE clock END)"
 _K_M = f"least(EXCLUDED.count, greatest(0, (room - {_K_TAT}) / step))"
 _K_OK = f"({_K_TAT} <= last)"
-_K_SET_MANY = f"""    t = CASE WHEN {_K_M} > 0 THEN {_K_TAT} + {_K_M} * step ELSE b.t END,
-    expires = CASE WHEN {_K_M} > 0 THEN {_K_TAT} + {_K_M} * step ELSE b.expires END,
-    prev = {_K_M},
-    allowed = b.allowed + {_K_M} * p_cost,
-    denied = b.denied + (EXCLUDED.count - {_K_M}) * p_cost,
-    last_ok = {_K_M} = EXCLUDED.count,"""
-_K_SET_ONE = f"""    t = CASE WHEN {_K_OK} THEN {_K_TAT} + step ELSE b.t END,
-    expires = CASE WHEN {_K_OK} THEN {_K_TAT} + step ELSE b.expires END,
-    prev = CASE WHEN {_K_OK} THEN 1 ELSE 0 END,
-    allowed = b.allowed + CASE WHEN {_K_OK} THEN p_cost ELSE 0 END,
-    denied = b.denied + CASE WHEN {_K_OK} THEN 0 ELSE p_cost END,
-    last_ok = {_K_OK},"""
+
+
+def _k_set_many(tat: str, m: str) -> str:
+    """The row update of a key asked ``EXCLUDED.count`` times, ``m`` of them admitted."""
+    return f"""    t = CASE WHEN {m} > 0 THEN {tat} + {m} * step ELSE b.t END,
+    expires = CASE WHEN {m} > 0 THEN {tat} + {m} * step ELSE b.expires END,
+    prev = {m},
+    allowed = b.allowed + {m} * p_cost,
+    denied = b.denied + (EXCLUDED.count - {m}) * p_cost,
+    last_ok = {m} = EXCLUDED.count,"""
+
+
+def _k_set_one(tat: str, ok: str) -> str:
+    """The row update of a key asked once, admitted if ``ok``."""
+    return f"""    t = CASE WHEN {ok} THEN {tat} + step ELSE b.t END,
+    expires = CASE WHEN {ok} THEN {tat} + step ELSE b.expires END,
+    prev = CASE WHEN {ok} THEN 1 ELSE 0 END,
+    allowed = b.allowed + CASE WHEN {ok} THEN p_cost ELSE 0 END,
+    denied = b.denied + CASE WHEN {ok} THEN 0 ELSE p_cost END,
+    last_ok = {ok},"""
+
+
+_K_SET_MANY = _k_set_many(_K_TAT, _K_M)
+_K_SET_ONE = _k_set_one(_K_TAT, _K_OK)
 _K_UPSERT = """
 INSERT INTO {{schema}}.buckets AS b
     (key, endpoint, policy, algorithm, tier, t, expires, lim, period, cap,
@@ -495,18 +507,8 @@ _V3_NOW = "greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END)"
 _V3_TAT = f"(CASE WHEN b.algorithm = 'gcra' AND b.t >= {_V3_NOW} THEN b.t ELSE {_V3_NOW} END)"
 _V3_M = f"least(EXCLUDED.count, greatest(0, ({_V3_NOW} + tol - {_V3_TAT}) / step))"
 _V3_OK = f"({_V3_TAT} <= {_V3_NOW} + tol - step)"
-_V3_SET_MANY = f"""    t = CASE WHEN {_V3_M} > 0 THEN {_V3_TAT} + {_V3_M} * step ELSE b.t END,
-    expires = CASE WHEN {_V3_M} > 0 THEN {_V3_TAT} + {_V3_M} * step ELSE b.expires END,
-    prev = {_V3_M},
-    allowed = b.allowed + {_V3_M} * p_cost,
-    denied = b.denied + (EXCLUDED.count - {_V3_M}) * p_cost,
-    last_ok = {_V3_M} = EXCLUDED.count,"""
-_V3_SET_ONE = f"""    t = CASE WHEN {_V3_OK} THEN {_V3_TAT} + step ELSE b.t END,
-    expires = CASE WHEN {_V3_OK} THEN {_V3_TAT} + step ELSE b.expires END,
-    prev = CASE WHEN {_V3_OK} THEN 1 ELSE 0 END,
-    allowed = b.allowed + CASE WHEN {_V3_OK} THEN p_cost ELSE 0 END,
-    denied = b.denied + CASE WHEN {_V3_OK} THEN 0 ELSE p_cost END,
-    last_ok = {_V3_OK},"""
+_V3_SET_MANY = _k_set_many(_V3_TAT, _V3_M)
+_V3_SET_ONE = _k_set_one(_V3_TAT, _V3_OK)
 _V3_UPSERT = _K_UPSERT.replace("    seen = clock\n", f"    seen = {_V3_NOW}\n")
 _HIT_KEYS_FUNCTION_V3 = _hit_keys_function(
     """    tol bigint := p_cap * (p_period / p_lim);  -- tat + k*step <= now + tol: k admitted

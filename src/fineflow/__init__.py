@@ -4,6 +4,8 @@ Rate limiting keeps its state in PostgreSQL by default, so every instance of a s
 shares one limit; circuit breakers guard routes of your app and outbound calls.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from . import keys
 from ._algorithms import Algorithm, BucketState, Decision
 from ._breaker import CircuitBreaker
@@ -24,11 +26,13 @@ from ._headers import HeaderStyle
 from ._limiter import Decisions, LimiterMetrics, RateLimiter
 from ._memory import MemoryStorage
 from ._middleware import MiddlewareMetrics, RateLimitMiddleware
-from ._postgres import PostgresStorage
 from ._quota import Quota
 from ._registry import BreakerRegistry
 from ._rules import Rule
 from ._storage import Hit, KeyStatus, StatsRow, Storage
+
+if TYPE_CHECKING:
+    from ._postgres import PostgresStorage
 
 __version__ = "0.1.0"
 
@@ -69,3 +73,18 @@ __all__ = [
     "http_throttle",
     "keys",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PostgresStorage brings in psycopg, about half of ``import fineflow``'s time: it is
+    # imported when first asked for, so memory storage and breakers never pay for it.
+    if name == "PostgresStorage":
+        from ._postgres import PostgresStorage
+
+        globals()[name] = PostgresStorage
+        return PostgresStorage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -6,6 +6,7 @@ Usage::
     python -m benchmarks --full          # longer runs, more rounds
     python -m benchmarks --smoke         # seconds; every code path, no thresholds (CI)
     python -m benchmarks --only asgi breaker --json out.json --plot
+    python -m benchmarks --only instructions   # instructions per operation (valgrind)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 
 from ._common import PROFILES, Context, Table, machine_info
 
-SUITES = ("asgi", "http", "storage", "breaker", "load")
+SUITES = ("asgi", "http", "storage", "breaker", "load", "instructions")
+DEFAULT_SUITES = SUITES[:-1]  # instructions: opt-in, it needs valgrind and two minutes
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -54,7 +56,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="tiny counts, runs every suite path in seconds, never fails on a target",
     )
     parser.set_defaults(mode="quick")
-    parser.add_argument("--only", nargs="+", choices=SUITES, metavar="SUITE", help=str(SUITES))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SUITES,
+        metavar="SUITE",
+        help=f"{SUITES} (default: all but instructions, which counts CPU instructions "
+        "with valgrind)",
+    )
     parser.add_argument(
         "--json",
         type=Path,
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"fineflow benchmarks, mode {profile.name}", flush=True)
     try:
-        for name in args.only or SUITES:
+        for name in args.only or DEFAULT_SUITES:
             module = importlib.import_module(f"benchmarks.{name}")
             if name == "http":
                 module.CLIENT = args.http_client

@@ -112,7 +112,9 @@ def _breaker_middleware() -> Middleware | None:
 def build(variant: str, **options: Any) -> Starlette | None:
     """The Starlette app for ``variant`` (``None`` when that contender is unavailable).
 
-    Variants: ``bare``, ``passthrough``, ``fineflow-memory``, ``fineflow-memory-429``,
+    Variants: ``bare``, ``passthrough``, ``floor`` (the least middleware with fineflow's
+    contract: :class:`benchmarks._floors.MinimalRateLimit`), ``fineflow-memory``,
+    ``fineflow-memory-429``,
     ``fineflow-postgres`` (``limiter=`` or ``dsn=``/``schema=``), ``asgi-ratelimit``,
     ``slowapi`` (decorator + ``SlowAPIMiddleware``), ``slowapi-decorator``, ``breaker``.
     """
@@ -124,6 +126,10 @@ def build(variant: str, **options: Any) -> Starlette | None:
         pass
     elif variant == "passthrough":
         middleware.append(Middleware(Passthrough))
+    elif variant == "floor":
+        from ._floors import MinimalRateLimit
+
+        middleware.append(Middleware(MinimalRateLimit, quota=ALLOW_QUOTA))
     elif variant in ("fineflow-memory", "fineflow-memory-429"):
         from fineflow import MemoryStorage
 

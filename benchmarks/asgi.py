@@ -76,6 +76,7 @@ async def _per_request_us(app: Any, n: int, repeat: int = 3) -> float:
 _CONTENDERS = [
     ("bare", "bare Starlette (floor)", 200),
     ("passthrough", "passthrough ASGI middleware", 200),
+    ("floor", "least middleware with fineflow's contract", 200),
     ("fineflow-memory", "fineflow memory, allowed", 200),
     ("fineflow-memory-429", "fineflow memory, 429 path", 429),
     ("asgi-ratelimit", "asgi-ratelimit (memory)", 200),
@@ -181,6 +182,10 @@ def _targets(added: dict[str, list[float]], results: dict[str, list[float]]) -> 
                 results["fineflow-memory"],
                 1.0,
             )
+    if "floor" in added and "asgi-ratelimit" in added:
+        # No target: how low the asgi-ratelimit ratio can go with fineflow's contract.
+        r = stat(ratios(added["floor"], added["asgi-ratelimit"]))
+        table.add(Row("least middleware added / asgi-ratelimit added", r, "x", raw={}))
     if "breaker" in results and "passthrough" in results:
         d = stat(diffs(results["breaker"], results["passthrough"]))
         table.add(

@@ -10,7 +10,8 @@ closes it after (untimed), so the server never sees more connections than one co
 Everything lives in a fresh temporary database, dropped at the end.
 
 Memory: fineflow's ``MemoryStorage`` (through ``RateLimiter.hit``) against ``limits.aio``'s
-memory storage with its moving-window and fixed-window strategies.
+memory storage with its moving-window and fixed-window strategies, and against the floor:
+GCRA's arithmetic over a dict with none of the bookkeeping (``benchmarks._floors``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ._common import (
     ratios,
     stat,
 )
+from ._floors import bare_gcra, bare_gcra_hit
 
 __all__ = ["NaiveUpsert", "run"]
 
@@ -435,9 +437,11 @@ async def _memory(ctx: Context, tables: list[Table], targets: Table) -> None:
     quota = Quota.parse(MEMORY_QUOTA)
     limiter = RateLimiter(MemoryStorage())
     storage = MemoryStorage()
+    floor = bare_gcra(quota)
     contenders: dict[str, Callable[[str], Awaitable[Any]]] = {
         "fineflow RateLimiter.hit": lambda k: limiter.hit(k, quota),
         "fineflow MemoryStorage.decide": lambda k: storage.decide("gcra", [Hit(k, quota)]),
+        "bare GCRA step behind an await (floor)": lambda k: bare_gcra_hit(floor, k),
     }
     limits_aio = optional("limits.aio.strategies")
     if limits_aio is not None:

@@ -1,0 +1,319 @@
+"""Suite ``instructions``: CPU instructions per operation, counted by callgrind.
+
+Timings on a shared machine are noisy: the in-process ASGI figures often have ranges that
+cross zero. The number of instructions a code path executes is exact and repeatable: the
+same figure on a busy or an idle machine. One child process per group runs under
+``valgrind --tool=callgrind``: it builds every contender and warms each up, then runs each
+for N operations between two calls of ``os.getppid()``, where callgrind writes out its
+counts (``--dump-before``), so each contender's N operations are counted alone, free of
+start-up and imports. Python's hash seed is fixed so dict layouts repeat.
+
+What a count cannot show: waiting (for PostgreSQL or the network) and how fast the CPU runs
+the instructions (caches, branch prediction). The timed suites measure those; the ratios
+here check that the timed ratios are not an artefact of noise.
+
+Opt-in (``--only instructions``, under a minute). Needs ``valgrind`` on PATH and a Python
+whose symbols callgrind can see (the table says so otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ._common import Context, Row, Table, at_least, at_most, optional, stat
+
+__all__ = ["run"]
+
+SUITE = "instructions"
+
+# (group, name, label); the ASGI names are variants of benchmarks._apps.build.
+CONTENDERS: list[tuple[str, str, str]] = [
+    ("asgi", "bare", "bare Starlette"),
+    ("asgi", "passthrough", "passthrough ASGI middleware"),
+    ("asgi", "floor", "least middleware with fineflow's contract"),
+    ("asgi", "fineflow-memory", "fineflow memory, allowed"),
+    ("asgi", "fineflow-memory-429", "fineflow memory, 429 path"),
+    ("asgi", "asgi-ratelimit", "asgi-ratelimit (memory)"),
+    ("asgi", "slowapi-decorator", "slowapi decorator only"),
+    ("asgi", "slowapi", "slowapi decorator + SlowAPIMiddleware"),
+    ("asgi", "breaker", "fineflow CircuitBreakerMiddleware"),
+    ("memory", "await", "await of a coroutine (the harness)"),
+    ("memory", "floor", "bare GCRA step behind an await"),
+    ("memory", "fineflow", "fineflow RateLimiter.hit"),
+    ("memory", "limits-fixed", "limits.aio fixed window"),
+    ("memory", "limits-moving", "limits.aio moving window"),
+]
+_OPS = {"smoke": 20, "quick": 1_000, "full": 5_000}
+# More than the memory group's 1,000 keys: each is inserted on first sight.
+_WARM_UP = {"asgi": 200, "memory": 1_200}
+# A smoke run counts these only (seconds, not a minute): both kinds of child, one peer.
+_SMOKE = {"bare", "fineflow-memory", "fineflow", "limits-fixed"}
+_EXPECTED_STATUS = {"fineflow-memory-429": 429}
+_MARKER = "os_getppid*"  # the C function behind os.getppid(): callgrind dumps before it
+_SUMMARY = re.compile(r"^summary:\s*(\d+)", re.MULTILINE)
+
+
+async def run(ctx: Context) -> list[Table]:
+    """Count every contender's instructions per operation; the two tables and targets."""
+    asgi = Table(SUITE, "Instructions per request, in-process ASGI (callgrind)", "added vs bare")
+    memory = Table(SUITE, "Instructions per decision, memory storage (callgrind)", "x fineflow")
+    targets = Table(SUITE, "Targets on instruction counts")
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        targets.notes.append(
+            "valgrind not found: install it (Debian/Ubuntu: apt install valgrind) to count "
+            "instructions"
+        )
+        return [targets]
+    ops = _OPS[ctx.profile.name]
+    smoke = ctx.profile.name == "smoke"
+    labels = {(g, n): label for g, n, label in CONTENDERS}
+    found: dict[tuple[str, str], float] = {}
+    for table, (group, (counts, notes)) in zip(
+        (asgi, memory),
+        zip(
+            ("asgi", "memory"),
+            await asyncio.gather(*(_count(valgrind, g, ops, smoke) for g in ("asgi", "memory"))),
+            strict=True,
+        ),
+        strict=True,
+    ):
+        table.notes.extend(notes)
+        for name, value in counts.items():
+            found[group, name] = value
+            raw = {"name": name, "ops": ops}
+            table.add(Row(labels[group, name], stat([value]), "instr", raw=raw))
+    bare, mine = found.get(("asgi", "bare")), found.get(("memory", "fineflow"))
+    for row in asgi.rows:
+        if bare is not None:
+            row.ratio = stat([found["asgi", row.raw["name"]] - bare])
+    for row in memory.rows:
+        if mine:
+            row.ratio = stat([found["memory", row.raw["name"]] / mine])
+    _targets(found, targets)
+    return [t for t in (asgi, memory, targets) if t.rows or t.notes]
+
+
+def _targets(found: dict[tuple[str, str], float], table: Table) -> None:
+    def added(name: str) -> float | None:
+        value, bare = found.get(("asgi", name)), found.get(("asgi", "bare"))
+        return None if value is None or bare is None else value - bare
+
+    def row(name: str, num: float | None, den: float | None, bound: float, most: bool) -> None:
+        if num is None or not den:
+            return
+        r = num / den
+        met = at_most(r, bound) if most else at_least(r, bound)
+        table.add(
+            Row(name, stat([r]), "x", target=f"{'<=' if most else '>='} {bound:.3g}", met=met)
+        )
+
+    ff = added("fineflow-memory")
+    row("fineflow allowed added / asgi-ratelimit added", ff, added("asgi-ratelimit"), 1 / 3, True)
+    row("fineflow allowed added / slowapi added", ff, added("slowapi"), 0.1, True)
+    row(
+        "fineflow allowed added / slowapi decorator-only added",
+        ff,
+        added("slowapi-decorator"),
+        0.1,
+        True,
+    )
+    row(
+        "fineflow 429 path / allowed path (per request)",
+        found.get(("asgi", "fineflow-memory-429")),
+        found.get(("asgi", "fineflow-memory")),
+        1.0,
+        True,
+    )
+    least, peer = added("floor"), added("asgi-ratelimit")
+    if least is not None and peer:
+        table.add(
+            Row(
+                "least middleware added / asgi-ratelimit added (no target)",
+                stat([least / peer]),
+                "x",
+            )
+        )
+    mine = found.get(("memory", "fineflow"))
+    for name, label in (("limits-fixed", "fixed"), ("limits-moving", "moving")):
+        row(
+            f"limits.aio {label} window / fineflow RateLimiter.hit",
+            found.get(("memory", name)),
+            mine,
+            5.0,
+            False,
+        )
+    floor, fixed = found.get(("memory", "floor")), found.get(("memory", "limits-fixed"))
+    if floor and fixed:
+        table.add(
+            Row("limits.aio fixed window / bare GCRA step (no target)", stat([fixed / floor]), "x")
+        )
+
+
+async def _count(
+    valgrind: str, group: str, ops: int, smoke: bool
+) -> tuple[dict[str, float], list[str]]:
+    """One child for ``group``: instructions per operation by contender, and notes."""
+    names = [n for g, n, _ in CONTENDERS if g == group and (not smoke or n in _SMOKE)]
+    with tempfile.TemporaryDirectory(prefix="fineflow-callgrind-") as tmp:
+        proc = await asyncio.create_subprocess_exec(
+            valgrind,
+            "--tool=callgrind",
+            f"--callgrind-out-file={tmp}/cg.%p",
+            f"--dump-before={_MARKER}",
+            sys.executable,
+            "-m",
+            "benchmarks.instructions",
+            group,
+            str(ops),
+            *names,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            return {}, [f"{group}: child failed ({lines[-1] if lines else proc.returncode})"]
+        report = json.loads(out.decode().strip().splitlines()[-1])
+        notes = [f"{name}: {why}" for name, why in report["skipped"].items()]
+        counts, problem = _read_dumps(Path(tmp), report["measured"], ops)
+        return counts, [*notes, *([f"{group}: {problem}"] if problem else [])]
+
+
+def _read_dumps(folder: Path, measured: list[str], ops: int) -> tuple[dict[str, float], str]:
+    """Per-operation counts from the dumps: ``cg.<pid>.1`` holds start-up, and
+    ``cg.<pid>.<k+1>`` the k-th contender's operations."""
+    dumps = sorted(folder.glob("cg.*.*"), key=lambda p: int(p.suffix[1:]))
+    if len(dumps) != len(measured) + 1:
+        return {}, (
+            f"callgrind wrote {len(dumps)} dumps for {len(measured)} contenders; it may not "
+            "see the C function behind os.getppid() in this Python (a stripped binary?)"
+        )
+    counts = {}
+    for name, dump in zip(measured, dumps[1:], strict=True):
+        match = _SUMMARY.search(dump.read_text())
+        if match is None:
+            return {}, f"no summary line in {dump.name}"
+        counts[name] = int(match.group(1)) / ops
+    return counts, ""
+
+
+# The child: build the contenders, run each ``ops`` times between two markers, check that
+# each still answers right.
+
+Contender = tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[bool]]]
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _asgi(name: str) -> Contender:
+    from ._apps import build
+    from .asgi import _BASE_SCOPE, _drop, _receive, _status
+
+    try:
+        app = build(name)
+    except ImportError as exc:
+        raise _Unavailable(f"not installed ({exc.name})") from exc
+    if app is None:
+        raise _Unavailable("not available")
+    scope = _BASE_SCOPE
+
+    def once() -> Awaitable[Any]:
+        return app(scope.copy(), _receive, _drop)
+
+    async def check() -> bool:
+        return await _status(app) == _EXPECTED_STATUS.get(name, 200)
+
+    return once, check
+
+
+def _memory(name: str) -> Contender:
+    from fineflow import MemoryStorage, Quota, RateLimiter
+
+    from ._floors import bare_gcra, bare_gcra_hit
+
+    keys = [f"user{i}" for i in range(1000)]
+    quota = Quota.parse("1000000/second")
+    i = 0
+
+    def key() -> str:
+        nonlocal i
+        i += 1
+        return keys[i % 1000]
+
+    once: Callable[[], Awaitable[Any]]
+    if name == "await":
+
+        async def nothing(key: str, quota: Quota) -> bool:
+            return True
+
+        once = lambda: nothing(key(), quota)  # noqa: E731
+    elif name == "floor":
+        decide = bare_gcra(quota)
+        once = lambda: bare_gcra_hit(decide, key())  # noqa: E731
+    elif name == "fineflow":
+        limiter = RateLimiter(MemoryStorage())
+        once = lambda: limiter.hit(key(), quota)  # noqa: E731
+    else:
+        strategies = optional("limits.aio.strategies")
+        if strategies is None:
+            raise _Unavailable("limits not installed")
+        import limits
+        from limits.aio.storage import MemoryStorage as LimitsMemory
+
+        item = limits.parse("1000000/second")
+        kind = (
+            strategies.FixedWindowRateLimiter
+            if name == "limits-fixed"
+            else strategies.MovingWindowRateLimiter
+        )
+        peer = kind(LimitsMemory())
+        once = lambda: peer.hit(item, key())  # noqa: E731
+
+    async def check() -> bool:
+        # Admitted: limits answers True, fineflow a Decision whose ``allowed`` is True.
+        answer = await once()
+        return answer is True or getattr(answer, "allowed", None) is True
+
+    return once, check
+
+
+async def _child(group: str, ops: int, names: list[str]) -> None:
+    build = _asgi if group == "asgi" else _memory
+    ready: dict[str, Contender] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        try:
+            ready[name] = build(name)
+        except _Unavailable as exc:
+            skipped[name] = str(exc)
+    # Not counted: every key seen once (memory storages insert on first sight), lazy set-up
+    # done, the interpreter's specialisations in place.
+    for once, _ in ready.values():
+        for _ in range(_WARM_UP[group]):
+            await once()
+    for once, _ in ready.values():
+        os.getppid()  # the marker: callgrind dumps the counts so far
+        for _ in range(ops):
+            await once()
+    os.getppid()
+    wrong = [name for name, (_, check) in ready.items() if not await check()]
+    if wrong:
+        raise SystemExit(f"wrong answers after {ops} operations: {wrong}")
+    print(json.dumps({"measured": list(ready), "skipped": skipped}))
+
+
+if __name__ == "__main__":
+    asyncio.run(_child(sys.argv[1], int(sys.argv[2]), sys.argv[3:]))

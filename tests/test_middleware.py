@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
+from unittest.mock import patch
 
 import anyio
 import pytest
@@ -28,6 +29,8 @@ from fineflow import (
     Quota,
     RateLimiter,
     _lifecycle,
+    _middleware,
+    _middleware_rules,
     keys,
 )
 from fineflow._asgitypes import Message, Receive, Scope, Send
@@ -517,12 +520,24 @@ async def test_an_app_reusing_its_start_message_never_accumulates_headers(
 
 
 @pytest.mark.parametrize("client", [("203.0.113.9", 1), ["203.0.113.9", 1], ("", 1), None])
-async def test_the_single_rule_path_answers_like_the_general_one(client: Any) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"headers": None},
+        {"headers": "legacy"},
+        {"shadow": True},
+        {"headers_for": lambda scope: scope["path"] != "/api/b"},
+    ],
+)
+async def test_the_single_rule_path_answers_like_the_general_one(
+    client: Any, options: dict[str, Any]
+) -> None:
     """One rule takes a shortcut; an extra rule that never matches forces the general
     loop. Both must answer every request the same."""
     rule = Rule("/api/*", quota="2/minute", name="api")
     never = Rule("/never", quota="1/minute", name="never")
-    fast, general = limited([rule]), limited([rule, never])
+    fast, general = limited([rule], **options), limited([rule, never], **options)
     assert fast._single is not None and general._single is None
     for path in ["/api/a", "/api/b", "/other", "/api/c", "/api/d"]:
         a = await call(fast, http_scope(path, client=client))
@@ -560,3 +575,95 @@ async def test_a_limiter_subclass_overriding_decide_alone_is_called() -> None:
     statuses = [(await call(mw, http_scope("/x"))).status for _ in range(2)]
     assert statuses == [200, 429]
     assert calls == [1, 1]
+
+
+STEPS = st.lists(
+    st.tuples(st.integers(0, 3), st.sampled_from([0.0, 0.4, 3.0, 6.0, 11.9, 12.0, 30.0])),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60)
+@given(steps=STEPS, bound=st.sampled_from([1, 2, 1024]))
+def test_cached_ratelimit_headers_match_freshly_rendered_ones(
+    steps: list[tuple[int, float]], bound: int
+) -> None:
+    """The single-rule path reuses rendered RateLimit headers: under any mix of callers
+    and clock moves (same remaining with another reset, a cache cleared when full) they
+    equal what the general path renders afresh."""
+    clock = Clock()
+    rule = Rule("/{path:path}", quota="5/minute", name="api")
+    fast = limited([rule], clock)
+    general = limited([rule, Rule("/never", quota="1/minute", name="never")], clock)
+    assert fast._single is not None and general._single is None
+
+    async def run() -> None:
+        for caller, seconds in steps:
+            clock.advance(seconds)
+            scope = http_scope("/a", client=(f"203.0.113.{caller}", 1))
+            a, b = await call(fast, scope), await call(general, dict(scope))
+            assert (a.status, a.headers) == (b.status, b.headers)
+            assert len(fast._compiled[0].rates) <= bound
+
+    with patch.object(_middleware, "MAX_CACHED_RATES", bound):
+        anyio.run(run)
+
+
+async def test_cached_ratelimit_headers_name_their_own_rule_and_follow_remaining() -> None:
+    clock = Clock()
+    a = limited([Rule("/{path:path}", quota="3/minute", name="a")], clock)
+    b = limited([Rule("/{path:path}", quota="3/minute", name="b")], clock)
+    seen = []
+    for mw in (a, b, a, b, a):
+        response = await call(mw, http_scope("/"))
+        seen.append(sf(response.header(b"ratelimit")))
+    assert seen == [
+        [("a", {"r": 2, "t": 20})],
+        [("b", {"r": 2, "t": 20})],
+        [("a", {"r": 1, "t": 40})],
+        [("b", {"r": 1, "t": 40})],
+        [("a", {"r": 0, "t": 60})],
+    ]
+    clock.advance(30)  # remaining 1 again, with another reset: not the cached t=40
+    response = await call(a, http_scope("/"))
+    assert sf(response.header(b"ratelimit")) == [("a", {"r": 0, "t": 50})]
+    other = await call(a, http_scope("/", client=("198.51.100.1", 1)))
+    assert sf(other.header(b"ratelimit")) == [("a", {"r": 2, "t": 20})]
+
+
+async def test_the_rendered_header_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_middleware, "MAX_CACHED_RATES", 4)
+    mw = limited([Rule("/{path:path}", quota="50/minute", name="n")])
+    rates = mw._compiled[0].rates
+    for expected in range(49, 39, -1):  # ten distinct remaining counts, one caller
+        response = await call(mw, http_scope("/"))
+        assert sf(response.header(b"ratelimit"))[0][1]["r"] == expected
+        assert 1 <= len(rates) <= 4
+    assert _middleware_rules.MAX_CACHED_RATES == 1024
+
+
+@pytest.mark.parametrize("headers", ["ietf", None])
+async def test_an_admitted_websocket_on_the_single_rule_path_is_counted_and_passed(
+    headers: str | None,
+) -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["state"]["fineflow"][0].remaining)
+        await send({"type": "websocket.accept"})
+
+    mw = limited([Rule("/ws", quota="3/minute")], app=app, headers=headers)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "client": ("1.2.3.4", 1)}
+    await mw(scope, receive, send)
+    assert sent == [{"type": "websocket.accept"}]
+    assert seen == [2]
+    assert (mw.metrics().requests, mw.metrics().allowed) == (1, 1)

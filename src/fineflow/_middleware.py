@@ -31,7 +31,7 @@ from ._errors import ConfigurationError, StorageError
 from ._headers import RATELIMIT, AppliedPolicy, HeaderStyle, render_headers, validate_style
 from ._lifecycle import OwnedStorage
 from ._limiter import STORAGE_UNAVAILABLE, Decisions, RateLimiter
-from ._middleware_rules import RuleSet, finish_key
+from ._middleware_rules import MAX_CACHED_RATES, RuleSet, finish_key
 from ._problem import quota_exceeded, storage_unavailable
 from ._rules import PathPattern, Rule
 from ._storage import Hit, Storage
@@ -39,8 +39,8 @@ from .keys import ClientIP, client_ip
 
 __all__ = ["MiddlewareMetrics", "RateLimitMiddleware"]
 
-# Build a Hit or Decisions without a Python-level __new__.
-_new_hit = _new_decisions = tuple.__new__
+# Build a Hit without NamedTuple's Python-level __new__.
+_new_hit = tuple.__new__
 
 logger = logging.getLogger("fineflow.middleware")
 
@@ -240,6 +240,7 @@ class RateLimitMiddleware:
                 return
         hits: Sequence[Hit] | None = None  # (not built on the in-process single-rule path)
         applied: Sequence[AppliedPolicy]
+        extra: Sequence[tuple[bytes, bytes]]
         c = self._single
         if c is not None:
             # One rule, one fixed quota and cost, no tiers: the same steps as the loop
@@ -278,7 +279,7 @@ class RateLimitMiddleware:
                 # An in-process storage: decided here, no awaits, no Hit to build.
                 try:
                     decision = local(value, quota, c.cost, c.name, "")  # type: ignore[arg-type]
-                    decisions = _new_decisions(Decisions, (decision,))
+                    decisions = Decisions((decision,))
                 except StorageError as exc:
                     hits = (Hit(value, quota, c.cost, c.name, ""),)  # type: ignore[arg-type]
                     decisions = self.limiter._local_failure(hits, exc)
@@ -296,25 +297,40 @@ class RateLimitMiddleware:
         if state is None:
             state = scope["state"] = {}
         state["fineflow"] = decisions
-        if c is not None and self._ietf_always and kind == "http":
-            # The single-rule path's usual outcome: admitted by the storage, IETF headers.
+        if c is not None:
+            # The single-rule path's usual outcomes: admitted by the storage.
             # (Indexes, not field names: allowed, remaining, reset_after, reason.)
             d = decisions[0]
             if d[0] and d[7] is None:
-                counts[_ALLOWED] += 1
-                policy_header, rate_template = c.ietf  # type: ignore[misc]
-                # Decisions never carry a negative reset_after, so ceil alone is enough.
-                rate = (RATELIMIT, rate_template % (d[2], ceil(d[3])))
+                if kind == "websocket" or self._plain:
+                    counts[_ALLOWED] += 1
+                    await self.app(scope, receive, send)
+                    return
+                if self._ietf_always:
+                    counts[_ALLOWED] += 1
+                    # Decisions never carry a negative reset_after, so ceil alone is enough.
+                    t = ceil(d[3])
+                    remaining = d[2]
+                    rates = c.rates
+                    cached = rates.get(remaining)
+                    if cached is not None and cached[0] == t:
+                        extra = cached[1]
+                    else:
+                        policy_header, rate_template = c.ietf  # type: ignore[misc]
+                        extra = (policy_header, (RATELIMIT, rate_template % (remaining, t)))
+                        if len(rates) >= MAX_CACHED_RATES:
+                            rates.clear()
+                        rates[remaining] = (t, extra)
 
-                def send_with_ietf(message: Message) -> Awaitable[None]:
-                    # As send_with_headers below.
-                    if message["type"] == "http.response.start":
-                        message = {**message}
-                        message["headers"] = [*message.get("headers", ()), policy_header, rate]
-                    return send(message)
+                    def send_with_ietf(message: Message) -> Awaitable[None]:
+                        # As send_with_headers below.
+                        if message["type"] == "http.response.start":
+                            message = {**message}
+                            message["headers"] = [*message.get("headers", ()), *extra]
+                        return send(message)
 
-                await self.app(scope, receive, send_with_ietf)
-                return
+                    await self.app(scope, receive, send_with_ietf)
+                    return
         allowed = True
         failed = False
         for d in decisions:
@@ -334,7 +350,6 @@ class RateLimitMiddleware:
             ):
                 await self.app(scope, receive, send)
                 return
-            extra: Sequence[tuple[bytes, bytes]]
             if len(applied) == 1 and self._style == "ietf":
                 a = applied[0]
                 d = decisions[0]

@@ -26,6 +26,9 @@ logger = logging.getLogger("fineflow.middleware")
 _new_hit = tuple.__new__  # builds a Hit without NamedTuple's Python-level __new__
 _MAX_WARNED_TIERS = 256
 _MAX_TIER_LEN = 64
+# Rendered RateLimit headers kept per rule; cleared when full, so a wide spread of
+# remaining counts (many keys, large quotas) cannot grow it without bound.
+MAX_CACHED_RATES = 1024
 _Plan = tuple[tuple[Quota, AppliedPolicy], ...]
 
 
@@ -43,6 +46,7 @@ class CompiledRule:
         "name",
         "plan",
         "prefix",
+        "rates",
         "regex",
         "single",
         "tiers",
@@ -78,6 +82,9 @@ class CompiledRule:
         self.ietf = (
             (self.plan[0][1].policy_header, self.plan[0][1].rate_template) if self.plan else None
         )
+        # remaining -> (reset seconds, (policy header, RateLimit header)) for the single
+        # quota: rendering costs more than the lookup, and remaining repeats a lot.
+        self.rates: dict[int, tuple[int, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]]] = {}
 
 
 async def finish_key(value: object) -> str | None:

@@ -179,7 +179,7 @@ class RateLimitMiddleware:
         self._headers_for = headers_for
         self._key: Callable[[Scope], Any] = key if key is not None else client_ip()
         # The default key needs no call in the usual case: scope["client"][0].
-        self._peer_key = isinstance(self._key, ClientIP) and self._key.peer_only
+        peer_key = isinstance(self._key, ClientIP) and self._key.peer_only
         self._tier = tier
         self._deny_app = deny_app
         self._ruleset = RuleSet(self.rules, self._key, tier, default_tier)
@@ -202,6 +202,7 @@ class RateLimitMiddleware:
         # One rule of the single shape and no tier function: skip the general loop.
         only = self._compiled[0]
         self._single = only if len(self._compiled) == 1 and only.single and tier is None else None
+        self._single_peer = self._single is not None and only.key is None and peer_key
         # Whether allowed responses can carry headers without asking anything per request.
         self._plain = self._style is None or self.shadow
         self._ietf_always = self._style == "ietf" and not self.shadow and headers_for is None
@@ -233,11 +234,12 @@ class RateLimitMiddleware:
             counts[_EXEMPT] += 1
             await self.app(scope, receive, send)
             return
-        for regex in self._exempt_regex:
-            if regex.fullmatch(path):
-                counts[_EXEMPT] += 1
-                await self.app(scope, receive, send)
-                return
+        if self._exempt_regex:  # (no loop, no iterator, when there are none)
+            for regex in self._exempt_regex:
+                if regex.fullmatch(path):
+                    counts[_EXEMPT] += 1
+                    await self.app(scope, receive, send)
+                    return
         hits: Sequence[Hit] | None = None  # (not built on the in-process single-rule path)
         applied: Sequence[AppliedPolicy]
         extra: Sequence[tuple[bytes, bytes]]
@@ -256,36 +258,34 @@ class RateLimitMiddleware:
             owned = self._owned
             if owned is not None and not owned.opened:
                 await owned.ensure_open()
-            key_fn = c.key
-            if key_fn is None:
-                key_fn = self._key
-                if self._peer_key:  # the default key: the peer address, no call needed
-                    client = scope.get("client")
-                    peer = client[0] if client.__class__ is tuple and client else None
-                    value = peer if peer.__class__ is str and peer else key_fn(scope)
-                else:
-                    value = key_fn(scope)
-            else:
-                value = key_fn(scope)
-            if value is not None and value.__class__ is not str:
-                value = await finish_key(value)
-            if value is None:
-                counts[_EXEMPT] += 1
-                await self.app(scope, receive, send)
-                return
+            value: Any = None
+            if self._single_peer:  # the default key: the peer address, no call needed
+                client = scope.get("client")
+                if client.__class__ is tuple and client:
+                    value = client[0]
+            if value.__class__ is not str or not value:
+                value = (self._key if c.key is None else c.key)(scope)
+                if value is not None and value.__class__ is not str:
+                    value = await finish_key(value)
+                if value is None:
+                    counts[_EXEMPT] += 1
+                    await self.app(scope, receive, send)
+                    return
             quota, applied = c.single  # type: ignore[misc]
             local = self._local_one
             if local is not None:
                 # An in-process storage: decided here, no awaits, no Hit to build.
                 try:
-                    decision = local(value, quota, c.cost, c.name, "")  # type: ignore[arg-type]
-                    decisions = Decisions((decision,))
+                    d = local(value, quota, c.cost, c.name, "")  # type: ignore[arg-type]
+                    decisions = Decisions((d,))
                 except StorageError as exc:
                     hits = (Hit(value, quota, c.cost, c.name, ""),)  # type: ignore[arg-type]
                     decisions = self.limiter._local_failure(hits, exc)
+                    d = decisions[0]
             else:
                 hits = (_new_hit(Hit, (value, quota, c.cost, c.name, "")),)
                 decisions = await self._decide(hits)
+                d = decisions[0]
         else:
             hits, applied, matched = await self._ruleset.collect(scope, method, path)
             if not hits:
@@ -297,40 +297,38 @@ class RateLimitMiddleware:
         if state is None:
             state = scope["state"] = {}
         state["fineflow"] = decisions
-        if c is not None:
-            # The single-rule path's usual outcomes: admitted by the storage.
-            # (Indexes, not field names: allowed, remaining, reset_after, reason.)
-            d = decisions[0]
-            if d[0] and d[7] is None:
-                if kind == "websocket" or self._plain:
-                    counts[_ALLOWED] += 1
-                    await self.app(scope, receive, send)
-                    return
-                if self._ietf_always:
-                    counts[_ALLOWED] += 1
-                    # Decisions never carry a negative reset_after, so ceil alone is enough.
-                    t = ceil(d[3])
-                    remaining = d[2]
-                    rates = c.rates
-                    cached = rates.get(remaining)
-                    if cached is not None and cached[0] == t:
-                        extra = cached[1]
-                    else:
-                        policy_header, rate_template = c.ietf  # type: ignore[misc]
-                        extra = (policy_header, (RATELIMIT, rate_template % (remaining, t)))
-                        if len(rates) >= MAX_CACHED_RATES:
-                            rates.clear()
-                        rates[remaining] = (t, extra)
+        # The single-rule path's usual outcomes: admitted by the storage.
+        # (Indexes, not field names: allowed, remaining, reset_after, reason.)
+        if c is not None and d[0] and d[7] is None:
+            if kind == "websocket" or self._plain:
+                counts[_ALLOWED] += 1
+                await self.app(scope, receive, send)
+                return
+            if self._ietf_always:
+                counts[_ALLOWED] += 1
+                # Decisions never carry a negative reset_after, so ceil alone is enough.
+                t = ceil(d[3])
+                remaining = d[2]
+                rates = c.rates
+                cached = rates.get(remaining)
+                if cached is not None and cached[0] == t:
+                    extra = cached[1]
+                else:
+                    policy_header, rate_template = c.ietf  # type: ignore[misc]
+                    extra = (policy_header, (RATELIMIT, rate_template % (remaining, t)))
+                    if len(rates) >= MAX_CACHED_RATES:
+                        rates.clear()
+                    rates[remaining] = (t, extra)
 
-                    def send_with_ietf(message: Message) -> Awaitable[None]:
-                        # As send_with_headers below.
-                        if message["type"] == "http.response.start":
-                            message = {**message}
-                            message["headers"] = [*message.get("headers", ()), *extra]
-                        return send(message)
+                def send_with_ietf(message: Message) -> Awaitable[None]:
+                    # As send_with_headers below.
+                    if message["type"] == "http.response.start":
+                        message = {**message}
+                        message["headers"] = [*message.get("headers", ()), *extra]
+                    return send(message)
 
-                    await self.app(scope, receive, send_with_ietf)
-                    return
+                await self.app(scope, receive, send_with_ietf)
+                return
         allowed = True
         failed = False
         for d in decisions:

@@ -248,9 +248,11 @@ class RateLimitMiddleware:
             # One rule, one fixed quota and cost, no tiers: the same steps as the loop
             # below, for exactly one hit.
             if (c.methods is not None and method not in c.methods) or (
-                c.regex.fullmatch(path) is None
+                not path.startswith(c.prefix)
+                if c.prefix is not None
+                else c.regex.fullmatch(path) is None
                 if c.regex is not None
-                else not (path == c.literal if c.prefix is None else path.startswith(c.prefix))
+                else path != c.literal
             ):
                 counts[_UNMATCHED] += 1
                 await self.app(scope, receive, send)
@@ -300,11 +302,7 @@ class RateLimitMiddleware:
         # The single-rule path's usual outcomes: admitted by the storage.
         # (Indexes, not field names: allowed, remaining, reset_after, reason.)
         if c is not None and d[0] and d[7] is None:
-            if kind == "websocket" or self._plain:
-                counts[_ALLOWED] += 1
-                await self.app(scope, receive, send)
-                return
-            if self._ietf_always:
+            if self._ietf_always and kind == "http":
                 counts[_ALLOWED] += 1
                 # Decisions never carry a negative reset_after, so ceil alone is enough.
                 t = ceil(d[3])
@@ -328,6 +326,10 @@ class RateLimitMiddleware:
                     return send(message)
 
                 await self.app(scope, receive, send_with_ietf)
+                return
+            if self._plain or kind == "websocket":
+                counts[_ALLOWED] += 1
+                await self.app(scope, receive, send)
                 return
         allowed = True
         failed = False

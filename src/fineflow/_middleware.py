@@ -44,8 +44,6 @@ _new_hit = tuple.__new__
 
 logger = logging.getLogger("fineflow.middleware")
 
-_REQUESTS, _ALLOWED, _LIMITED, _SHADOW, _EXEMPT, _UNMATCHED, _STORE = range(7)
-
 
 @dataclass(frozen=True, slots=True)
 class MiddlewareMetrics:
@@ -198,7 +196,9 @@ class RateLimitMiddleware:
         self._nowait = cls.decide_nowait is not RateLimiter.decide_nowait or (
             cls.decide is RateLimiter.decide
         )
-        self._counts = [0] * 7
+        # The metrics counters: plain attributes, the cheapest to increment.
+        self._n_requests = self._n_allowed = self._n_limited = self._n_shadow = 0
+        self._n_exempt = self._n_unmatched = self._n_store = 0
         # One rule of the single shape and no tier function: skip the general loop.
         only = self._compiled[0]
         self._single = only if len(self._compiled) == 1 and only.single and tier is None else None
@@ -209,7 +209,15 @@ class RateLimitMiddleware:
 
     def metrics(self) -> MiddlewareMetrics:
         """A snapshot of the counters (see :class:`MiddlewareMetrics`)."""
-        return MiddlewareMetrics(*self._counts)
+        return MiddlewareMetrics(
+            self._n_requests,
+            self._n_allowed,
+            self._n_limited,
+            self._n_shadow,
+            self._n_exempt,
+            self._n_unmatched,
+            self._n_store,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
@@ -224,20 +232,19 @@ class RateLimitMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        counts = self._counts
-        counts[_REQUESTS] += 1
+        self._n_requests += 1
         path = scope.get("path") or "/"
         root = scope.get("root_path")
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
         if method in self._exempt_methods or path in self._exempt_literal:
-            counts[_EXEMPT] += 1
+            self._n_exempt += 1
             await self.app(scope, receive, send)
             return
         if self._exempt_regex:  # (no loop, no iterator, when there are none)
             for regex in self._exempt_regex:
                 if regex.fullmatch(path):
-                    counts[_EXEMPT] += 1
+                    self._n_exempt += 1
                     await self.app(scope, receive, send)
                     return
         hits: Sequence[Hit] | None = None  # (not built on the in-process single-rule path)
@@ -254,7 +261,7 @@ class RateLimitMiddleware:
                 if c.regex is not None
                 else path != c.literal
             ):
-                counts[_UNMATCHED] += 1
+                self._n_unmatched += 1
                 await self.app(scope, receive, send)
                 return
             owned = self._owned
@@ -270,7 +277,7 @@ class RateLimitMiddleware:
                 if value is not None and value.__class__ is not str:
                     value = await finish_key(value)
                 if value is None:
-                    counts[_EXEMPT] += 1
+                    self._n_exempt += 1
                     await self.app(scope, receive, send)
                     return
             quota, applied = c.single  # type: ignore[misc]
@@ -291,7 +298,10 @@ class RateLimitMiddleware:
         else:
             hits, applied, matched = await self._ruleset.collect(scope, method, path)
             if not hits:
-                counts[_EXEMPT if matched else _UNMATCHED] += 1
+                if matched:
+                    self._n_exempt += 1
+                else:
+                    self._n_unmatched += 1
                 await self.app(scope, receive, send)
                 return
             decisions = await self._decide(hits)
@@ -303,7 +313,7 @@ class RateLimitMiddleware:
         # (Indexes, not field names: allowed, remaining, reset_after, reason.)
         if c is not None and d[0] and d[7] is None:
             if self._ietf_always and kind == "http":
-                counts[_ALLOWED] += 1
+                self._n_allowed += 1
                 # Decisions never carry a negative reset_after, so ceil alone is enough.
                 t = ceil(d[3])
                 remaining = d[2]
@@ -328,7 +338,7 @@ class RateLimitMiddleware:
                 await self.app(scope, receive, send_with_ietf)
                 return
             if self._plain or kind == "websocket":
-                counts[_ALLOWED] += 1
+                self._n_allowed += 1
                 await self.app(scope, receive, send)
                 return
         allowed = True
@@ -339,9 +349,9 @@ class RateLimitMiddleware:
             if d.reason is not None and d.reason == STORAGE_UNAVAILABLE:
                 failed = True
         if failed:
-            counts[_STORE] += 1
+            self._n_store += 1
         if allowed:
-            counts[_ALLOWED] += 1
+            self._n_allowed += 1
             if (
                 self._plain
                 or kind == "websocket"
@@ -374,7 +384,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send_with_headers)
             return
         if self.shadow:
-            counts[_SHADOW] += 1
+            self._n_shadow += 1
             denied = [i for i, d in enumerate(decisions) if not d.allowed]
             logger.info(
                 "shadow mode: would deny %s %s for key %r (policies %s)",
@@ -386,7 +396,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        counts[_LIMITED] += 1
+        self._n_limited += 1
         deny_app = self._deny_app
         if deny_app is not None and (
             kind == "http" or "websocket.http.response" in (scope.get("extensions") or {})

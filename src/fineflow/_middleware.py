@@ -15,7 +15,9 @@ is opened (and migrated) on startup and closed on shutdown, or opened on the fir
 when the server runs no lifespan.
 
 Everything that does not depend on the request (path regexes, header names and policy
-items) is compiled in ``__init__``; per-request state lives in locals.
+items) is compiled in ``__init__``; per-request state lives in locals. (The one thing kept
+across requests, besides counters: each rule's rendered ``RateLimit`` values, keyed by the
+numbers they show, in a cache cleared when full.)
 """
 
 from __future__ import annotations

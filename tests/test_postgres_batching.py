@@ -80,9 +80,9 @@ async def test_a_lone_statement_shares_its_batch_with_a_second(storage: Postgres
     sizes: list[int] = []
     run_live = storage._run_live
 
-    async def spy(conn: Any, algorithm: str, live: list[Request]) -> None:
+    async def spy(cur: Any, algorithm: str, live: list[Request]) -> None:
         sizes.append(len(live))
-        await run_live(conn, algorithm, live)
+        await run_live(cur, algorithm, live)
 
     storage._run_live = spy  # type: ignore[method-assign]
     out = await asyncio.gather(

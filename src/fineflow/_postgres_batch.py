@@ -1,7 +1,7 @@
 """How one batch of requests becomes one statement, and its rows become decisions.
 
 ``PostgresStorage`` decides which runner a batch takes; each runner sends exactly one
-statement on the connection it is given and sets ``result`` on every request it decides.
+statement with the cursor it is given and sets ``result`` on every request it decides.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def make_decision(
 
 
 async def run_single(
-    conn: psycopg.AsyncConnection[Any], statements: Statements, request: Request
+    cur: psycopg.AsyncCursor[Any], statements: Statements, request: Request
 ) -> None:
     """A lone single-quota GCRA request: ``hit()``."""
     hit = request.hits[0]
@@ -136,7 +136,7 @@ async def run_single(
         "iv": interval,
         "now": request.now,
     }
-    cur = await conn.execute(statements.single, params, prepare=True)
+    await cur.execute(statements.single, params, prepare=True)
     row = await cur.fetchone()
     assert row is not None
     ok, tat, now = row
@@ -176,7 +176,7 @@ def by_key(batch: list[Request]) -> dict[str, list[Request]] | None:
 
 
 async def run_keys(
-    conn: psycopg.AsyncConnection[Any],
+    cur: psycopg.AsyncCursor[Any],
     statements: Statements,
     batch: list[Request],
     groups: dict[str, list[Request]],
@@ -200,7 +200,7 @@ async def run_keys(
         cost,
     )
     # Binary results: int8 columns load without parsing digits.
-    cur = await conn.execute(statements.hit_keys, params, prepare=True, binary=True)
+    await cur.execute(statements.hit_keys, params, prepare=True, binary=True)
     rows = await cur.fetchall()
     interval = quota.emission_interval_ns
     step = cost * interval
@@ -274,7 +274,7 @@ def by_row(batch: list[Request]) -> dict[tuple[str, str, str], list[Request]] | 
 
 
 async def run_rows(
-    conn: psycopg.AsyncConnection[Any],
+    cur: psycopg.AsyncCursor[Any],
     statements: Statements,
     now: int | None,
     groups: dict[tuple[str, str, str], list[Request]],
@@ -294,7 +294,7 @@ async def run_rows(
         caps.append(quota.capacity)
         costs.append(min(hit.cost, quota.capacity + 1))
         counts.append(len(requests))
-    cur = await conn.execute(statements.hit_many, [now, *cols], prepare=True)
+    await cur.execute(statements.hit_many, [now, *cols], prepare=True)
     rows = await cur.fetchall()
     for key, endpoint, policy, tat, admitted, db_now in rows:
         requests = groups[(key, endpoint, policy)]
@@ -322,7 +322,7 @@ async def run_rows(
 
 
 async def run_batch(
-    conn: psycopg.AsyncConnection[Any],
+    cur: psycopg.AsyncCursor[Any],
     statements: Statements,
     algorithm: str,
     batch: list[Request],
@@ -355,7 +355,7 @@ async def run_batch(
             per_col.append(quota.period_ns)
             cap_col.append(quota.capacity)
             cost_col.append(min(hit.cost, cap + 1))
-    cur = await conn.execute(statements.decide, [algorithm, *cols], prepare=True)
+    await cur.execute(statements.decide, [algorithm, *cols], prepare=True)
     rows = await cur.fetchall()
     position = 0
     for request in batch:

@@ -78,15 +78,15 @@ async def run(ctx: Context) -> list[Table]:
     smoke = ctx.profile.name == "smoke"
     labels = {(g, n): label for g, n, label in CONTENDERS}
     found: dict[tuple[str, str], float] = {}
-    for table, (group, (counts, notes)) in zip(
-        (asgi, memory),
-        zip(
-            ("asgi", "memory"),
-            await asyncio.gather(*(_count(valgrind, g, ops, smoke) for g in ("asgi", "memory"))),
-            strict=True,
-        ),
-        strict=True,
-    ):
+    groups = {"asgi": asgi, "memory": memory}
+    # Both children run to the end even if one fails, so none is left behind.
+    results = await asyncio.gather(
+        *(_count(valgrind, g, ops, smoke) for g in groups), return_exceptions=True
+    )
+    for (group, table), result in zip(groups.items(), results, strict=True):
+        if isinstance(result, BaseException):
+            raise result
+        counts, notes = result
         table.notes.extend(notes)
         for name, value in counts.items():
             found[group, name] = value
@@ -172,6 +172,7 @@ async def _count(
             valgrind,
             "--tool=callgrind",
             f"--callgrind-out-file={tmp}/cg.%p",
+            f"--log-file={tmp}/valgrind.log",  # stderr stays the child's own
             f"--dump-before={_MARKER}",
             sys.executable,
             "-m",
@@ -185,8 +186,12 @@ async def _count(
         )
         out, err = await proc.communicate()
         if proc.returncode != 0:
+            # A contender answering wrong, or a child that cannot run: the suite fails
+            # (the runner reports it and exits 1) rather than dropping a group's targets.
             lines = err.decode(errors="replace").strip().splitlines()
-            return {}, [f"{group}: child failed ({lines[-1] if lines else proc.returncode})"]
+            raise RuntimeError(
+                f"{group} child exited {proc.returncode}: {lines[-1] if lines else '?'}"
+            )
         report = json.loads(out.decode().strip().splitlines()[-1])
         notes = [f"{name}: {why}" for name, why in report["skipped"].items()]
         counts, problem = _read_dumps(Path(tmp), report["measured"], ops)

@@ -561,6 +561,25 @@ async def test_a_limiter_subclass_is_called_through_its_methods() -> None:
     assert calls == [1, 1]
 
 
+async def test_a_limiter_answering_the_wrong_number_of_decisions_is_named() -> None:
+    """A subclass breaking the contract (no decision for a hit) gets an error naming it,
+    whatever the rules and headers, not an IndexError from deep inside."""
+
+    class Empty(RateLimiter):
+        async def decide(self, hits: Sequence[Hit], *, now: int | None = None) -> Decisions:
+            return Decisions(())
+
+    two = [Rule("/x", quota="1/minute"), Rule("/{p:path}", quota="5/minute", name="all")]
+    for rules in ([Rule("/x", quota="1/minute")], two):
+        for headers in ("ietf", None):
+            style: Literal["ietf"] | None = headers
+            mw = RateLimitMiddleware(
+                echo_app, limiter=Empty(MemoryStorage()), rules=rules, headers=style
+            )
+            with pytest.raises(TypeError, match="Empty returned 0 decisions for"):
+                await call(mw, http_scope("/x"))
+
+
 async def test_a_limiter_subclass_overriding_decide_alone_is_called() -> None:
     calls: list[int] = []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,20 @@ import fineflow
 def test_every_public_name_resolves() -> None:
     for name in fineflow.__all__:
         assert getattr(fineflow, name) is not None, name
-    assert set(fineflow.__all__) <= set(dir(fineflow))
+    public = {n for n in dir(fineflow) if not n.startswith("__")}
+    assert public == set(fineflow.__all__) - {"__version__"}  # no helper names (typing, ...)
+
+
+def test_type_checkers_still_flag_a_misspelt_name(tmp_path: Path) -> None:
+    # The lazy __getattr__ is hidden from type checkers: with it visible, mypy would type
+    # any unknown name as Any and let typos through.
+    api = pytest.importorskip("mypy.api")
+    user = tmp_path / "user_code.py"
+    user.write_text("from fineflow import MemoryStorag, PostgresStorage\n")
+    out, _, status = api.run(["--no-incremental", "--strict", str(user)])
+    assert status == 1
+    assert 'Module "fineflow" has no attribute "MemoryStorag"' in out
+    assert "PostgresStorage" not in out
 
 
 def test_star_import_includes_postgres_storage() -> None:
@@ -26,8 +40,9 @@ def test_star_import_includes_postgres_storage() -> None:
 
 
 def test_unknown_name_is_an_attribute_error() -> None:
+    name = "PostgresStorag"
     with pytest.raises(AttributeError, match="no attribute 'PostgresStorag'"):
-        fineflow.PostgresStorag  # noqa: B018
+        getattr(fineflow, name)
     with pytest.raises(ImportError):
         exec("from fineflow import NoSuchThing", {})
 

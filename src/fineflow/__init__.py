@@ -4,7 +4,7 @@ Rate limiting keeps its state in PostgreSQL by default, so every instance of a s
 shares one limit; circuit breakers guard routes of your app and outbound calls.
 """
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from . import keys
 from ._algorithms import Algorithm, BucketState, Decision
@@ -31,7 +31,7 @@ from ._registry import BreakerRegistry
 from ._rules import Rule
 from ._storage import Hit, KeyStatus, StatsRow, Storage
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ._postgres import PostgresStorage
 
 __version__ = "0.1.0"
@@ -75,16 +75,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # PostgresStorage brings in psycopg, about half of ``import fineflow``'s time: it is
-    # imported when first asked for, so memory storage and breakers never pay for it.
-    if name == "PostgresStorage":
-        from ._postgres import PostgresStorage
+if not _typing.TYPE_CHECKING:  # (type checkers see the import above, and flag typos)
 
-        globals()[name] = PostgresStorage
-        return PostgresStorage
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        # PostgresStorage brings in psycopg, about half of ``import fineflow``'s time: it is
+        # imported when first asked for, so memory storage and breakers never pay for it.
+        if name == "PostgresStorage":
+            from ._postgres import PostgresStorage
+
+            globals()[name] = PostgresStorage
+            return PostgresStorage
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})

@@ -421,4 +421,10 @@ class RateLimitMiddleware:
         decisions = limiter.decide_nowait(hits) if self._nowait else None
         if decisions is None:
             decisions = await limiter.decide(hits)
+        if len(decisions) != len(hits):
+            # (A RateLimiter subclass breaking its contract: say so, not IndexError later.)
+            raise TypeError(
+                f"{type(limiter).__name__} returned {len(decisions)} decisions for "
+                f"{len(hits)} hits; decide() and decide_nowait() return one per hit"
+            )
         return decisions

@@ -24,7 +24,8 @@ def test_type_checkers_still_flag_a_misspelt_name(tmp_path: Path) -> None:
     api = pytest.importorskip("mypy.api")
     user = tmp_path / "user_code.py"
     user.write_text("from fineflow import MemoryStorag, PostgresStorage\n")
-    out, _, status = api.run(["--no-incremental", "--strict", str(user)])
+    cache = str(tmp_path / "cache")
+    out, _, status = api.run(["--strict", "--cache-dir", cache, str(user)])
     assert status == 1
     assert 'Module "fineflow" has no attribute "MemoryStorag"' in out
     assert "PostgresStorage" not in out

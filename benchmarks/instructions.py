@@ -2,7 +2,8 @@
 
 Timings on a shared machine are noisy: the in-process ASGI figures often have ranges that
 cross zero. The number of instructions a code path executes is exact and repeatable: the
-same figure on a busy or an idle machine. One child process per group runs under
+same figure on a busy or an idle machine. Groups: the in-process ASGI contenders, the
+memory-storage decision, the circuit breakers. One child process per group runs under
 ``valgrind --tool=callgrind``: it builds every contender and warms each up, then runs each
 for N operations between two calls of ``os.getppid()``, where callgrind writes out its
 counts (``--dump-before``), so each contender's N operations are counted alone, free of
@@ -51,12 +52,17 @@ CONTENDERS: list[tuple[str, str, str]] = [
     ("memory", "fineflow", "fineflow RateLimiter.hit"),
     ("memory", "limits-fixed", "limits.aio fixed window"),
     ("memory", "limits-moving", "limits.aio moving window"),
+    ("breaker", "closed:bare await", "closed: bare await of the guarded call"),
+    ("breaker", "closed:fineflow call", "closed: fineflow call"),
+    ("breaker", "closed:circuitbreaker", "closed: circuitbreaker"),
+    ("breaker", "open:fineflow execute(fallback=)", "open: fineflow execute(fallback=)"),
+    ("breaker", "open:circuitbreaker raise+catch", "open: circuitbreaker raise+catch"),
 ]
 _OPS = {"smoke": 20, "quick": 1_000, "full": 5_000}
 # More than the memory group's 1,000 keys: each is inserted on first sight.
-_WARM_UP = {"asgi": 200, "memory": 1_200}
+_WARM_UP = {"asgi": 200, "memory": 1_200, "breaker": 200}
 # A smoke run counts these only (seconds, not a minute): both kinds of child, one peer.
-_SMOKE = {"bare", "fineflow-memory", "fineflow", "limits-fixed"}
+_SMOKE = {"bare", "fineflow-memory", "fineflow", "limits-fixed", "closed:fineflow call"}
 _EXPECTED_STATUS = {"fineflow-memory-429": 429}
 _MARKER = "os_getppid*"  # the C function behind os.getppid(): callgrind dumps before it
 _SUMMARY = re.compile(r"^summary:\s*(\d+)", re.MULTILINE)
@@ -66,6 +72,7 @@ async def run(ctx: Context) -> list[Table]:
     """Count every contender's instructions per operation; the two tables and targets."""
     asgi = Table(SUITE, "Instructions per request, in-process ASGI (callgrind)", "added vs bare")
     memory = Table(SUITE, "Instructions per decision, memory storage (callgrind)", "x fineflow")
+    breaker = Table(SUITE, "Instructions per call, circuit breakers (callgrind)")
     targets = Table(SUITE, "Targets on instruction counts")
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -78,7 +85,7 @@ async def run(ctx: Context) -> list[Table]:
     smoke = ctx.profile.name == "smoke"
     labels = {(g, n): label for g, n, label in CONTENDERS}
     found: dict[tuple[str, str], float] = {}
-    groups = {"asgi": asgi, "memory": memory}
+    groups = {"asgi": asgi, "memory": memory, "breaker": breaker}
     # Both children run to the end even if one fails, so none is left behind.
     results = await asyncio.gather(
         *(_count(valgrind, g, ops, smoke) for g in groups), return_exceptions=True
@@ -105,7 +112,7 @@ async def run(ctx: Context) -> list[Table]:
             "clock, which callgrind slows about fifty-fold"
         )
     _targets(found, targets)
-    return [t for t in (asgi, memory, targets) if t.rows or t.notes]
+    return [t for t in (*groups.values(), targets) if t.rows or t.notes]
 
 
 def _targets(found: dict[tuple[str, str], float], table: Table) -> None:
@@ -155,6 +162,25 @@ def _targets(found: dict[tuple[str, str], float], table: Table) -> None:
             5.0,
             False,
         )
+
+    def over_bare(name: str) -> float | None:
+        value, bare = found.get(("breaker", name)), found.get(("breaker", "closed:bare await"))
+        return None if value is None or bare is None else value - bare
+
+    row(
+        "fineflow call overhead / circuitbreaker's (closed)",
+        over_bare("closed:fineflow call"),
+        over_bare("closed:circuitbreaker"),
+        0.5,
+        True,
+    )
+    row(
+        "fineflow execute(fallback=) / circuitbreaker raise+catch (open)",
+        found.get(("breaker", "open:fineflow execute(fallback=)")),
+        found.get(("breaker", "open:circuitbreaker raise+catch")),
+        0.5,
+        True,
+    )
     floor, fixed = found.get(("memory", "floor")), found.get(("memory", "limits-fixed"))
     if floor and fixed:
         table.add(
@@ -226,7 +252,7 @@ class _Unavailable(Exception):
     pass
 
 
-def _asgi(name: str) -> Contender:
+async def _asgi(name: str) -> Contender:
     from ._apps import build
     from .asgi import _BASE_SCOPE, _drop, _receive, _status
 
@@ -247,7 +273,7 @@ def _asgi(name: str) -> Contender:
     return once, check
 
 
-def _memory(name: str) -> Contender:
+async def _memory(name: str) -> Contender:
     from fineflow import MemoryStorage, Quota, RateLimiter
 
     from ._floors import bare_gcra, bare_gcra_hit
@@ -298,13 +324,54 @@ def _memory(name: str) -> Contender:
     return once, check
 
 
+_breakers: dict[str, dict[str, Callable[[], Awaitable[Any]]]] = {}
+
+
+async def _breaker(name: str) -> Contender:
+    from .breaker import _closed_contenders, _open_contenders
+
+    state, _, label = name.partition(":")
+    if not _breakers:
+        _breakers["closed"] = await _closed_contenders([])
+        _breakers["open"] = await _open_contenders([])
+    call = _breakers[state].get(label)
+    if call is None:
+        raise _Unavailable("not installed")
+    once: Callable[[], Awaitable[Any]] = call
+    if "raise+catch" in label:
+
+        async def rejected() -> None:
+            try:
+                await call()
+            except Exception:
+                pass
+
+        async def check() -> bool:
+            try:
+                await call()
+            except Exception:
+                return True
+            return False  # the breaker let the call through: not open
+
+        return rejected, check
+    # The guarded call returns 1; fineflow's open-state execute() a BreakerResult whose
+    # value is the fallback's 0.
+    expected = 1 if state == "closed" else 0
+
+    async def answered() -> bool:
+        answer = await call()
+        return bool(getattr(answer, "from_fallback", False) or answer == expected)
+
+    return once, answered
+
+
 async def _child(group: str, ops: int, names: list[str]) -> None:
-    build = _asgi if group == "asgi" else _memory
+    build = {"asgi": _asgi, "memory": _memory, "breaker": _breaker}[group]
     ready: dict[str, Contender] = {}
     skipped: dict[str, str] = {}
     for name in names:
         try:
-            ready[name] = build(name)
+            ready[name] = await build(name)
         except _Unavailable as exc:
             skipped[name] = str(exc)
     # Not counted: every key seen once (memory storages insert on first sight), lazy set-up

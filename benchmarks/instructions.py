@@ -61,7 +61,7 @@ CONTENDERS: list[tuple[str, str, str]] = [
 _OPS = {"smoke": 20, "quick": 1_000, "full": 5_000}
 # More than the memory group's 1,000 keys: each is inserted on first sight.
 _WARM_UP = {"asgi": 200, "memory": 1_200, "breaker": 200}
-# A smoke run counts these only (seconds, not a minute): both kinds of child, one peer.
+# A smoke run counts these only (seconds, not a minute): every group's child runs, one peer.
 _SMOKE = {"bare", "fineflow-memory", "fineflow", "limits-fixed", "closed:fineflow call"}
 _EXPECTED_STATUS = {"fineflow-memory-429": 429}
 _MARKER = "os_getppid*"  # the C function behind os.getppid(): callgrind dumps before it

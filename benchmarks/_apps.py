@@ -88,6 +88,11 @@ async def _authenticate(scope: Scope) -> tuple[str, str]:
     return str(client[0]), "default"
 
 
+def _tier_of_caller(scope: Scope) -> str:
+    # Where a real app would read the caller's plan (a header, a token, the session).
+    return "pro"
+
+
 def _fineflow_middleware(**kwargs: Any) -> Middleware | None:
     cls, rule = fineflow_name("RateLimitMiddleware"), fineflow_name("Rule")
     if cls is None or rule is None:
@@ -114,7 +119,7 @@ def build(variant: str, **options: Any) -> Starlette | None:
 
     Variants: ``bare``, ``passthrough``, ``floor`` (the least middleware with fineflow's
     contract: :class:`benchmarks._floors.MinimalRateLimit`), ``fineflow-memory``,
-    ``fineflow-memory-429``,
+    ``fineflow-memory-429``, ``fineflow-tiers`` (three tiers, a tier function),
     ``fineflow-postgres`` (``limiter=`` or ``dsn=``/``schema=``), ``asgi-ratelimit``,
     ``slowapi`` (decorator + ``SlowAPIMiddleware``), ``slowapi-decorator``, ``breaker``.
     """
@@ -130,6 +135,21 @@ def build(variant: str, **options: Any) -> Starlette | None:
         from ._floors import MinimalRateLimit
 
         middleware.append(Middleware(MinimalRateLimit, quota=ALLOW_QUOTA))
+    elif variant == "fineflow-tiers":
+        from fineflow import MemoryStorage
+
+        cls, rule = fineflow_name("RateLimitMiddleware"), fineflow_name("Rule")
+        if cls is None or rule is None:
+            return None
+        tiers = {"free": "100/minute", "pro": ALLOW_QUOTA, "enterprise": ALLOW_QUOTA}
+        middleware.append(
+            Middleware(
+                cls,
+                storage=MemoryStorage(),
+                rules=[rule("/{path:path}", tiers=tiers)],
+                tier=_tier_of_caller,
+            )
+        )
     elif variant in ("fineflow-memory", "fineflow-memory-429"):
         from fineflow import MemoryStorage
 

@@ -79,6 +79,7 @@ _CONTENDERS = [
     ("floor", "least middleware with fineflow's contract", 200),
     ("fineflow-memory", "fineflow memory, allowed", 200),
     ("fineflow-memory-429", "fineflow memory, 429 path", 429),
+    ("fineflow-tiers", "fineflow memory, tiers, allowed", 200),
     ("asgi-ratelimit", "asgi-ratelimit (memory)", 200),
     ("slowapi", "slowapi decorator + SlowAPIMiddleware", 200),
     ("slowapi-decorator", "slowapi decorator only", 200),

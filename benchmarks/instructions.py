@@ -43,6 +43,7 @@ CONTENDERS: list[tuple[str, str, str]] = [
     ("asgi", "floor", "least middleware with fineflow's contract"),
     ("asgi", "fineflow-memory", "fineflow memory, allowed"),
     ("asgi", "fineflow-memory-429", "fineflow memory, 429 path"),
+    ("asgi", "fineflow-tiers", "fineflow memory, tiers, allowed"),
     ("asgi", "asgi-ratelimit", "asgi-ratelimit (memory)"),
     ("asgi", "slowapi-decorator", "slowapi decorator only"),
     ("asgi", "slowapi", "slowapi decorator + SlowAPIMiddleware"),
@@ -146,6 +147,10 @@ def _targets(found: dict[tuple[str, str], float], table: Table) -> None:
         1.0,
         True,
     )
+    tiers, peer = added("fineflow-tiers"), added("asgi-ratelimit")
+    if tiers is not None and peer:
+        name = "fineflow tiers added / asgi-ratelimit added (no target)"
+        table.add(Row(name, stat([tiers / peer]), "x"))
     least = added("floor")
     for peer in ("asgi-ratelimit", "slowapi-decorator"):
         # No target: how low the ratio can go for any middleware with fineflow's contract.

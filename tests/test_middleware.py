@@ -608,24 +608,54 @@ STEPS = st.lists(
 def test_cached_ratelimit_headers_match_freshly_rendered_ones(
     steps: list[tuple[int, float]], bound: int
 ) -> None:
-    """The single-rule path reuses rendered RateLimit headers: under any mix of callers
-    and clock moves (same remaining with another reset, a cache cleared when full) they
-    equal what the general path renders afresh."""
+    """Requests with one decision reuse rendered RateLimit headers (the single-rule path
+    and the general one): under any mix of callers and clock moves (same remaining with
+    another reset, a cache cleared when full) they equal headers rendered afresh (a
+    ``headers_for`` function turns the cache off)."""
     clock = Clock()
     rule = Rule("/{path:path}", quota="5/minute", name="api")
     fast = limited([rule], clock)
     general = limited([rule, Rule("/never", quota="1/minute", name="never")], clock)
+    fresh = limited([rule], clock, headers_for=lambda scope: True)
     assert fast._single is not None and general._single is None
 
     async def run() -> None:
         for caller, seconds in steps:
             clock.advance(seconds)
             scope = http_scope("/a", client=(f"203.0.113.{caller}", 1))
-            a, b = await call(fast, scope), await call(general, dict(scope))
-            assert (a.status, a.headers) == (b.status, b.headers)
-            assert len(fast._compiled[0].rates) <= bound
+            a, b, c = [await call(mw, dict(scope)) for mw in (fast, general, fresh)]
+            assert (a.status, a.headers) == (b.status, b.headers) == (c.status, c.headers)
+            for mw in (fast, general):
+                assert len(mw._compiled[0].plan[0][1].rates) <= bound
 
     with patch.object(_middleware, "MAX_CACHED_RATES", bound):
+        anyio.run(run)
+
+
+@settings(max_examples=40)
+@given(steps=STEPS, tiers=st.lists(st.sampled_from(["free", "pro", "gold", None]), min_size=4))
+def test_tiered_rules_cache_headers_per_tier(
+    steps: list[tuple[int, float]], tiers: list[str | None]
+) -> None:
+    """Each tier's policy keeps its own rendered headers: a caller's headers name their
+    tier's quota, as rendered afresh (unknown and missing tiers take the default)."""
+    clock = Clock()
+    rule = Rule("/{path:path}", tiers={"free": "3/minute", "pro": "5/minute"}, name="api")
+
+    def tier_of(scope: Scope) -> str | None:
+        return tiers[int(scope["client"][0].rsplit(".", 1)[1])]
+
+    cached = limited([rule], clock, tier=tier_of, default_tier="free")
+    fresh = limited([rule], clock, tier=tier_of, default_tier="free", headers_for=bool)
+
+    async def run() -> None:
+        for caller, seconds in steps:
+            clock.advance(seconds)
+            scope = http_scope("/a", client=(f"203.0.113.{caller}", 1))
+            a, b = await call(cached, dict(scope)), await call(fresh, dict(scope))
+            assert (a.status, a.headers) == (b.status, b.headers)
+
+    with patch.object(_middleware, "MAX_CACHED_RATES", 2):
         anyio.run(run)
 
 
@@ -654,7 +684,7 @@ async def test_cached_ratelimit_headers_name_their_own_rule_and_follow_remaining
 async def test_the_rendered_header_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_middleware, "MAX_CACHED_RATES", 4)
     mw = limited([Rule("/{path:path}", quota="50/minute", name="n")])
-    rates = mw._compiled[0].rates
+    rates = mw._compiled[0].plan[0][1].rates
     for expected in range(49, 39, -1):  # ten distinct remaining counts, one caller
         response = await call(mw, http_scope("/"))
         assert sf(response.header(b"ratelimit"))[0][1]["r"] == expected

@@ -85,7 +85,15 @@ class AppliedPolicy:
         quota: the quota.
     """
 
-    __slots__ = ("json_name", "name", "policy_header", "policy_item", "quota", "rate_template")
+    __slots__ = (
+        "json_name",
+        "name",
+        "policy_header",
+        "policy_item",
+        "quota",
+        "rate_template",
+        "rates",
+    )
 
     def __init__(self, name: str, quota: Quota) -> None:
         encoded = sf_string(name)
@@ -95,6 +103,10 @@ class AppliedPolicy:
         self.policy_header = (RATELIMIT_POLICY, self.policy_item)  # when it applies alone
         self.rate_template = encoded.replace(b"%", b"%%") + b";r=%d;t=%d"
         self.json_name = json.dumps(name).encode("utf-8")
+        # The middleware's cache of IETF header pairs when this policy applies alone:
+        # remaining -> (reset seconds, (policy header, RateLimit header)). Rendering costs
+        # more than the lookup, and remaining repeats a lot.
+        self.rates: dict[int, tuple[int, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]]] = {}
 
     def __repr__(self) -> str:
         return f"AppliedPolicy({self.name!r}, {self.quota})"

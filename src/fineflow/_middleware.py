@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from math import ceil
 from typing import Any, Literal
 
+from ._algorithms import Decision
 from ._asgitypes import ASGIApp, Message, Receive, Scope, Send
 from ._errors import ConfigurationError, StorageError
 from ._headers import RATELIMIT, AppliedPolicy, HeaderStyle, render_headers, validate_style
@@ -45,6 +46,10 @@ __all__ = ["MiddlewareMetrics", "RateLimitMiddleware"]
 _new_hit = tuple.__new__
 
 logger = logging.getLogger("fineflow.middleware")
+
+# Stands in for the one decision when a request has several: not admitted, so the
+# one-decision outcomes are skipped and the general ones decide on all of them.
+_SEVERAL = Decision(False, 0, 0, 0.0, None, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,26 +311,29 @@ class RateLimitMiddleware:
                     self._n_unmatched += 1
                 await self.app(scope, receive, send)
                 return
-            decisions = await self._decide(hits)
+            ready = self._decide_now(hits)
+            decisions = ready if ready is not None else (await self._decide(hits))
+            # One decision: the usual outcomes below apply as on the single-rule path.
+            d = decisions[0] if len(decisions) == 1 else _SEVERAL
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
         state["fineflow"] = decisions
-        # The single-rule path's usual outcomes: admitted by the storage.
+        # The usual outcomes of one decision: admitted by the storage.
         # (Indexes, not field names: allowed, remaining, reset_after, reason.)
-        if c is not None and d[0] and d[7] is None:
+        if d[0] and d[7] is None:
             if self._ietf_always and kind == "http":
                 self._n_allowed += 1
                 # Decisions never carry a negative reset_after, so ceil alone is enough.
                 t = ceil(d[3])
                 remaining = d[2]
-                rates = c.rates
+                a = applied[0]
+                rates = a.rates
                 cached = rates.get(remaining)
                 if cached is not None and cached[0] == t:
                     extra = cached[1]
                 else:
-                    policy_header, rate_template = c.ietf  # type: ignore[misc]
-                    extra = (policy_header, (RATELIMIT, rate_template % (remaining, t)))
+                    extra = (a.policy_header, (RATELIMIT, a.rate_template % (remaining, t)))
                     if len(rates) >= MAX_CACHED_RATES:
                         rates.clear()
                     rates[remaining] = (t, extra)
@@ -421,10 +429,22 @@ class RateLimitMiddleware:
         decisions = limiter.decide_nowait(hits) if self._nowait else None
         if decisions is None:
             decisions = await limiter.decide(hits)
+        return self._checked(decisions, hits)
+
+    def _decide_now(self, hits: Sequence[Hit]) -> Decisions | None:
+        """``_decide`` without awaiting, when the storage is in-process and open; else
+        ``None``."""
+        owned = self._owned
+        if not self._nowait or (owned is not None and not owned.opened):
+            return None
+        decisions = self.limiter.decide_nowait(hits)
+        return None if decisions is None else self._checked(decisions, hits)
+
+    def _checked(self, decisions: Decisions, hits: Sequence[Hit]) -> Decisions:
         if len(decisions) != len(hits):
             # (A RateLimiter subclass breaking its contract: say so, not IndexError later.)
             raise TypeError(
-                f"{type(limiter).__name__} returned {len(decisions)} decisions for "
+                f"{type(self.limiter).__name__} returned {len(decisions)} decisions for "
                 f"{len(hits)} hits; decide() and decide_nowait() return one per hit"
             )
         return decisions

@@ -39,14 +39,12 @@ class CompiledRule:
         "cost",
         "default_plan",
         "default_tier",
-        "ietf",
         "key",
         "literal",
         "methods",
         "name",
         "plan",
         "prefix",
-        "rates",
         "regex",
         "single",
         "tiers",
@@ -78,13 +76,6 @@ class CompiledRule:
             if not self.tiers and len(self.plan) == 1 and isinstance(self.cost, int)
             else None
         )
-        # The single quota's pre-encoded IETF pieces: the policy header, the rate template.
-        self.ietf = (
-            (self.plan[0][1].policy_header, self.plan[0][1].rate_template) if self.plan else None
-        )
-        # remaining -> (reset seconds, (policy header, RateLimit header)) for the single
-        # quota: rendering costs more than the lookup, and remaining repeats a lot.
-        self.rates: dict[int, tuple[int, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]]] = {}
 
 
 async def finish_key(value: object) -> str | None:
@@ -96,8 +87,8 @@ async def finish_key(value: object) -> str | None:
     return str(value)
 
 
-async def _tier_of(fn: Callable[[Scope], Any], scope: Scope) -> str | None:
-    value = fn(scope)
+async def _finish_tier(value: object) -> str | None:
+    """A tier function's result that is not a ``str``: awaited, ``None`` kept, else text."""
     if isawaitable(value):
         value = await value
     if value is None:
@@ -179,7 +170,13 @@ class RuleSet:
             if subject is None:
                 continue
             if not tier_done:
-                tier = None if self.tier is None else await _tier_of(self.tier, scope)
+                if self.tier is not None:
+                    value = self.tier(scope)
+                    tier = (
+                        value[:_MAX_TIER_LEN]
+                        if value.__class__ is str
+                        else (await _finish_tier(value))
+                    )
                 tier_done = True
             if c.tiers:
                 plan = c.tiers.get(tier) if tier is not None else None

@@ -16,7 +16,7 @@ when the server runs no lifespan.
 
 Everything that does not depend on the request (path regexes, header names and policy
 items) is compiled in ``__init__``; per-request state lives in locals. (The one thing kept
-across requests, besides counters: each rule's rendered ``RateLimit`` values, keyed by the
+across requests, besides counters: each policy's rendered ``RateLimit`` values, keyed by the
 numbers they show, in a cache cleared when full.)
 """
 

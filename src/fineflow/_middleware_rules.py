@@ -26,8 +26,8 @@ logger = logging.getLogger("fineflow.middleware")
 _new_hit = tuple.__new__  # builds a Hit without NamedTuple's Python-level __new__
 _MAX_WARNED_TIERS = 256
 _MAX_TIER_LEN = 64
-# Rendered RateLimit headers kept per rule; cleared when full, so a wide spread of
-# remaining counts (many keys, large quotas) cannot grow it without bound.
+# Rendered RateLimit headers kept per policy (AppliedPolicy.rates); cleared when full, so
+# a wide spread of remaining counts (many keys, large quotas) cannot grow it unbounded.
 MAX_CACHED_RATES = 1024
 _Plan = tuple[tuple[Quota, AppliedPolicy], ...]
 

@@ -121,76 +121,87 @@ def _targets(found: dict[tuple[str, str], float], table: Table) -> None:
         value, bare = found.get(("asgi", name)), found.get(("asgi", "bare"))
         return None if value is None or bare is None else value - bare
 
-    def row(name: str, num: float | None, den: float | None, bound: float, most: bool) -> None:
-        if num is None or not den:
-            return
-        r = num / den
-        met = at_most(r, bound) if most else at_least(r, bound)
-        table.add(
-            Row(name, stat([r]), "x", target=f"{'<=' if most else '>='} {bound:.3g}", met=met)
-        )
-
-    ff = added("fineflow-memory")
-    row("fineflow allowed added / asgi-ratelimit added", ff, added("asgi-ratelimit"), 1 / 3, True)
-    row("fineflow allowed added / slowapi added", ff, added("slowapi"), 0.1, True)
-    row(
-        "fineflow allowed added / slowapi decorator-only added",
-        ff,
-        added("slowapi-decorator"),
-        0.1,
-        True,
-    )
-    row(
-        "fineflow 429 path / allowed path (per request)",
-        found.get(("asgi", "fineflow-memory-429")),
-        found.get(("asgi", "fineflow-memory")),
-        1.0,
-        True,
-    )
-    tiers, peer = added("fineflow-tiers"), added("asgi-ratelimit")
-    if tiers is not None and peer:
-        name = "fineflow tiers added / asgi-ratelimit added (no target)"
-        table.add(Row(name, stat([tiers / peer]), "x"))
-    least = added("floor")
-    for peer in ("asgi-ratelimit", "slowapi-decorator"):
-        # No target: how low the ratio can go for any middleware with fineflow's contract.
-        den = added(peer)
-        if least is not None and den:
-            name = f"least middleware added / {peer} added (no target)"
-            table.add(Row(name, stat([least / den]), "x"))
-    mine = found.get(("memory", "fineflow"))
-    for name, label in (("limits-fixed", "fixed"), ("limits-moving", "moving")):
-        row(
-            f"limits.aio {label} window / fineflow RateLimiter.hit",
-            found.get(("memory", name)),
-            mine,
-            5.0,
-            False,
-        )
-
     def over_bare(name: str) -> float | None:
         value, bare = found.get(("breaker", name)), found.get(("breaker", "closed:bare await"))
         return None if value is None or bare is None else value - bare
 
-    row(
-        "fineflow call overhead / circuitbreaker's (closed)",
-        over_bare("closed:fineflow call"),
-        over_bare("closed:circuitbreaker"),
-        0.5,
-        True,
-    )
-    row(
-        "fineflow execute(fallback=) / circuitbreaker raise+catch (open)",
-        found.get(("breaker", "open:fineflow execute(fallback=)")),
-        found.get(("breaker", "open:circuitbreaker raise+catch")),
-        0.5,
-        True,
-    )
-    floor, fixed = found.get(("memory", "floor")), found.get(("memory", "limits-fixed"))
-    if floor and fixed:
-        table.add(
-            Row("limits.aio fixed window / bare GCRA step (no target)", stat([fixed / floor]), "x")
-        )
+    def memory(name: str) -> float | None:
+        return found.get(("memory", name))
+
+    ff, peer = added("fineflow-memory"), added("asgi-ratelimit")
+    # (name, numerator, denominator, "<=" / ">=" / "" for no target, bound)
+    checks: list[tuple[str, float | None, float | None, str, float]] = [
+        ("fineflow allowed added / asgi-ratelimit added", ff, peer, "<=", 1 / 3),
+        ("fineflow allowed added / slowapi added", ff, added("slowapi"), "<=", 0.1),
+        (
+            "fineflow allowed added / slowapi decorator-only added",
+            ff,
+            added("slowapi-decorator"),
+            "<=",
+            0.1,
+        ),
+        (
+            "fineflow 429 path / allowed path (per request)",
+            found.get(("asgi", "fineflow-memory-429")),
+            found.get(("asgi", "fineflow-memory")),
+            "<=",
+            1.0,
+        ),
+        ("fineflow tiers added / asgi-ratelimit added", added("fineflow-tiers"), peer, "", 0),
+        # How low the ratios can go for any middleware with fineflow's contract.
+        ("least middleware added / asgi-ratelimit added", added("floor"), peer, "", 0),
+        (
+            "least middleware added / slowapi decorator-only added",
+            added("floor"),
+            added("slowapi-decorator"),
+            "",
+            0,
+        ),
+        (
+            "limits.aio fixed window / fineflow RateLimiter.hit",
+            memory("limits-fixed"),
+            memory("fineflow"),
+            ">=",
+            5.0,
+        ),
+        (
+            "limits.aio moving window / fineflow RateLimiter.hit",
+            memory("limits-moving"),
+            memory("fineflow"),
+            ">=",
+            5.0,
+        ),
+        (
+            "limits.aio fixed window / bare GCRA step",
+            memory("limits-fixed"),
+            memory("floor"),
+            "",
+            0,
+        ),
+        (
+            "fineflow call overhead / circuitbreaker's (closed)",
+            over_bare("closed:fineflow call"),
+            over_bare("closed:circuitbreaker"),
+            "<=",
+            0.5,
+        ),
+        (
+            "fineflow execute(fallback=) / circuitbreaker raise+catch (open)",
+            found.get(("breaker", "open:fineflow execute(fallback=)")),
+            found.get(("breaker", "open:circuitbreaker raise+catch")),
+            "<=",
+            0.5,
+        ),
+    ]
+    for name, num, den, op, bound in checks:
+        if num is None or not den:
+            continue
+        r = stat([num / den])
+        if not op:
+            table.add(Row(f"{name} (no target)", r, "x"))
+            continue
+        met = at_most(r.median, bound) if op == "<=" else at_least(r.median, bound)
+        table.add(Row(name, r, "x", target=f"{op} {bound:.3g}", met=met))
 
 
 async def _count(

@@ -295,13 +295,11 @@ class RateLimitMiddleware:
                     d = local(value, quota, c.cost, c.name, "")  # type: ignore[arg-type]
                     decisions = Decisions((d,))
                 except StorageError as exc:
-                    hits = (Hit(value, quota, c.cost, c.name, ""),)  # type: ignore[arg-type]
-                    decisions = self.limiter._local_failure(hits, exc)
+                    fallback_hits = (Hit(value, quota, c.cost, c.name, ""),)  # type: ignore[arg-type]
+                    decisions = self.limiter._local_failure(fallback_hits, exc)
                     d = decisions[0]
             else:
                 hits = (_new_hit(Hit, (value, quota, c.cost, c.name, "")),)
-                decisions = await self._decide(hits)
-                d = decisions[0]
         else:
             hits, applied, matched = await self._ruleset.collect(scope, method, path)
             if not hits:
@@ -311,6 +309,7 @@ class RateLimitMiddleware:
                     self._n_unmatched += 1
                 await self.app(scope, receive, send)
                 return
+        if hits is not None:  # (not decided in-process above)
             ready = self._decide_now(hits)
             decisions = ready if ready is not None else (await self._decide(hits))
             # One decision: the usual outcomes below apply as on the single-rule path.
@@ -421,24 +420,24 @@ class RateLimitMiddleware:
             violated = [a for a, d in zip(applied, decisions, strict=True) if not d.allowed]
             await quota_exceeded(violated, decisions.retry_after, extra_list)(scope, receive, send)
 
-    async def _decide(self, hits: Sequence[Hit]) -> Decisions:
-        owned = self._owned
-        if owned is not None and not owned.opened:
-            await owned.ensure_open()
-        limiter = self.limiter
-        decisions = limiter.decide_nowait(hits) if self._nowait else None
-        if decisions is None:
-            decisions = await limiter.decide(hits)
-        return self._checked(decisions, hits)
-
     def _decide_now(self, hits: Sequence[Hit]) -> Decisions | None:
-        """``_decide`` without awaiting, when the storage is in-process and open; else
-        ``None``."""
+        """The decisions without awaiting, when the storage is in-process and open; else
+        ``None`` (then :meth:`_decide`)."""
         owned = self._owned
         if not self._nowait or (owned is not None and not owned.opened):
             return None
         decisions = self.limiter.decide_nowait(hits)
         return None if decisions is None else self._checked(decisions, hits)
+
+    async def _decide(self, hits: Sequence[Hit]) -> Decisions:
+        """The decisions ``_decide_now`` could not give: the storage opened if need be."""
+        owned = self._owned
+        if owned is not None and not owned.opened:
+            await owned.ensure_open()
+            ready = self._decide_now(hits)
+            if ready is not None:
+                return ready
+        return self._checked(await self.limiter.decide(hits), hits)
 
     def _checked(self, decisions: Decisions, hits: Sequence[Hit]) -> Decisions:
         if len(decisions) != len(hits):

@@ -117,78 +117,43 @@ async def run(ctx: Context) -> list[Table]:
 
 
 def _targets(found: dict[tuple[str, str], float], table: Table) -> None:
+    def over(group: str, name: str, base: str) -> float | None:
+        value, floor = found.get((group, name)), found.get((group, base))
+        return None if value is None or floor is None else value - floor
+
     def added(name: str) -> float | None:
-        value, bare = found.get(("asgi", name)), found.get(("asgi", "bare"))
-        return None if value is None or bare is None else value - bare
+        return over("asgi", name, "bare")
 
-    def over_bare(name: str) -> float | None:
-        value, bare = found.get(("breaker", name)), found.get(("breaker", "closed:bare await"))
-        return None if value is None or bare is None else value - bare
-
-    def memory(name: str) -> float | None:
-        return found.get(("memory", name))
-
-    ff, peer = added("fineflow-memory"), added("asgi-ratelimit")
+    ff, peer, least = added("fineflow-memory"), added("asgi-ratelimit"), added("floor")
+    slowapi, decorator = added("slowapi"), added("slowapi-decorator")
+    denied, allowed = (
+        found.get(("asgi", "fineflow-memory-429")),
+        found.get(("asgi", "fineflow-memory")),
+    )
+    hit, gcra = found.get(("memory", "fineflow")), found.get(("memory", "floor"))
+    fixed, moving = found.get(("memory", "limits-fixed")), found.get(("memory", "limits-moving"))
+    call = over("breaker", "closed:fineflow call", "closed:bare await")
+    peer_call = over("breaker", "closed:circuitbreaker", "closed:bare await")
+    fallback = found.get(("breaker", "open:fineflow execute(fallback=)"))
+    peer_open = found.get(("breaker", "open:circuitbreaker raise+catch"))
     # (name, numerator, denominator, "<=" / ">=" / "" for no target, bound)
     checks: list[tuple[str, float | None, float | None, str, float]] = [
         ("fineflow allowed added / asgi-ratelimit added", ff, peer, "<=", 1 / 3),
-        ("fineflow allowed added / slowapi added", ff, added("slowapi"), "<=", 0.1),
-        (
-            "fineflow allowed added / slowapi decorator-only added",
-            ff,
-            added("slowapi-decorator"),
-            "<=",
-            0.1,
-        ),
-        (
-            "fineflow 429 path / allowed path (per request)",
-            found.get(("asgi", "fineflow-memory-429")),
-            found.get(("asgi", "fineflow-memory")),
-            "<=",
-            1.0,
-        ),
+        ("fineflow allowed added / slowapi added", ff, slowapi, "<=", 0.1),
+        ("fineflow allowed added / slowapi decorator-only added", ff, decorator, "<=", 0.1),
+        ("fineflow 429 path / allowed path (per request)", denied, allowed, "<=", 1.0),
         ("fineflow tiers added / asgi-ratelimit added", added("fineflow-tiers"), peer, "", 0),
         # How low the ratios can go for any middleware with fineflow's contract.
-        ("least middleware added / asgi-ratelimit added", added("floor"), peer, "", 0),
-        (
-            "least middleware added / slowapi decorator-only added",
-            added("floor"),
-            added("slowapi-decorator"),
-            "",
-            0,
-        ),
-        (
-            "limits.aio fixed window / fineflow RateLimiter.hit",
-            memory("limits-fixed"),
-            memory("fineflow"),
-            ">=",
-            5.0,
-        ),
-        (
-            "limits.aio moving window / fineflow RateLimiter.hit",
-            memory("limits-moving"),
-            memory("fineflow"),
-            ">=",
-            5.0,
-        ),
-        (
-            "limits.aio fixed window / bare GCRA step",
-            memory("limits-fixed"),
-            memory("floor"),
-            "",
-            0,
-        ),
-        (
-            "fineflow call overhead / circuitbreaker's (closed)",
-            over_bare("closed:fineflow call"),
-            over_bare("closed:circuitbreaker"),
-            "<=",
-            0.5,
-        ),
+        ("least middleware added / asgi-ratelimit added", least, peer, "", 0),
+        ("least middleware added / slowapi decorator-only added", least, decorator, "", 0),
+        ("limits.aio fixed window / fineflow RateLimiter.hit", fixed, hit, ">=", 5.0),
+        ("limits.aio moving window / fineflow RateLimiter.hit", moving, hit, ">=", 5.0),
+        ("limits.aio fixed window / bare GCRA step", fixed, gcra, "", 0),
+        ("fineflow call overhead / circuitbreaker's (closed)", call, peer_call, "<=", 0.5),
         (
             "fineflow execute(fallback=) / circuitbreaker raise+catch (open)",
-            found.get(("breaker", "open:fineflow execute(fallback=)")),
-            found.get(("breaker", "open:circuitbreaker raise+catch")),
+            fallback,
+            peer_open,
             "<=",
             0.5,
         ),

@@ -40,14 +40,14 @@ ALLOW_QUOTA = "1000000/second"
 DENY_QUOTA = "1/hour"
 
 _CANDIDATES = {
-    "RateLimitMiddleware": ("fineflow", "fineflow._middleware"),
-    "Rule": ("fineflow", "fineflow._rules"),
-    "CircuitBreaker": ("fineflow", "fineflow._breaker"),
+    "RateLimitMiddleware": ("fineflow", "fineflow._ratelimit.middleware"),
+    "Rule": ("fineflow", "fineflow._ratelimit.rules"),
+    "CircuitBreaker": ("fineflow", "fineflow._breaker.breaker"),
     "CircuitBreakerMiddleware": (
         "fineflow",
         "fineflow._breaker_asgi",
-        "fineflow._breaker_middleware",
-        "fineflow._breaker_http",
+        "fineflow._breaker.middleware",
+        "fineflow._breaker.http",
         "fineflow._middleware_breaker",
         "fineflow.breaker",
     ),

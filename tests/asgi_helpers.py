@@ -19,7 +19,7 @@ from fineflow import (
     StorageClosedError,
     StorageError,
 )
-from fineflow._asgitypes import Message, Receive, Scope, Send
+from fineflow._asgi.types import Message, Receive, Scope, Send
 
 with warnings.catch_warnings():
     # starlette.testclient prefers the httpx2 fork and warns when it runs on httpx.

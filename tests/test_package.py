@@ -34,7 +34,7 @@ def test_type_checkers_still_flag_a_misspelt_name(tmp_path: Path) -> None:
 def test_star_import_includes_postgres_storage() -> None:
     namespace: dict[str, object] = {}
     exec("from fineflow import *", namespace)
-    from fineflow._postgres import PostgresStorage
+    from fineflow._storage.postgres.storage import PostgresStorage
 
     assert namespace["PostgresStorage"] is PostgresStorage
     assert set(fineflow.__all__) <= set(namespace)
@@ -65,4 +65,4 @@ def test_import_leaves_psycopg_until_postgres_storage_is_used() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "fineflow._postgres"
+    assert out.stdout.strip() == "fineflow._storage.postgres.storage"

@@ -7,13 +7,13 @@ shares one limit; circuit breakers guard routes of your app and outbound calls.
 import typing as _typing
 
 from . import keys
-from ._algorithms import Algorithm, BucketState, Decision
-from ._breaker import CircuitBreaker
-from ._breaker_config import BreakerConfig, BreakerMetrics, CircuitState
-from ._breaker_events import BreakerEvent
-from ._breaker_http import http_throttle
-from ._breaker_middleware import CircuitBreakerMiddleware
-from ._breaker_permit import BreakerResult, Permit
+from ._breaker.breaker import CircuitBreaker
+from ._breaker.config import BreakerConfig, BreakerMetrics, CircuitState
+from ._breaker.events import BreakerEvent
+from ._breaker.http import http_throttle
+from ._breaker.middleware import CircuitBreakerMiddleware
+from ._breaker.permit import BreakerResult, Permit
+from ._breaker.registry import BreakerRegistry
 from ._errors import (
     CircuitOpenError,
     ConfigurationError,
@@ -22,17 +22,17 @@ from ._errors import (
     StorageClosedError,
     StorageError,
 )
-from ._headers import HeaderStyle
-from ._limiter import Decisions, LimiterMetrics, RateLimiter
-from ._memory import MemoryStorage
-from ._middleware import MiddlewareMetrics, RateLimitMiddleware
-from ._quota import Quota
-from ._registry import BreakerRegistry
-from ._rules import Rule
-from ._storage import Hit, KeyStatus, StatsRow, Storage
+from ._ratelimit.algorithms import Algorithm, BucketState, Decision
+from ._ratelimit.headers import HeaderStyle
+from ._ratelimit.limiter import Decisions, LimiterMetrics, RateLimiter
+from ._ratelimit.middleware import MiddlewareMetrics, RateLimitMiddleware
+from ._ratelimit.quota import Quota
+from ._ratelimit.rules import Rule
+from ._storage.base import Hit, KeyStatus, StatsRow, Storage
+from ._storage.memory import MemoryStorage
 
 if _typing.TYPE_CHECKING:
-    from ._postgres import PostgresStorage
+    from ._storage.postgres.storage import PostgresStorage
 
 __version__ = "0.1.0"
 
@@ -81,7 +81,7 @@ if not _typing.TYPE_CHECKING:  # (type checkers see the import above, and flag t
         # PostgresStorage brings in psycopg, about half of ``import fineflow``'s time: it is
         # imported when first asked for, so memory storage and breakers never pay for it.
         if name == "PostgresStorage":
-            from ._postgres import PostgresStorage
+            from ._storage.postgres.storage import PostgresStorage
 
             globals()[name] = PostgresStorage
             return PostgresStorage

@@ -16,14 +16,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from ._breaker_middleware import CircuitBreakerMiddleware
+from ._breaker.middleware import CircuitBreakerMiddleware
+from ._breaker.registry import BreakerRegistry
 from ._errors import FineflowError
-from ._memory import MemoryStorage
-from ._middleware import RateLimitMiddleware
-from ._postgres import PostgresStorage
-from ._registry import BreakerRegistry
-from ._rules import Rule
-from ._storage import Storage
+from ._ratelimit.middleware import RateLimitMiddleware
+from ._ratelimit.rules import Rule
+from ._storage.base import Storage
+from ._storage.memory import MemoryStorage
+from ._storage.postgres.storage import PostgresStorage
 from .keys import header
 
 __all__ = ["run_demo"]

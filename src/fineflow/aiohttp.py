@@ -31,10 +31,10 @@ from collections.abc import Callable, Container
 import aiohttp
 from aiohttp import ClientHandlerType, ClientMiddlewareType, ClientRequest, ClientResponse
 
-from ._breaker import CircuitBreaker, Permit
-from ._breaker_http import parse_retry_after
+from ._breaker.breaker import CircuitBreaker, Permit
+from ._breaker.http import parse_retry_after
+from ._breaker.registry import BreakerRegistry
 from ._errors import CircuitOpenError, ConfigurationError
-from ._registry import BreakerRegistry
 
 __all__ = ["CircuitOpenClientError", "circuit_breaker_middleware", "host_key"]
 

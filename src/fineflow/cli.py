@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from ._errors import FineflowError
-from ._postgres import PostgresStorage
-from ._storage import KeyStatus
+from ._storage.base import KeyStatus
+from ._storage.postgres.storage import PostgresStorage
 
 __all__ = ["main"]
 

@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal
 
-from ._asgitypes import Scope
+from ._asgi.types import Scope
 from ._errors import ConfigurationError
 
 __all__ = ["ClientIP", "KeyFunc", "client_ip", "first", "header", "user"]

@@ -1,0 +1,1 @@
+"""ASGI plumbing both sides share: types, problem+json early responses."""

@@ -1,0 +1,133 @@
+"""Circuit-breaker events and how listeners (sync or async) receive them."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from .._errors import ConfigurationError
+from .config import CircuitState
+
+__all__ = ["EVENT_KINDS", "BreakerEvent", "EventKind", "Listener", "Listeners"]
+
+EventKind = Literal["state_change", "success", "failure", "rejection"]
+EVENT_KINDS: tuple[EventKind, ...] = ("state_change", "success", "failure", "rejection")
+
+logger = logging.getLogger("fineflow.breaker")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerEvent:
+    """Something that happened to a breaker, as passed to its listeners.
+
+    Attributes:
+        kind: ``"state_change"``, ``"success"``, ``"failure"`` or ``"rejection"``.
+        breaker: the breaker's name.
+        state: the state after the event (the new state for a state change).
+        from_state: the previous state (state changes only).
+        reason: why the state changed (state changes only).
+        time: the breaker clock's reading.
+        exception: the exception that made the call fail, when there was one.
+    """
+
+    kind: EventKind
+    breaker: str
+    state: CircuitState
+    from_state: CircuitState | None
+    reason: str | None
+    time: float
+    exception: BaseException | None
+
+
+Listener = Callable[[BreakerEvent], None] | Callable[[BreakerEvent], Awaitable[None]]
+
+
+def _is_async(listener: object) -> bool:
+    return inspect.iscoroutinefunction(listener) or inspect.iscoroutinefunction(
+        getattr(listener, "__call__", None)  # noqa: B004 - async callable objects
+    )
+
+
+class Listeners:
+    """Listener bookkeeping for ``CircuitBreaker``: sync listeners run at once, async ones
+    are queued and awaited by ``flush_events`` in the task that produced the event."""
+
+    def __init__(self) -> None:
+        self._sync: dict[EventKind, list[Callable[[BreakerEvent], object]]] = {
+            k: [] for k in EVENT_KINDS
+        }
+        self._async: dict[EventKind, list[Callable[[BreakerEvent], Awaitable[None]]]] = {
+            k: [] for k in EVENT_KINDS
+        }
+        self._pending: deque[tuple[Callable[[BreakerEvent], Awaitable[None]], BreakerEvent]] = (
+            deque()
+        )
+        self._update_flags()
+
+    def _update_flags(self) -> None:
+        def has(kind: EventKind) -> bool:
+            return bool(self._sync[kind] or self._async[kind])
+
+        self._has_state_change = has("state_change")
+        self._has_success = has("success")
+        self._has_failure = has("failure")
+        self._has_rejection = has("rejection")
+        # Events can be pending only while this is true (it stays true until they are
+        # delivered, even if the last async listener was removed in between).
+        self._has_async = bool(self._pending) or any(self._async.values())
+
+    def add_listener(self, kind: EventKind, listener: Listener) -> None:
+        """Call ``listener(event)`` on every event of ``kind`` (see ``CircuitBreaker``).
+
+        Raises:
+            ConfigurationError: unknown ``kind`` or ``listener`` not callable.
+        """
+        if kind not in EVENT_KINDS:
+            raise ConfigurationError(f"unknown event kind {kind!r}; use one of {EVENT_KINDS}")
+        if not callable(listener):
+            raise ConfigurationError(f"listener must be callable (got {listener!r})")
+        if _is_async(listener):
+            self._async[kind].append(listener)  # type: ignore[arg-type]
+        else:
+            self._sync[kind].append(listener)
+        self._update_flags()
+
+    def remove_listener(self, kind: EventKind, listener: Listener) -> None:
+        """Stop calling ``listener`` for ``kind``.
+
+        Raises:
+            ValueError: it was not registered for ``kind``.
+        """
+        group = self._async if _is_async(listener) else self._sync
+        group[kind].remove(listener)  # type: ignore[arg-type]
+        self._update_flags()
+
+    def _dispatch(self, event: BreakerEvent) -> None:
+        for listener in self._sync[event.kind]:
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("breaker %r: %s listener failed", event.breaker, event.kind)
+        for async_listener in self._async[event.kind]:
+            self._pending.append((async_listener, event))
+
+    async def flush_events(self) -> None:
+        """Await the async listeners of every queued event, each event exactly once.
+
+        The guarded-call methods call this themselves; call it after the synchronous
+        control methods (``reset()`` ...) or hand-settled permits to deliver their events
+        right away.
+        """
+        pending = self._pending
+        while pending:
+            listener, event = pending.popleft()
+            try:
+                await listener(event)
+            except Exception:
+                logger.exception("breaker %r: %s listener failed", event.breaker, event.kind)
+        if self._has_async and not any(self._async.values()):
+            self._update_flags()  # the last async listener went away meanwhile

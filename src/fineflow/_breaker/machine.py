@@ -1,0 +1,450 @@
+"""The circuit-breaker state machine: pure, synchronous, no I/O, ``now`` passed in.
+
+Rules of operation
+------------------
+* A caller asks for a *permit* with ``acquire(now)``. It gets a token (``>= 0``) or
+  ``REJECTED``. Every admitted call must come back exactly once as ``on_success``,
+  ``on_failure`` or ``on_ignored`` (cancellation and ignored outcomes) with its token.
+* The token is the *epoch* the call was admitted in. Every transition starts a new epoch;
+  an outcome from an older epoch still counts in the totals but cannot move the state, so
+  calls admitted before a trip, a reset or a half-open round cannot confuse the next one.
+* CLOSED admits everything. A failure trips it to OPEN when ``failure_threshold``
+  consecutive failures happened, or when the sliding window holds at least
+  ``minimum_calls`` outcomes and the failure rate or slow-call rate reaches its threshold.
+* OPEN rejects until its deadline: ``reset_timeout``, multiplied by ``backoff_multiplier``
+  on each repeated open without a close in between (capped at ``max_reset_timeout``), then
+  shortened by up to ``jitter`` (a fraction, drawn from the injected ``random``). The first
+  caller after the deadline moves it to HALF_OPEN (lazily: nothing runs in the background).
+* HALF_OPEN hands out at most ``half_open_max_calls`` permits; further callers are
+  rejected at once. Ignored and cancelled trials give their permit back. A failed (or, with
+  a slow-call policy, slow) trial reopens; ``success_threshold`` successes close. A caller
+  arriving ``half_open_max_wait`` after it entered HALF_OPEN reopens it, so a permit lost
+  by a caller that never reports back cannot wedge the breaker.
+* A *hold* (the upstream said 429 + Retry-After, policy ``"hold"``) rejects callers in
+  CLOSED and HALF_OPEN until it ends, without a transition and without counting an open.
+* DISABLED, FORCED_OPEN and METRICS_ONLY are entered and left only by hand (``reset()``
+  returns to CLOSED). DISABLED and METRICS_ONLY admit everything and never trip; only
+  METRICS_ONLY keeps the sliding window. FORCED_OPEN rejects everything.
+* Every state change goes through one table, ``TRANSITIONS``; ``check_transition`` raises
+  ``IllegalTransitionError`` for a move that is not in it.
+* Counters only grow: ``calls == successes + failures + ignored + rejections + in_flight``.
+
+The closed path is hot, so it writes as little as it can: ``in_flight`` and the two
+consecutive counts are derived from the totals (a success in the current epoch only bumps
+``successes``; ``_success_mark`` is the value ``successes`` had when the current run of
+successes began, ``_failures_in_row`` counts the run of failures that ended it).
+"""
+
+from __future__ import annotations
+
+import random as _random_module
+from collections.abc import Callable
+
+from .config import BreakerConfig, BreakerMetrics, CircuitState, CountWindow, TimeWindow
+
+__all__ = [
+    "NOT_HOT",
+    "REJECTED",
+    "TRANSITIONS",
+    "BreakerMachine",
+    "IllegalTransitionError",
+    "TransitionHook",
+    "check_transition",
+]
+
+REJECTED = -1
+#: ``_hot_token`` when a call needs more than the inlined closed path: never a token.
+NOT_HOT = -2
+_NEVER = float("-inf")
+_FOREVER = float("inf")
+
+_C, _O, _H = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+_MANUAL_TARGETS = (
+    CircuitState.CLOSED,
+    CircuitState.DISABLED,
+    CircuitState.FORCED_OPEN,
+    CircuitState.METRICS_ONLY,
+)
+
+#: Every legal ``(from, to)`` move and what causes it.
+TRANSITIONS: dict[tuple[CircuitState, CircuitState], str] = {
+    **{(s, t): "manual" for s in CircuitState for t in _MANUAL_TARGETS if s is not t},
+    (_C, _O): "trip",
+    (_O, _H): "reset timeout elapsed",
+    (_H, _C): "trial calls succeeded",
+    (_H, _O): "trial call failed or half-open wait exceeded",
+}
+
+#: Called on every transition with ``(from, to, reason, now)``.
+TransitionHook = Callable[[CircuitState, CircuitState, str, float], None]
+
+
+class IllegalTransitionError(RuntimeError):
+    """A state change that is not in ``TRANSITIONS`` was attempted (a bug, never user input)."""
+
+
+def check_transition(old: CircuitState, new: CircuitState) -> str:
+    """Return the cause of the move ``old -> new``.
+
+    Raises:
+        IllegalTransitionError: the move is not in ``TRANSITIONS``.
+    """
+    try:
+        return TRANSITIONS[old, new]
+    except KeyError:
+        raise IllegalTransitionError(f"illegal transition {old.name} -> {new.name}") from None
+
+
+class BreakerMachine:
+    """The state and counters of one breaker; see the module docstring for the rules.
+
+    Args:
+        config: the policies.
+        random: source of jitter, a callable returning a float in ``[0, 1)``.
+        on_transition: called synchronously on every state change.
+    """
+
+    __slots__ = (
+        "_epoch",
+        "_failures_in_row",
+        "_fast",
+        "_half_open_since",
+        "_hold_until",
+        "_hot",
+        "_hot_token",
+        "_next_timeout",
+        "_on_transition",
+        "_open_until",
+        "_permits_used",
+        "_plain",
+        "_quiet",
+        "_random",
+        "_reject_until",
+        "_success_mark",
+        "_trial_successes",
+        "_window",
+        "calls",
+        "config",
+        "failures",
+        "fallbacks",
+        "ignored",
+        "last_failure_time",
+        "last_state_change",
+        "last_success_time",
+        "rejections",
+        "state",
+        "successes",
+        "times_opened",
+    )
+
+    def __init__(
+        self,
+        config: BreakerConfig,
+        *,
+        random: Callable[[], float] = _random_module.random,
+        on_transition: TransitionHook | None = None,
+    ) -> None:
+        self.config = config
+        self._random = random
+        self._on_transition = on_transition
+        self.state = CircuitState.CLOSED
+        self._epoch = 0
+        self._open_until = self._half_open_since = 0.0
+        self._hold_until = _NEVER
+        self._next_timeout = config.reset_timeout
+        self._permits_used = self._trial_successes = 0
+        self._window: CountWindow | TimeWindow | None = None
+        self._failures_in_row = self._success_mark = 0
+        self.last_failure_time: float | None = None
+        self.last_success_time: float | None = None
+        self.last_state_change: float | None = None
+        self.calls = self.successes = self.failures = self.ignored = 0
+        self.rejections = self.fallbacks = self.times_opened = 0
+        self._quiet = True
+        self._new_window()
+        self._refresh()
+
+    # -- admission --------------------------------------------------------------------------
+
+    def acquire(self, now: float) -> int:
+        """Ask to run one call at ``now``: a token ``>= 0``, or ``REJECTED``."""
+        self.calls += 1
+        if self._fast:
+            return self._epoch
+        if now < self._reject_until:
+            self.rejections += 1
+            return REJECTED
+        return self._acquire_slow(now)
+
+    def _acquire_slow(self, now: float) -> int:
+        state = self.state
+        if state is _O:
+            if now < self._open_until:
+                self.rejections += 1
+                return REJECTED
+            self._move(_H, now, "reset timeout elapsed")
+        elif state is _C:
+            if now < self._hold_until:
+                self.rejections += 1
+                return REJECTED
+            self._hold_until = _NEVER
+            self._refresh()
+            return self._epoch
+        elif state is CircuitState.FORCED_OPEN:
+            self.rejections += 1
+            return REJECTED
+        # HALF_OPEN (DISABLED and METRICS_ONLY always take the fast path)
+        wait = self.config.half_open_max_wait
+        if wait is not None and now >= self._half_open_since + wait:
+            self._move(_O, now, f"no verdict {wait:g}s after half-open")
+        elif now >= self._hold_until and self._permits_used < self.config.half_open_max_calls:
+            self._permits_used += 1
+            return self._epoch
+        self.rejections += 1
+        return REJECTED
+
+    def retry_after(self, now: float) -> float | None:
+        """Seconds until a caller may be admitted again, or ``None`` when unknown."""
+        state = self.state
+        if state is _O:
+            return max(self._open_until - now, 0.0)
+        if (state is _C or state is _H) and self._hold_until > now:
+            return self._hold_until - now
+        return None
+
+    # -- counters derived from the totals -----------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted calls whose outcome has not been reported yet."""
+        return self.calls - self.successes - self.failures - self.ignored - self.rejections
+
+    @property
+    def consecutive_successes(self) -> int:
+        """Successes (of the current epoch) since the last failure or reset."""
+        return self.successes - self._success_mark
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failures (of the current epoch) since the last success or reset."""
+        return self._failures_in_row if self.successes == self._success_mark else 0
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    def on_success(self, token: int, now: float, duration: float) -> None:
+        """Record that the call admitted with ``token`` succeeded after ``duration`` s."""
+        self.successes += 1
+        self.last_success_time = now
+        if token != self._epoch:
+            self._success_mark += 1  # a stale outcome extends no run and ends none
+            return
+        if not self._plain:
+            self._after_success(now, duration)
+
+    def _after_success(self, now: float, duration: float) -> None:
+        cfg = self.config
+        slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
+        if self.state is _H:
+            if slow:
+                self._move(_O, now, f"trial call slower than {cfg.slow_call_duration:g}s")
+                return
+            self._trial_successes += 1
+            if self._trial_successes >= cfg.successes_to_close:
+                self._move(_C, now, f"{self._trial_successes} trial calls succeeded")
+        elif self._window is not None:
+            self._window.add(now, False, slow)
+            if self.state is _C:
+                self._check_rates(self._window, now)
+
+    def on_failure(self, token: int, now: float, duration: float) -> None:
+        """Record that the call admitted with ``token`` failed after ``duration`` s."""
+        self.failures += 1
+        self.last_failure_time = now
+        if token != self._epoch:
+            return
+        if self.successes != self._success_mark:  # this failure ends a run of successes
+            self._success_mark = self.successes
+            self._failures_in_row = 0
+        self._failures_in_row += 1
+        state = self.state
+        if state is _H:
+            self._move(_O, now, "trial call failed")
+            return
+        cfg = self.config
+        if self._window is not None and state is not CircuitState.DISABLED:
+            slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
+            self._window.add(now, True, slow)
+        if state is _C:
+            ft = cfg.failure_threshold
+            if ft is not None and self._failures_in_row >= ft:
+                self._move(_O, now, f"{self._failures_in_row} consecutive failures")
+            elif self._window is not None:
+                self._check_rates(self._window, now)
+
+    def on_ignored(self, token: int) -> None:
+        """Record that the call admitted with ``token`` was cancelled or its outcome ignored.
+
+        Neither a success nor a failure; a half-open permit is given back.
+        """
+        self.ignored += 1
+        if token == self._epoch and self.state is _H:
+            self._permits_used -= 1
+
+    def set_quiet(self, quiet: bool) -> None:
+        """Say whether the owner has nothing to run on a success (no listener, classifier
+        or pending event); only ``_hot_token`` depends on it."""
+        self._quiet = quiet
+        self._refresh()
+
+    def note_fallback(self) -> None:
+        """Count one fallback served instead of a rejected call."""
+        self.fallbacks += 1
+
+    def hold(self, now: float, seconds: float) -> None:
+        """Reject callers for ``seconds`` (capped by ``max_hold``) without changing state."""
+        until = now + min(max(seconds, 0.0), self.config.max_hold)
+        if until > self._hold_until and until > now:
+            self._hold_until = until
+            self._refresh()
+
+    def _check_rates(self, window: CountWindow | TimeWindow, now: float) -> None:
+        cfg = self.config
+        if cfg.window_type == "time":
+            window.expire(now)
+        calls = window.calls
+        if calls < cfg.minimum_calls:
+            return
+        frt = cfg.failure_rate_threshold
+        if frt is not None and window.failures / calls >= frt:
+            self._move(_O, now, f"failure rate {window.failures}/{calls} >= {frt:g}")
+        elif (
+            cfg.slow_call_duration is not None
+            and window.slow / calls >= cfg.slow_call_rate_threshold
+        ):
+            srt = cfg.slow_call_rate_threshold
+            self._move(_O, now, f"slow-call rate {window.slow}/{calls} >= {srt:g}")
+
+    # -- manual control ---------------------------------------------------------------------
+
+    def reset(self, now: float) -> None:
+        """Return to CLOSED with a fresh window, no hold and no backoff; totals are kept."""
+        self._hold_until = _NEVER
+        self._next_timeout = self.config.reset_timeout
+        if self.state is not _C:
+            self._move(_C, now, "reset")
+        else:
+            self._epoch += 1
+            self._new_window()
+        self._failures_in_row = 0
+        self._success_mark = self.successes
+        self._refresh()
+
+    def force_open(self, now: float) -> None:
+        """Reject every call until ``reset()`` (or another manual state)."""
+        if self.state is not CircuitState.FORCED_OPEN:
+            self._move(CircuitState.FORCED_OPEN, now, "forced open")
+
+    def disable(self, now: float) -> None:
+        """Admit every call and never trip until ``reset()``."""
+        if self.state is not CircuitState.DISABLED:
+            self._move(CircuitState.DISABLED, now, "disabled")
+
+    def metrics_only(self, now: float) -> None:
+        """Admit every call, keep the window and counters, never trip until ``reset()``."""
+        if self.state is not CircuitState.METRICS_ONLY:
+            self._move(CircuitState.METRICS_ONLY, now, "metrics only")
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _move(self, new: CircuitState, now: float, reason: str) -> None:
+        old = self.state
+        check_transition(old, new)
+        self.state = new
+        self._epoch += 1
+        self.last_state_change = now
+        cfg = self.config
+        if new is _O:
+            self.times_opened += 1
+            timeout = self._next_timeout
+            self._next_timeout = min(timeout * cfg.backoff_multiplier, cfg.reset_timeout_cap)
+            if cfg.jitter:
+                timeout *= 1.0 - cfg.jitter * self._random()
+            self._open_until = now + timeout
+        elif new is _H:
+            self._half_open_since = now
+            self._permits_used = self._trial_successes = 0
+        elif new is _C:
+            self._next_timeout = cfg.reset_timeout
+            self._new_window()
+        elif new is CircuitState.METRICS_ONLY:
+            self._new_window()
+        self._refresh()
+        if self._on_transition is not None:
+            self._on_transition(old, new, reason, now)
+
+    def _new_window(self) -> None:
+        cfg = self.config
+        if not cfg.uses_window:
+            self._window = None
+        elif cfg.window_type == "count":
+            self._window = CountWindow(int(cfg.window_size))
+        else:
+            self._window = TimeWindow(cfg.window_size)
+
+    def _refresh(self) -> None:
+        state = self.state
+        self._fast = (state is _C and self._hold_until == _NEVER) or state in (
+            CircuitState.DISABLED,
+            CircuitState.METRICS_ONLY,
+        )
+        untimed = self.config.slow_call_duration is None
+        self._plain = state is CircuitState.DISABLED or (
+            state is _C and self._window is None and untimed
+        )
+        # Admission needs no clock and a success only bumps ``successes`` and the time: the
+        # path ``CircuitBreaker.call`` and the ASGI middleware inline.
+        self._hot = self._fast and self._plain and untimed
+        # ``CircuitBreaker.call`` loads this once to admit and compares it once to settle:
+        # the epoch while a hot success has nothing else to do, ``NOT_HOT`` otherwise. Every
+        # epoch change ends in ``_refresh``, so an equal value after the await also means the
+        # call's epoch is still current.
+        self._hot_token = self._epoch if self._hot and self._quiet else NOT_HOT
+        # Callers arriving before this are rejected with no further question (OPEN before its
+        # deadline, FORCED_OPEN, a hold in CLOSED); HALF_OPEN always asks ``_acquire_slow``.
+        if state is _O:
+            self._reject_until = self._open_until
+        elif state is CircuitState.FORCED_OPEN:
+            self._reject_until = _FOREVER
+        elif state is _C:
+            self._reject_until = self._hold_until
+        else:
+            self._reject_until = _NEVER
+
+    @property
+    def half_open_in_flight(self) -> int:
+        """Trial calls of the current half-open round still running (0 outside HALF_OPEN)."""
+        return self._permits_used - self._trial_successes if self.state is _H else 0
+
+    def snapshot(self, name: str) -> BreakerMetrics:
+        """A frozen copy of the state and counters."""
+        window = self._window
+        calls = window.calls if window is not None else 0
+        return BreakerMetrics(
+            name=name,
+            state=self.state,
+            consecutive_failures=self.consecutive_failures,
+            consecutive_successes=self.consecutive_successes,
+            last_failure_time=self.last_failure_time,
+            last_success_time=self.last_success_time,
+            total_calls=self.calls,
+            total_successes=self.successes,
+            total_failures=self.failures,
+            total_ignored=self.ignored,
+            total_rejections=self.rejections,
+            total_fallbacks=self.fallbacks,
+            in_flight=self.in_flight,
+            times_opened=self.times_opened,
+            last_state_change=self.last_state_change,
+            failure_rate=window.failures / calls if window is not None and calls else None,
+            slow_call_rate=window.slow / calls if window is not None and calls else None,
+        )

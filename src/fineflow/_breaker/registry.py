@@ -1,0 +1,98 @@
+"""A registry of named circuit breakers sharing default options."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from .._errors import ConfigurationError
+from .breaker import CircuitBreaker
+from .config import BreakerMetrics, CircuitState
+
+__all__ = ["BreakerRegistry"]
+
+
+class BreakerRegistry:
+    """Named breakers created on first use with shared defaults, optionally bounded.
+
+    Args:
+        max_size: most breakers kept (``None``: unbounded). When full, creating one evicts
+            the least recently used breaker that is CLOSED with no call in flight, else the
+            least recently used one; an evicted name starts afresh when used again.
+        **defaults: ``CircuitBreaker`` options applied to every breaker it creates.
+
+    Raises:
+        ConfigurationError: ``max_size`` < 1 or a default is not a breaker option.
+    """
+
+    def __init__(self, *, max_size: int | None = None, **defaults: Any) -> None:
+        if max_size is not None and (type(max_size) is not int or max_size < 1):
+            raise ConfigurationError(f"max_size must be an int >= 1 or None (got {max_size!r})")
+        CircuitBreaker("defaults-check", **defaults)  # fail now, not at the first request
+        self.max_size = max_size
+        self.defaults = defaults
+        self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
+        self._configs: dict[str, dict[str, Any]] = {}
+
+    def get_or_create(self, name: str, **config: Any) -> CircuitBreaker:
+        """The breaker called ``name``, created with ``defaults | config`` if missing.
+
+        Raises:
+            ConfigurationError: ``config`` is invalid, or differs from the options the
+                existing breaker of that name was created with.
+        """
+        breakers = self._breakers
+        breaker = breakers.get(name)
+        if breaker is not None:
+            if config and config != self._configs[name]:
+                raise ConfigurationError(
+                    f"breaker {name!r} already exists with options {self._configs[name]!r}; "
+                    "pass the same options (or none), or use another name"
+                )
+            if self.max_size is not None:
+                breakers.move_to_end(name)
+            return breaker
+        breaker = CircuitBreaker(name, **{**self.defaults, **config})
+        if self.max_size is not None and len(breakers) >= self.max_size:
+            self._evict()
+        breakers[name] = breaker
+        self._configs[name] = config
+        return breaker
+
+    def _evict(self) -> None:
+        victim = next(
+            (
+                name
+                for name, b in self._breakers.items()
+                if b.state is CircuitState.CLOSED and b._machine.in_flight == 0
+            ),
+            next(iter(self._breakers)),
+        )
+        del self._breakers[victim]
+        del self._configs[victim]
+
+    def get(self, name: str) -> CircuitBreaker | None:
+        """The breaker called ``name``, or ``None``."""
+        return self._breakers.get(name)
+
+    def metrics(self) -> dict[str, BreakerMetrics]:
+        """A snapshot of every breaker, by name."""
+        return {name: b.metrics() for name, b in self._breakers.items()}
+
+    def reset_all(self) -> None:
+        """``reset()`` every breaker."""
+        for breaker in self._breakers.values():
+            breaker.reset()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._breakers
+
+    def __iter__(self) -> Iterator[CircuitBreaker]:
+        return iter(list(self._breakers.values()))
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def __repr__(self) -> str:
+        return f"<BreakerRegistry {len(self._breakers)} breakers>"

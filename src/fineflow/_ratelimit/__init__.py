@@ -1,0 +1,1 @@
+"""Rate limiting: quotas, the reference algorithms, the limiter and its middleware."""

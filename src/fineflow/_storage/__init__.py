@@ -1,0 +1,1 @@
+"""Rate-limit storages: the protocol, memory, PostgreSQL."""

@@ -1,0 +1,140 @@
+"""The storage protocol every rate-limit backend implements, and the values it trades in."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
+
+from .._ratelimit.algorithms import Decision
+from .._ratelimit.quota import Quota
+
+__all__ = ["Hit", "KeyStatus", "StatsRow", "Storage", "storage_key"]
+
+# Keys longer than this (in UTF-8 bytes) are stored as a SHA-256 digest, so a caller cannot
+# bloat an index (or memory) with huge keys.
+MAX_KEY_BYTES = 128
+
+
+def storage_key(text: str) -> str:
+    """``text`` itself if it is short, NUL-free, valid UTF-8; else ``"sha256:" + hex``.
+
+    Long or odd keys are stored as a fixed-size digest, so a caller cannot bloat an index
+    (or memory) with huge keys, and any string is storable in PostgreSQL ``text``.
+    """
+    if text.isascii():
+        if len(text) <= MAX_KEY_BYTES and "\x00" not in text:
+            return text
+        raw = text.encode("ascii")
+    else:
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        else:
+            if len(raw) <= MAX_KEY_BYTES and "\x00" not in text:
+                return text
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+class Hit(NamedTuple):
+    """One quota to charge for one request (an immutable value).
+
+    Attributes:
+        key: who is limited (a user id, an API key, a client address).
+        quota: the quota to apply.
+        cost: how much the request costs (0 peeks).
+        endpoint: the rule or endpoint name; state is kept per (endpoint, key, quota policy).
+        tier: the caller's tier, recorded for statistics.
+    """
+
+    key: str
+    quota: Quota
+    cost: int = 1
+    endpoint: str = ""
+    tier: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatus:
+    """The current state of one key under one quota, as ``status(key)`` reports it."""
+
+    key: str
+    endpoint: str
+    policy: str
+    tier: str
+    algorithm: str
+    decision: Decision
+    allowed_total: int
+    denied_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRow:
+    """Allowed and denied counts of one (endpoint, tier) group over live state."""
+
+    endpoint: str
+    tier: str
+    keys: int
+    allowed: int
+    denied: int
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What a rate-limit storage backend provides.
+
+    Backends implement each algorithm natively and atomically, and are held to the
+    reference functions in :mod:`fineflow._algorithms` by the conformance suite.
+    """
+
+    async def open(self) -> None:
+        """Acquire resources (connections); idempotent."""
+
+    async def close(self) -> None:
+        """Release resources; the storage refuses use afterwards."""
+
+    async def migrate(self) -> None:
+        """Create or upgrade whatever schema the backend needs (idempotent)."""
+
+    async def decide(
+        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+    ) -> list[Decision]:
+        """Decide ``hits`` for one request, all or nothing, atomically.
+
+        Args:
+            algorithm: ``"gcra"``, ``"fixed_window"`` or ``"sliding_window"``.
+            hits: the quotas of one request (one per rule/quota); either every one admits
+                and all are charged, or none is charged.
+            now: the time in nanoseconds since the epoch; ``None`` means the backend's
+                own clock (the database clock for PostgreSQL).
+
+        Returns:
+            One decision per hit, in order.
+        """
+        ...
+
+    async def status(self, key: str, *, now: int | None = None) -> list[KeyStatus]:
+        """The live state of every (endpoint, quota) of ``key``."""
+        ...
+
+    async def reset(self, key: str, *, endpoint: str | None = None) -> int:
+        """Forget ``key``'s state (of one endpoint, or all); return how many were removed."""
+        ...
+
+    async def cleanup(self, *, batch_size: int = 1000, now: int | None = None) -> int:
+        """Delete expired state (losslessly); return how many entries were removed."""
+        ...
+
+    async def stats(self) -> list[StatsRow]:
+        """Allowed and denied counts grouped by endpoint and tier."""
+        ...
+
+
+def check_hits(hits: Sequence[Hit]) -> None:
+    """Validate costs: non-negative ints (bool rejected). Raise ``ValueError`` otherwise."""
+    for hit in hits:
+        cost = hit.cost
+        if type(cost) is not int or cost < 0:
+            raise ValueError(f"cost must be a non-negative int, got {cost!r}")

@@ -1,0 +1,1 @@
+"""The PostgreSQL storage: facade, batching, SQL and migrations."""

@@ -1,0 +1,191 @@
+"""examples/ai_gateway.py in-process, against its fake upstream AI API on a real local port."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+from asgi_helpers import Clock
+from fineflow import MemoryStorage
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ai_gateway.py"
+PRO = {"x-api-key": "pro-key"}
+FREE = {"x-api-key": "free-key"}
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("memory_only")]
+
+
+def load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("example_ai_gateway", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gateway = load()
+
+
+@pytest.fixture
+def memory_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FINEFLOW_DSN", raising=False)
+
+
+class FakeClock:
+    """The breaker's monotonic clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def running(upstream: Any, **options: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The gateway app with its lifespan run, and a client for it."""
+    options.setdefault("storage", MemoryStorage(clock=Clock()))
+    app = gateway.create_app(upstream.url, **options)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            yield app, http
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Any]:
+    async with gateway.FakeAIUpstream() as fake:
+        yield fake
+
+
+async def chat(http: httpx.AsyncClient, headers: dict[str, str] = PRO) -> httpx.Response:
+    return await http.post("/v1/chat", json={"prompt": "hello"}, headers=headers)
+
+
+async def test_full_circuit_lifecycle_with_fallback(upstream: Any) -> None:
+    clock = FakeClock()
+    async with running(upstream, clock=clock, reset_timeout=30.0) as (_, http):
+        healthy = await chat(http)
+        assert healthy.status_code == 200
+        assert healthy.json() == {
+            "reply": "You said: hello",
+            "circuit_state": "closed",
+            "from_fallback": False,
+        }
+
+        upstream.mode = "fail"
+        for attempt in range(1, 6):
+            failed = await chat(http)
+            assert failed.status_code == 502
+            assert failed.json()["from_fallback"] is False
+            assert failed.json()["circuit_state"] == ("open" if attempt == 5 else "closed")
+        calls_before = upstream.requests
+
+        fallback = await chat(http)
+        assert fallback.status_code == 200
+        assert fallback.json() == {
+            "reply": gateway.FALLBACK_REPLY,
+            "circuit_state": "open",
+            "from_fallback": True,
+        }
+        assert fallback.headers["retry-after"] == "30"
+        assert upstream.requests == calls_before  # rejected without reaching the upstream
+
+        upstream.mode = "ok"  # recovered, but the breaker waits out its reset timeout
+        clock.now += 29.0
+        assert (await chat(http)).json()["from_fallback"] is True
+        assert upstream.requests == calls_before
+
+        clock.now += 1.0  # the reset timeout elapsed: three trial requests close it
+        states = [(await chat(http)).json()["circuit_state"] for _ in range(3)]
+        assert states == ["half_open", "half_open", "closed"]
+        assert upstream.requests == calls_before + 3
+
+        metrics = (await http.get("/v1/breakers")).json()["ai-service"]
+        assert metrics["state"] == "closed"
+        assert metrics["times_opened"] == 1
+        assert metrics["total_failures"] == 5
+        assert metrics["total_rejections"] == 2
+
+
+async def test_a_failing_trial_reopens_the_circuit(upstream: Any) -> None:
+    clock = FakeClock()
+    async with running(upstream, clock=clock, failure_threshold=2) as (app, http):
+        upstream.mode = "fail"
+        for _ in range(2):
+            assert (await chat(http)).status_code == 502
+        assert app.state.breaker.state.value == "open"
+        clock.now += 30.0
+        trial = await chat(http)
+        assert (trial.status_code, trial.json()["circuit_state"]) == (502, "open")
+        assert (await chat(http)).json()["from_fallback"] is True
+        assert app.state.breaker.metrics().times_opened == 2
+
+
+async def test_upstream_throttling_is_not_a_failure(upstream: Any) -> None:
+    async with running(upstream) as (app, http):
+        upstream.mode = "throttle"
+        for _ in range(8):  # more than the failure threshold
+            throttled = await chat(http)
+            assert throttled.status_code == 503
+            assert throttled.headers["retry-after"] == "7"
+            assert throttled.json()["circuit_state"] == "closed"
+            assert throttled.json()["from_fallback"] is False
+        metrics = app.state.breaker.metrics()
+        assert (metrics.total_failures, metrics.total_ignored) == (0, 8)
+        upstream.mode = "ok"
+        assert (await chat(http)).json()["reply"] == "You said: hello"
+
+
+async def test_a_stalled_upstream_times_out_and_counts_as_a_failure(upstream: Any) -> None:
+    async with running(upstream, timeout=0.2, failure_threshold=1) as (app, http):
+        upstream.mode = "stall"  # answers only after the gateway gave up
+        stalled = await chat(http)
+        assert stalled.status_code == 504
+        assert stalled.json()["circuit_state"] == "open"
+        assert app.state.breaker.metrics().total_failures == 1
+        assert (await chat(http)).json()["from_fallback"] is True
+
+
+async def test_the_upstream_control_endpoint(upstream: Any) -> None:
+    async with httpx.AsyncClient(base_url=upstream.url) as http:
+        assert (await http.post("/control", json={"mode": "fail"})).json() == {"mode": "fail"}
+        assert upstream.mode == "fail"
+        assert (await http.post("/control", json={"mode": "nope"})).status_code == 400
+        assert (await http.get("/control")).json()["mode"] == "fail"
+        assert (await http.post("/v1/complete", json={"prompt": "x"})).status_code == 500
+
+
+async def test_rate_limit_per_tier(upstream: Any) -> None:
+    async with running(upstream) as (_, http):
+        statuses = [(await chat(http, FREE)).status_code for _ in range(6)]
+        assert statuses == [200] * 5 + [429]
+        limited = await chat(http, FREE)
+        assert limited.status_code == 429
+        assert limited.headers["content-type"].startswith("application/problem+json")
+        # Another key has its own bucket, and the pro tier a larger quota.
+        pro = [(await chat(http, PRO)).status_code for _ in range(6)]
+        assert pro == [200] * 6
+        assert upstream.requests == 11  # denied requests never reached the upstream
+        # A request without a key is not limited, but the gateway refuses it.
+        assert (await http.post("/v1/chat", json={"prompt": "x"})).status_code == 401
+        assert (await chat(http, {"x-api-key": "made-up"})).status_code == 401
+
+
+async def test_bad_requests_and_the_example_defaults(upstream: Any) -> None:
+    async with running(upstream) as (app, http):
+        bad = await http.post("/v1/chat", content=b"not json", headers=PRO)
+        assert bad.status_code == 422
+    assert isinstance(gateway.default_storage(), MemoryStorage)
+    app = gateway.create_app(upstream_port=0)  # starts its own fake upstream
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            assert (await chat(http)).json()["reply"] == "You said: hello"

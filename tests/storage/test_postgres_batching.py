@@ -1,0 +1,286 @@
+"""PostgresStorage batching on a real server: how arrivals become statements."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg import sql
+
+import fineflow._storage.postgres.storage
+from fineflow import BucketState, Decision, Hit, PostgresStorage, Quota
+from fineflow._ratelimit.algorithms import NS, step_all
+from fineflow._storage.postgres.batch import Request, Statements, text_array
+from fineflow._storage.postgres.sql import LATEST_VERSION
+
+pytestmark = pytest.mark.anyio
+
+QUOTA = Quota(1000, 60.0)
+
+
+@pytest.fixture
+async def storage(pg_dsn: str, pg_schema: str) -> AsyncIterator[PostgresStorage]:
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as pg:
+        await pg.migrate()
+        yield pg
+
+
+async def test_callers_woken_together_go_out_as_one_statement(storage: PostgresStorage) -> None:
+    """Callers that re-arrive in the same loop iteration are one batch, not a lone first
+    arrival plus a batch of the rest (which would cost two statements per cycle)."""
+    storage.max_in_flight = 1
+    waves, callers = 3, 32
+
+    async def caller(i: int) -> None:
+        for _ in range(waves):
+            (decision,) = await storage.decide("gcra", [Hit(f"u{i}", QUOTA, 1, "wave")])
+            assert decision.allowed
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    assert (storage.batches, storage.batched_requests) == (waves, waves * callers)
+
+
+@pytest.mark.parametrize("handoff_max", [64, 2])
+async def test_a_statement_task_keeps_its_connection_for_the_next_batch(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch, handoff_max: int
+) -> None:
+    """Callers answered by a batch re-arrive and go out as the next batch on the same
+    connection, with no pool round trip in between; after ``_HANDOFF_MAX`` batches in a
+    row the connection goes back to the pool, and it always does once the load stops."""
+    monkeypatch.setattr(fineflow._storage.postgres.storage, "_HANDOFF_MAX", handoff_max)
+    storage.max_in_flight = 1
+    waves, callers = 5, 16
+    before = storage.pool.get_stats().get("requests_num", 0)
+
+    async def caller(i: int) -> None:
+        for _ in range(waves):
+            (decision,) = await storage.decide("gcra", [Hit(f"h{i}", QUOTA, 1, "handoff")])
+            assert decision.allowed
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    assert (storage.batches, storage.batched_requests) == (waves, waves * callers)
+    requests = storage.pool.get_stats().get("requests_num", 0) - before
+    assert requests == -(-waves // handoff_max)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert (storage._in_flight, storage._starting, storage._tasks) == (0, 0, set())
+    stats = storage.pool.get_stats()
+    assert stats["pool_available"] == stats["pool_size"]
+
+
+async def test_a_lone_statement_shares_its_batch_with_a_second(storage: PostgresStorage) -> None:
+    """With nothing else in flight, a batch goes out as two statements of half each, so the
+    client handles one's results while the database runs the other."""
+    sizes: list[int] = []
+    run_live = storage._run_live
+
+    async def spy(cur: Any, algorithm: str, live: list[Request]) -> None:
+        sizes.append(len(live))
+        await run_live(cur, algorithm, live)
+
+    storage._run_live = spy  # type: ignore[method-assign]
+    out = await asyncio.gather(
+        *(storage.decide("gcra", [Hit(f"s{i}", QUOTA, 1, "split")]) for i in range(40))
+    )
+    assert all(d[0].allowed for d in out)
+    assert sizes == [20, 20]
+    sizes.clear()
+    out = await asyncio.gather(
+        *(storage.decide("gcra", [Hit("hot", Quota(7, 60.0), 1, "split")]) for _ in range(30))
+    )
+    assert sizes == [15, 15]
+    assert sum(d[0].allowed for d in out) == 7  # one row in two statements: still exact
+
+
+async def test_without_coalescing_each_request_is_its_own_statement(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    async with PostgresStorage(pg_dsn, schema=pg_schema, coalesce=False, max_size=4) as pg:
+        await pg.migrate()
+        out = await asyncio.gather(
+            *(pg.decide("gcra", [Hit("same", Quota(5, 60.0), 1, "solo")]) for _ in range(12))
+        )
+        assert sum(d[0].allowed for d in out) == 5
+        assert pg.batches == 0  # every request went alone, through hit()
+
+
+T0 = 1_700_000_000 * NS
+
+
+@pytest.mark.parametrize("cost", [1, 2, 4])  # 4 > the capacity of 3: never fits
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    keys=st.lists(st.integers(0, 3), min_size=2, max_size=40),
+    gap=st.integers(0, 3 * NS),
+)
+async def test_batches_sharing_one_quota_match_the_model_in_arrival_order(
+    storage: PostgresStorage, cost: int, keys: list[int], gap: int
+) -> None:
+    """hit_keys(): many requests on a few keys, one quota and cost, decided as the model
+    decides them one by one in arrival order (one statement in flight)."""
+    storage.max_in_flight = 1
+    endpoint = f"e{secrets.token_hex(4)}"
+    quota = Quota(3, 1.0)
+    now = T0 + gap
+    model: dict[int, BucketState | None] = {}
+    expected = []
+    for key in keys:
+        decisions, states = step_all("gcra", [model.get(key)], now, [quota], cost)
+        model[key] = states[0]
+        expected.append(decisions[0])
+    batches = storage.batches
+    got = await asyncio.gather(
+        *(storage.decide("gcra", [Hit(str(k), quota, cost, endpoint)], now=now) for k in keys)
+    )
+    assert [g[0] for g in got] == expected
+    assert storage._keys and storage.batches > batches
+
+
+ODD_KEYS = ["", " ", " x ", "NULL", '"', "\\", '\\"', "{a,b}", ",", "é€😀", "\t\n", "$1", "k"]
+
+
+async def test_keys_with_array_literal_syntax_reach_their_own_rows(
+    storage: PostgresStorage,
+) -> None:
+    """hit_keys() takes its keys as one array literal: quotes, backslashes, braces, commas,
+    blanks and the word NULL are keys like any other, each on its own row."""
+    storage.max_in_flight = 1
+    quota = Quota(2, 3600.0)
+    hits = [[Hit(k, quota, 1, "odd")] for k in ODD_KEYS]
+    batches = storage.batches
+    for allowed, left in ((True, 1), (True, 0), (False, 0)):
+        out = await asyncio.gather(*(storage.decide("gcra", h) for h in hits))
+        assert [(d[0].allowed, d[0].remaining) for d in out] == [(allowed, left)] * len(ODD_KEYS)
+    assert storage._keys and storage.batches > batches
+    for key in ODD_KEYS:
+        (status,) = await storage.status(key)
+        assert (status.key, status.endpoint, status.decision.remaining) == (key, "odd", 0)
+
+
+def test_text_array_round_trips_through_postgresql(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for items in ([], ["a"], ODD_KEYS, [str(i) for i in range(300)]):
+            row = conn.execute("SELECT %s::text[]", (text_array(items),)).fetchone()
+            assert row is not None and row[0] == items
+
+
+async def test_a_statement_that_reaches_a_row_late_decides_it_no_earlier_than_its_last_decision(
+    storage: PostgresStorage, pg_dsn: str
+) -> None:
+    """Statement B reads the clock, then waits for a row held by transaction L; L decides
+    another row at its later clock and commits; B then decides that row. At B's own
+    (earlier) clock the request that fits would be denied with a retry-after of a few
+    milliseconds; hit_keys() decides the row at the later of the two times."""
+    quota = Quota(2, 3600.0)  # the second request of the hour fits
+    statements = Statements.compose(storage.schema)
+
+    def params(keys: list[str]) -> tuple[Any, ...]:
+        period, cap = quota.period_ns, quota.capacity
+        return (None, text_array(keys), None, "late", quota.policy, "", 2, period, cap, 1)
+
+    await storage.decide("gcra", [Hit("a", quota, 1, "late")])  # row "a" exists
+    async with (
+        await psycopg.AsyncConnection.connect(pg_dsn) as holder,
+        await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as late,
+    ):
+        await holder.execute(
+            sql.SQL("SELECT 1 FROM {}.buckets WHERE key = 'a' FOR UPDATE").format(
+                sql.Identifier(storage.schema)
+            )
+        )
+
+        async def run_late() -> list[tuple[Any, ...]]:
+            cur = await late.execute(statements.hit_keys, params(["a", "k"]))
+            return await cur.fetchall()
+
+        task = asyncio.create_task(run_late())  # reads its clock, then waits for "a"
+        await asyncio.sleep(0.2)
+        cur = await holder.execute(statements.hit_keys, params(["k"]))
+        ((_, _, first, _),) = await cur.fetchall()
+        await holder.commit()
+        rows = {row[0]: row for row in await task}
+    assert first == 1
+    assert rows["k"][2] == 1  # admitted: the second of two
+    assert rows["k"][3] >= rows["a"][3]
+
+
+async def test_a_v1_schema_decides_then_upgrades_to_v2(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance of this version on a schema still at v1 falls back to hit_many(); after
+    migrate() the schema is at v2, state carries over, and a runtime role granted under v1
+    may call hit_keys()."""
+    role = f"ff_rt_{secrets.token_hex(4)}"
+    quota = Quota(5, 3600.0)
+
+    async def burst(pg: PostgresStorage, n: int) -> list[Decision]:
+        hits = [Hit("a", quota, 1, "up")]
+        return [d[0] for d in await asyncio.gather(*(pg.decide("gcra", hits) for _ in range(n)))]
+
+    try:
+        async with PostgresStorage(pg_dsn, schema=pg_schema) as old:
+            monkeypatch.setattr(fineflow._storage.postgres.storage, "LATEST_VERSION", 1)
+            await old.migrate()
+            monkeypatch.undo()
+            async with old.pool.connection() as conn:
+                # As fineflow versions that knew only v1 left it: no schema_migrations.
+                await conn.execute(
+                    sql.SQL("DROP TABLE {}.schema_migrations").format(sql.Identifier(pg_schema))
+                )
+                await conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+                await conn.execute(
+                    sql.SQL(
+                        "GRANT USAGE ON SCHEMA {s} TO {r}; GRANT EXECUTE ON FUNCTION "
+                        "{s}.hit_many(bigint, text[], text[], text[], text[], bigint[], "
+                        "bigint[], bigint[], bigint[], bigint[]) TO {r}"
+                    ).format(s=sql.Identifier(pg_schema), r=sql.Identifier(role))
+                )
+            first = await burst(old, 3)
+            assert all(d.allowed for d in first)
+            assert not old._keys  # hit_keys() is missing: the batch went to hit_many()
+
+        async with PostgresStorage(pg_dsn, schema=pg_schema) as new:
+            await new.migrate()
+            async with new.pool.connection() as conn:
+                cur = await conn.execute(
+                    sql.SQL(
+                        "SELECT (SELECT array_agg(version ORDER BY version) "
+                        "        FROM {s}.schema_version), "
+                        "(SELECT array_agg(version ORDER BY version) FROM {s}.schema_migrations)"
+                    ).format(s=sql.Identifier(pg_schema))
+                )
+                # Every version listed as applied; the level stays 1, so v1 code still runs.
+                assert await cur.fetchone() == ([1], list(range(1, LATEST_VERSION + 1)))
+                cur = await conn.execute(
+                    "SELECT has_function_privilege(%s, %s, 'EXECUTE')",
+                    (
+                        role,
+                        f"{pg_schema}.hit_keys(bigint, text[], bigint[], text, text, text, "
+                        "bigint, bigint, bigint, bigint)",
+                    ),
+                )
+                assert await cur.fetchone() == (True,)
+            second = await burst(new, 4)
+            assert new._keys
+            assert sum(d.allowed for d in second) == 2  # 3 of 5 were taken under v1
+            assert sorted(d.remaining for d in second if d.allowed) == [0, 1]
+            (status,) = await new.status("a")
+            assert (status.allowed_total, status.denied_total) == (5, 2)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+async def test_the_pool_starts_with_one_connection(pg_dsn: str, pg_schema: str) -> None:
+    """Idle connections are handed out in turn, and a lone request is slower on one of two
+    alternating connections than on the same one each time: start with one."""
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as pg:
+        await pg.pool.wait()
+        assert pg.pool.get_stats()["pool_size"] == 1

@@ -44,8 +44,10 @@ import psycopg
 from psycopg import sql
 
 from .._errors import FineflowError
+from .clock import FakeClock
 
 __all__ = [
+    "FakeClock",
     "PostgresNotFoundError",
     "PostgresServer",
     "ThrowawayCluster",

@@ -71,8 +71,10 @@ def test_throwaway_cluster_starts_even_where_a_server_runs() -> None:
 def test_no_server_at_all_fails_with_the_three_ways(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FINEFLOW_TEST_DSN", raising=False)
     monkeypatch.setenv("PGHOST", "/nonexistent-fineflow")
-    monkeypatch.setattr("fineflow.testing.LOCAL_FALLBACK_DSN", "host=/nonexistent-fineflow")
-    monkeypatch.setattr("fineflow.testing.find_postgres_bindir", lambda: None)
+    monkeypatch.setattr(
+        "fineflow.testing.postgres.LOCAL_FALLBACK_DSN", "host=/nonexistent-fineflow"
+    )
+    monkeypatch.setattr("fineflow.testing.postgres.find_postgres_bindir", lambda: None)
     with pytest.raises(PostgresNotFoundError) as info:
         find_postgres()
     message = str(info.value)

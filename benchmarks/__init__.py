@@ -2,8 +2,9 @@
 
 Every comparison is measured side by side in one run: the contenders of a table are run
 round-robin for R rounds (the starting contender rotates each round), and each figure is
-quoted as a ratio against its baseline with the median and the min-max over rounds. Targets
-come from the project's issues (#3-#6); ``met?`` compares the median ratio to the target.
+quoted as a ratio against its baseline with the median and the min-max over rounds. A row
+may carry a reference ratio (``target``) that the figure is expected to stay within;
+``met?`` compares the median ratio to it.
 
 Suites (one module each):
 

@@ -1,6 +1,6 @@
 """An AI gateway: a circuit breaker around the upstream AI API, rate limits per user tier.
 
-The origin document's "unified AI executor" in Python. ``POST /v1/chat`` forwards the prompt
+One place through which every call to an AI model goes. ``POST /v1/chat`` forwards the prompt
 to an upstream AI API over aiohttp, through ``fineflow.aiohttp.circuit_breaker_middleware``
 (5 consecutive failures open the circuit for 30 s; then trial requests probe the upstream).
 While the circuit is open the gateway answers at once with a fallback reply instead of

@@ -1,15 +1,15 @@
-"""Shared fixtures: a real PostgreSQL server for the session, Hypothesis profiles."""
+"""Shared fixtures: a real PostgreSQL server for the session (from fineflow's own pytest plugin,
+as users get it), Hypothesis profiles."""
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fineflow.testing import PostgresServer, find_postgres, temporary_database
+from fineflow.testing import PostgresServer
 
 settings.register_profile(
     "default", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -33,17 +33,15 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """The PostgreSQL server of this test session (env DSN, local, or throwaway)."""
-    with find_postgres() as server:
-        yield server
+def pg_server(ff_postgres_server: PostgresServer) -> PostgresServer:
+    """The PostgreSQL server of this test session (the plugin's: env DSN, local, or throwaway)."""
+    return ff_postgres_server
 
 
 @pytest.fixture(scope="session")
-def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
-    """A database created for this test session and dropped after it."""
-    with temporary_database(pg_server) as dsn:
-        yield dsn
+def pg_dsn(ff_postgres_dsn: str) -> str:
+    """A database created for this test session and dropped after it (the plugin's)."""
+    return ff_postgres_dsn
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -25,7 +26,10 @@ _documented: set[str] = set()
 
 def _help(args: str) -> str:
     command = [sys.executable, "-m", "fineflow", *args.split(), "--help"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+    env = {**os.environ, "COLUMNS": "100"}  # argparse wraps to the terminal's width
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=False, timeout=60, env=env
+    )
     if done.returncode != 0:
         log.warning("`fineflow%s --help` failed: %s", args, done.stderr.strip())
     shown = " ".join(["fineflow", *args.split(), "--help"])

@@ -24,6 +24,9 @@ class SphinxRoles(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         self._walk(pkg, set())
 
+    # The same hook under its griffe 1.x name (converting twice changes nothing).
+    on_package_loaded = on_package
+
     def _walk(self, obj: griffe.Object, seen: set[str]) -> None:
         if obj.path in seen:
             return

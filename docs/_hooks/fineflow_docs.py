@@ -27,9 +27,7 @@ _documented: set[str] = set()
 def _help(args: str) -> str:
     command = [sys.executable, "-m", "fineflow", *args.split(), "--help"]
     env = {**os.environ, "COLUMNS": "100"}  # argparse wraps to the terminal's width
-    done = subprocess.run(
-        command, capture_output=True, text=True, check=False, timeout=60, env=env
-    )
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60, env=env)
     if done.returncode != 0:
         log.warning("`fineflow%s --help` failed: %s", args, done.stderr.strip())
     shown = " ".join(["fineflow", *args.split(), "--help"])

@@ -47,14 +47,14 @@ def fail(machine: BreakerMachine, now: float, n: int = 1) -> None:
     for _ in range(n):
         token = machine.admit(now)
         assert token != REJECTED
-        machine.settle(token, Outcome.FAILURE, now, 0.0)
+        machine.settle(token, Outcome.FAILURE, now, now)
 
 
 def succeed(machine: BreakerMachine, now: float, n: int = 1, duration: float = 0.0) -> None:
     for _ in range(n):
         token = machine.admit(now)
         assert token != REJECTED
-        machine.settle(token, Outcome.SUCCESS, now, duration)
+        machine.settle(token, Outcome.SUCCESS, now, now - duration)
 
 
 def trip(machine: BreakerMachine, now: float = 0.0) -> None:
@@ -90,7 +90,7 @@ def test_half_open_admits_exactly_the_budget_and_ignored_permits_return() -> Non
     tokens = [machine.admit(10.0) for _ in range(5)]
     assert [t != REJECTED for t in tokens] == [True, True, True, False, False]
     assert machine.half_open_in_flight == 3
-    machine.settle(tokens[0], Outcome.IGNORED, 10.0, 0.0)
+    machine.settle(tokens[0], Outcome.IGNORED, 10.0, 10.0)
     assert machine.admit(10.0) != REJECTED
     assert machine.admit(10.0) == REJECTED
     assert machine.retry_after(10.0) is None
@@ -100,14 +100,14 @@ def test_half_open_closes_after_success_threshold_and_reopens_on_failure() -> No
     machine, moves = make(reset_timeout=10.0, success_threshold=2)
     trip(machine)
     a, b = machine.admit(10.0), machine.admit(10.0)
-    machine.settle(a, Outcome.SUCCESS, 11.0, 1.0)
+    machine.settle(a, Outcome.SUCCESS, 11.0, 10.0)
     assert state_of(machine) is HALF
-    machine.settle(b, Outcome.SUCCESS, 11.0, 1.0)
+    machine.settle(b, Outcome.SUCCESS, 11.0, 10.0)
     assert state_of(machine) is CLOSED
     assert moves[-1] == (HALF, CLOSED, "2 trial calls succeeded", 11.0)
     trip(machine, 20.0)
     token = machine.admit(30.0)
-    machine.settle(token, Outcome.FAILURE, 31.0, 1.0)
+    machine.settle(token, Outcome.FAILURE, 31.0, 30.0)
     assert state_of(machine) is OPEN and machine.times_opened == 3
     assert machine.admit(40.0) == REJECTED  # a fresh reset timeout started at 31
 
@@ -119,7 +119,7 @@ def test_half_open_max_wait_reopens_so_a_lost_permit_cannot_wedge_it() -> None:
     assert machine.admit(14.0) == REJECTED and state_of(machine) is HALF
     assert machine.admit(15.0) == REJECTED and state_of(machine) is OPEN
     assert "half-open" in moves[-1][2]
-    machine.settle(lost, Outcome.SUCCESS, 16.0, 6.0)  # a stale outcome counts but moves nothing
+    machine.settle(lost, Outcome.SUCCESS, 16.0, 10.0)  # a stale outcome counts but moves nothing
     assert state_of(machine) is OPEN and machine.successes == 1
     assert machine.admit(25.0) != REJECTED and state_of(machine) is HALF
 
@@ -135,11 +135,11 @@ def test_exponential_backoff_with_jitter_and_cap() -> None:
         deadlines.append(machine.retry_after(now))
         now += 100.0
         token = machine.admit(now)
-        machine.settle(token, Outcome.FAILURE, now, 0.0)
+        machine.settle(token, Outcome.FAILURE, now, now)
     # jitter 0.2 * random 0.5 shortens each timeout by 10%
     assert deadlines == pytest.approx([9.0, 18.0, 27.0, 27.0])
     token = machine.admit(now + 100.0)
-    machine.settle(token, Outcome.SUCCESS, now + 100.0, 0.0)
+    machine.settle(token, Outcome.SUCCESS, now + 100.0, now + 100.0)
     succeed(machine, now + 100.0, 2)
     assert state_of(machine) is CLOSED
     trip(machine, 1000.0)
@@ -195,7 +195,7 @@ def test_slow_call_rate_trips_and_a_slow_trial_reopens() -> None:
     succeed(machine, 0.0, 1, duration=3.0)
     assert state_of(machine) is OPEN and moves[-1][2] == "slow-call rate 1/2 >= 0.5"
     token = machine.admit(5.0)
-    machine.settle(token, Outcome.SUCCESS, 8.0, 3.0)
+    machine.settle(token, Outcome.SUCCESS, 8.0, 5.0)
     assert state_of(machine) is OPEN
 
 
@@ -234,7 +234,7 @@ def test_outcomes_of_calls_admitted_before_a_reset_are_stale() -> None:
     tokens = [machine.admit(0.0) for _ in range(3)]
     machine.reset(1.0)
     for token in tokens:
-        machine.settle(token, Outcome.FAILURE, 2.0, 0.0)
+        machine.settle(token, Outcome.FAILURE, 2.0, 2.0)
     assert state_of(machine) is CLOSED and machine.consecutive_failures == 0
     assert machine.failures == 3 and machine.in_flight == 0
 
@@ -382,11 +382,11 @@ class MachineModel(RuleBasedStateMachine):
     def settle(self, index: int, kind: str) -> None:
         token = self.in_flight.pop(index % len(self.in_flight))
         if kind == "ok":
-            self.m.settle(token, Outcome.SUCCESS, self.now, 0.0)
+            self.m.settle(token, Outcome.SUCCESS, self.now, self.now)
         elif kind == "fail":
-            self.m.settle(token, Outcome.FAILURE, self.now, 0.0)
+            self.m.settle(token, Outcome.FAILURE, self.now, self.now)
         else:
-            self.m.settle(token, Outcome.IGNORED, self.now, 0.0)
+            self.m.settle(token, Outcome.IGNORED, self.now, self.now)
         self.ref.outcome(token, kind, self.now)
 
     @rule(seconds=st.floats(0.0, 100.0))

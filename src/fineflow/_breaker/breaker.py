@@ -10,7 +10,7 @@ One guarded call, whichever way it comes in (``call``, ``execute``, ``async with
 2. *Run* the call with nothing held.
 3. *Classify* what it returned or raised into an ``Outcome`` (``_outcome_of_result``,
    ``_outcome_of_exception``; a throttled answer goes through the ``on_throttle`` policy).
-4. *Settle*: ``BreakerMachine.settle(token, outcome, now, duration)``, then the success or
+4. *Settle*: ``BreakerMachine.settle(token, outcome, now, start)``, then the success or
    failure event (``_settle``, the one place this happens).
 5. Await the async listeners of the events the call caused (``flush_events``).
 
@@ -192,7 +192,7 @@ class CircuitBreaker(Listeners):
             raise
         if self._quiet:  # ``_settle`` without events, for a success
             now = self._clock()
-            machine.settle(token, _SUCCESS, now, now - start)
+            machine.settle(token, _SUCCESS, now, start)
             return result
         self._settle(token, start, self._outcome_of_result(result))
         if self._pending:
@@ -357,7 +357,7 @@ class CircuitBreaker(Listeners):
     ) -> None:
         """Settle an admitted call: the machine counts it, then listeners hear of it."""
         now = self._clock()
-        self._machine.settle(token, outcome, now, now - start)
+        self._machine.settle(token, outcome, now, start)
         if outcome is _SUCCESS:
             if self._has_success:
                 self._emit("success", now, None)

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 * The fast path is one method pair. A caller asks to run one call with ``admit(now)`` and
   gets a token (``>= 0``) or ``REJECTED``. Every admitted call comes back exactly once as
-  ``settle(token, outcome, now, duration)``, ``outcome`` an ``Outcome``: ``SUCCESS``,
-  ``FAILURE`` or ``IGNORED`` (cancelled, an ignored exception, a throttled answer).
+  ``settle(token, outcome, now, started)`` (``started``: the ``now`` it was admitted at),
+  ``outcome`` an ``Outcome``: ``SUCCESS``, ``FAILURE`` or ``IGNORED`` (cancelled, an
+  ignored exception, a throttled answer).
 * The machine is the only writer of its fields, so these two methods (with ``hold`` and
   the manual controls) keep its invariant in this one module:
   counters only grow, and ``calls == successes + failures + ignored + rejections +
@@ -32,7 +33,7 @@ Theory of operation
   METRICS_ONLY keeps the sliding window. FORCED_OPEN rejects everything.
 * ``admits_all`` is true while ``admit`` admits whatever ``now`` is (CLOSED without a hold,
   DISABLED, METRICS_ONLY): a caller without a slow-call policy may then skip reading its
-  clock and pass any ``now``.
+  clock and pass any ``now`` (and the same value as ``started``).
 
 Transitions (``TRANSITIONS``; ``check_transition`` raises ``IllegalTransitionError`` for
 any other move, and every state change goes through it)::
@@ -209,14 +210,15 @@ class BreakerMachine:
             return REJECTED
         return self._admit_slow(now)
 
-    def settle(self, token: int, outcome: Outcome, now: float, duration: float) -> None:
+    def settle(self, token: int, outcome: Outcome, now: float, started: float) -> None:
         """Record how the call admitted with ``token`` ended, at ``now``.
 
         Args:
             token: what ``admit`` returned for the call (settle each token exactly once).
             outcome: ``SUCCESS``, ``FAILURE`` or ``IGNORED``.
             now: the time the outcome is known.
-            duration: seconds the call took (read only with a slow-call policy).
+            started: the ``now`` the call was admitted at; ``now - started`` is its
+                duration, read only with a slow-call policy.
         """
         if outcome is _SUCCESS:
             self.successes += 1
@@ -224,12 +226,12 @@ class BreakerMachine:
             if token != self._epoch:
                 self._success_mark += 1  # a stale outcome extends no run and ends none
             elif not self._plain:
-                self._succeeded(now, duration)
+                self._succeeded(now, now - started)
         elif outcome is _FAILURE:
             self.failures += 1
             self.last_failure_time = now
             if token == self._epoch:
-                self._failed(now, duration)
+                self._failed(now, now - started)
         else:
             self.ignored += 1
             if token == self._epoch and self.state is _H:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from fineflow._breaker import machine as machine_module
 from fineflow._breaker.config import BreakerConfig, CircuitState
 from fineflow._breaker.machine import (
     REJECTED,
@@ -263,6 +265,12 @@ def test_transition_table() -> None:
         check_transition(OPEN, OPEN)
     assert (CircuitState.DISABLED, OPEN) not in TRANSITIONS
     assert all((s, CLOSED) in TRANSITIONS for s in CircuitState if s is not CLOSED)
+
+
+def test_the_module_docstring_tables_every_automatic_transition() -> None:
+    automatic = {(a.name, b.name) for (a, b), cause in TRANSITIONS.items() if cause != "manual"}
+    rows = re.findall(r"^ {4}([A-Z_]+) +([A-Z_]+) {2,}", machine_module.__doc__ or "", re.M)
+    assert len(rows) == len(automatic) and set(rows) == automatic
 
 
 @pytest.mark.parametrize(

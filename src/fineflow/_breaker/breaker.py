@@ -11,7 +11,8 @@ One guarded call, whichever way it comes in (``call``, ``execute``, ``async with
 3. *Classify* what it returned or raised into an ``Outcome`` (``_outcome_of_result``,
    ``_outcome_of_exception``; a throttled answer goes through the ``on_throttle`` policy).
 4. *Settle*: ``BreakerMachine.settle(token, outcome, now, start)``, then the success or
-   failure event (``_settle``, the one place this happens).
+   failure event (``_settle``; when nothing listens or classifies, ``call`` settles a
+   success with the machine alone).
 5. Await the async listeners of the events the call caused (``flush_events``).
 
 There is no lock anywhere: every touch of the machine is synchronous and so atomic with
@@ -341,7 +342,8 @@ class CircuitBreaker(Listeners):
         """Ask the machine for a permit: ``(token, start)``, the token ``< 0`` if rejected."""
         machine = self._machine
         # The clock is read only when the machine needs the time to decide or a slow-call
-        # policy needs the call's duration (``start`` is then 0.0 and never read).
+        # policy needs the call's duration: else ``start`` is 0.0, read by neither ``admit``
+        # nor ``settle``.
         start = 0.0 if machine.admits_all and self._untimed else self._clock()
         return machine.admit(start), start
 

@@ -146,7 +146,7 @@ def circuit_breaker_middleware(
             response = await handler(request)
         except BaseException as exc:
             _settle_exception(permit, request, exc)
-            if isinstance(exc, Exception):  # never await while cancelled
+            if isinstance(exc, Exception):  # not while a cancellation unwinds
                 await guard.flush_events()
             raise
         status = response.status

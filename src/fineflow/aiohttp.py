@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable, Container
+from typing import Any
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientMiddlewareType, ClientRequest, ClientResponse
@@ -98,8 +99,10 @@ def _settle_on_body(response: ClientResponse, permit: Permit, request: ClientReq
         settle()
         close()
 
-    response.release = released  # type: ignore[method-assign]
-    response.close = closed  # type: ignore[method-assign]
+    # Wrapped on this one response object (``Any``: mypy forbids assigning to a method).
+    patched: Any = response
+    patched.release = released
+    patched.close = closed
 
 
 def circuit_breaker_middleware(
@@ -137,14 +140,13 @@ def circuit_breaker_middleware(
         guard = breaker if breaker is not None else get_or_create(key_of(request))
         permit = guard.try_acquire()
         if permit is None:
-            if guard._pending:
-                await guard.flush_events()
+            await guard.flush_events()
             raise CircuitOpenClientError(guard.name, guard.retry_after())
         try:
             response = await handler(request)
         except BaseException as exc:
             _settle_exception(permit, request, exc)
-            if guard._pending and isinstance(exc, Exception):
+            if isinstance(exc, Exception):  # not while a cancellation unwinds
                 await guard.flush_events()
             raise
         status = response.status
@@ -154,8 +156,7 @@ def circuit_breaker_middleware(
             permit.throttled(parse_retry_after(response.headers.get("Retry-After")))
         else:
             _settle_on_body(response, permit, request)
-        if guard._pending:
-            await guard.flush_events()
+        await guard.flush_events()
         return response
 
     return middleware

@@ -460,8 +460,8 @@ async def test_the_inlined_path_passes_positional_and_keyword_arguments() -> Non
     assert breaker.metrics().total_successes == 5
 
 
-async def test_what_changes_during_an_inlined_call_decides_how_its_success_counts() -> None:
-    """A success listener, a hold or a reset arriving while a call on the inlined closed path
+async def test_what_changes_during_a_call_decides_how_its_success_counts() -> None:
+    """A success listener, a hold or a reset arriving while a call on the quiet closed path
     is awaited sends its success through the full path (event, staleness) instead."""
     clock = FakeClock()
     breaker = CircuitBreaker("svc", clock=clock, on_throttle="hold")
@@ -487,10 +487,15 @@ async def test_what_changes_during_an_inlined_call_decides_how_its_success_count
     def on_success(event: BreakerEvent) -> None:
         seen.append(event.kind)
 
+    def hold() -> None:  # an upstream's 429 with Retry-After: 5, under on_throttle="hold"
+        permit = breaker.try_acquire()
+        assert permit is not None
+        permit.throttled(5.0)
+
     await run(lambda: breaker.add_listener("success", on_success))
     assert seen == ["success"]
     breaker.remove_listener("success", on_success)
-    await run(lambda: breaker._machine.hold(clock(), 5.0))
+    await run(hold)
     m = breaker.metrics()
     assert (m.total_successes, m.consecutive_successes, m.last_success_time) == (2, 2, 1000.0)
     clock.now = 1010.0

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from fineflow._breaker import machine as machine_module
 from fineflow._breaker.config import BreakerConfig, CircuitState
 from fineflow._breaker.machine import (
-    NOT_HOT,
     REJECTED,
     TRANSITIONS,
     BreakerMachine,
     IllegalTransitionError,
+    Outcome,
     check_transition,
 )
 from fineflow._errors import ConfigurationError
@@ -24,6 +26,10 @@ CLOSED, OPEN, HALF = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_O
 
 def state_of(machine: BreakerMachine) -> CircuitState:
     return machine.state  # a call, so mypy does not narrow the state between steps
+
+
+def admits_all(machine: BreakerMachine) -> bool:
+    return machine.admits_all  # (as state_of)
 
 
 Moves = list[tuple[CircuitState, CircuitState, str, float]]
@@ -41,16 +47,16 @@ def make(**options: Any) -> tuple[BreakerMachine, Moves]:
 
 def fail(machine: BreakerMachine, now: float, n: int = 1) -> None:
     for _ in range(n):
-        token = machine.acquire(now)
+        token = machine.admit(now)
         assert token != REJECTED
-        machine.on_failure(token, now, 0.0)
+        machine.settle(token, Outcome.FAILURE, now, now)
 
 
 def succeed(machine: BreakerMachine, now: float, n: int = 1, duration: float = 0.0) -> None:
     for _ in range(n):
-        token = machine.acquire(now)
+        token = machine.admit(now)
         assert token != REJECTED
-        machine.on_success(token, now, duration)
+        machine.settle(token, Outcome.SUCCESS, now, now - duration)
 
 
 def trip(machine: BreakerMachine, now: float = 0.0) -> None:
@@ -73,9 +79,9 @@ def test_opens_after_five_consecutive_failures_and_success_resets_the_count() ->
 def test_open_rejects_until_the_reset_timeout_then_half_open() -> None:
     machine, moves = make()
     trip(machine, 100.0)
-    assert machine.acquire(129.9) == REJECTED
+    assert machine.admit(129.9) == REJECTED
     assert machine.retry_after(110.0) == pytest.approx(20.0)
-    assert machine.acquire(130.0) != REJECTED
+    assert machine.admit(130.0) != REJECTED
     assert state_of(machine) is HALF
     assert moves[-1][:2] == (OPEN, HALF)
 
@@ -83,41 +89,41 @@ def test_open_rejects_until_the_reset_timeout_then_half_open() -> None:
 def test_half_open_admits_exactly_the_budget_and_ignored_permits_return() -> None:
     machine, _ = make(reset_timeout=10.0)
     trip(machine)
-    tokens = [machine.acquire(10.0) for _ in range(5)]
+    tokens = [machine.admit(10.0) for _ in range(5)]
     assert [t != REJECTED for t in tokens] == [True, True, True, False, False]
     assert machine.half_open_in_flight == 3
-    machine.on_ignored(tokens[0])
-    assert machine.acquire(10.0) != REJECTED
-    assert machine.acquire(10.0) == REJECTED
+    machine.settle(tokens[0], Outcome.IGNORED, 10.0, 10.0)
+    assert machine.admit(10.0) != REJECTED
+    assert machine.admit(10.0) == REJECTED
     assert machine.retry_after(10.0) is None
 
 
 def test_half_open_closes_after_success_threshold_and_reopens_on_failure() -> None:
     machine, moves = make(reset_timeout=10.0, success_threshold=2)
     trip(machine)
-    a, b = machine.acquire(10.0), machine.acquire(10.0)
-    machine.on_success(a, 11.0, 1.0)
+    a, b = machine.admit(10.0), machine.admit(10.0)
+    machine.settle(a, Outcome.SUCCESS, 11.0, 10.0)
     assert state_of(machine) is HALF
-    machine.on_success(b, 11.0, 1.0)
+    machine.settle(b, Outcome.SUCCESS, 11.0, 10.0)
     assert state_of(machine) is CLOSED
     assert moves[-1] == (HALF, CLOSED, "2 trial calls succeeded", 11.0)
     trip(machine, 20.0)
-    token = machine.acquire(30.0)
-    machine.on_failure(token, 31.0, 1.0)
+    token = machine.admit(30.0)
+    machine.settle(token, Outcome.FAILURE, 31.0, 30.0)
     assert state_of(machine) is OPEN and machine.times_opened == 3
-    assert machine.acquire(40.0) == REJECTED  # a fresh reset timeout started at 31
+    assert machine.admit(40.0) == REJECTED  # a fresh reset timeout started at 31
 
 
 def test_half_open_max_wait_reopens_so_a_lost_permit_cannot_wedge_it() -> None:
     machine, moves = make(reset_timeout=10.0, half_open_max_calls=1, half_open_max_wait=5.0)
     trip(machine)
-    lost = machine.acquire(10.0)
-    assert machine.acquire(14.0) == REJECTED and state_of(machine) is HALF
-    assert machine.acquire(15.0) == REJECTED and state_of(machine) is OPEN
+    lost = machine.admit(10.0)
+    assert machine.admit(14.0) == REJECTED and state_of(machine) is HALF
+    assert machine.admit(15.0) == REJECTED and state_of(machine) is OPEN
     assert "half-open" in moves[-1][2]
-    machine.on_success(lost, 16.0, 6.0)  # a stale outcome counts but moves nothing
+    machine.settle(lost, Outcome.SUCCESS, 16.0, 10.0)  # a stale outcome counts but moves nothing
     assert state_of(machine) is OPEN and machine.successes == 1
-    assert machine.acquire(25.0) != REJECTED and state_of(machine) is HALF
+    assert machine.admit(25.0) != REJECTED and state_of(machine) is HALF
 
 
 def test_exponential_backoff_with_jitter_and_cap() -> None:
@@ -130,12 +136,12 @@ def test_exponential_backoff_with_jitter_and_cap() -> None:
     for _ in range(4):
         deadlines.append(machine.retry_after(now))
         now += 100.0
-        token = machine.acquire(now)
-        machine.on_failure(token, now, 0.0)
+        token = machine.admit(now)
+        machine.settle(token, Outcome.FAILURE, now, now)
     # jitter 0.2 * random 0.5 shortens each timeout by 10%
     assert deadlines == pytest.approx([9.0, 18.0, 27.0, 27.0])
-    token = machine.acquire(now + 100.0)
-    machine.on_success(token, now + 100.0, 0.0)
+    token = machine.admit(now + 100.0)
+    machine.settle(token, Outcome.SUCCESS, now + 100.0, now + 100.0)
     succeed(machine, now + 100.0, 2)
     assert state_of(machine) is CLOSED
     trip(machine, 1000.0)
@@ -190,24 +196,24 @@ def test_slow_call_rate_trips_and_a_slow_trial_reopens() -> None:
     succeed(machine, 0.0, 1, duration=0.1)
     succeed(machine, 0.0, 1, duration=3.0)
     assert state_of(machine) is OPEN and moves[-1][2] == "slow-call rate 1/2 >= 0.5"
-    token = machine.acquire(5.0)
-    machine.on_success(token, 8.0, 3.0)
+    token = machine.admit(5.0)
+    machine.settle(token, Outcome.SUCCESS, 8.0, 5.0)
     assert state_of(machine) is OPEN
 
 
 def test_hold_rejects_without_a_transition_or_an_open() -> None:
     machine, moves = make(max_hold=10.0)
     machine.hold(0.0, 60.0)  # capped
-    assert machine.acquire(5.0) == REJECTED
+    assert machine.admit(5.0) == REJECTED
     assert machine.retry_after(5.0) == pytest.approx(5.0)
-    assert machine.acquire(10.0) != REJECTED
+    assert machine.admit(10.0) != REJECTED
     assert moves == [] and machine.times_opened == 0 and machine.rejections == 1
 
 
 def test_manual_states() -> None:
     machine, moves = make()
     machine.force_open(1.0)
-    assert machine.acquire(1e9) == REJECTED and machine.retry_after(0.0) is None
+    assert machine.admit(1e9) == REJECTED and machine.retry_after(0.0) is None
     machine.disable(2.0)
     fail(machine, 2.0, 20)
     assert state_of(machine) is CircuitState.DISABLED
@@ -227,31 +233,28 @@ def test_manual_states() -> None:
 
 def test_outcomes_of_calls_admitted_before_a_reset_are_stale() -> None:
     machine, _ = make(failure_threshold=2)
-    tokens = [machine.acquire(0.0) for _ in range(3)]
+    tokens = [machine.admit(0.0) for _ in range(3)]
     machine.reset(1.0)
     for token in tokens:
-        machine.on_failure(token, 2.0, 0.0)
+        machine.settle(token, Outcome.FAILURE, 2.0, 2.0)
     assert state_of(machine) is CLOSED and machine.consecutive_failures == 0
     assert machine.failures == 3 and machine.in_flight == 0
 
 
-def test_hot_token_follows_epoch_hold_window_and_quiet() -> None:
+def test_admits_all_follows_state_and_hold() -> None:
     machine, _ = make()
-    assert machine._hot_token == machine._epoch == 0
-    machine.set_quiet(False)
-    assert machine._hot_token == NOT_HOT
-    machine.set_quiet(True)
+    assert admits_all(machine) and machine.admit(0.0) == 0
     machine.reset(0.0)
-    assert machine._hot_token == machine._epoch == 1
+    assert admits_all(machine) and machine.admit(0.0) == 1  # a reset starts a new epoch
     machine.hold(0.0, 5.0)
-    assert machine._hot_token == NOT_HOT
-    assert machine.acquire(1.0) == REJECTED
-    assert machine.acquire(6.0) == machine._hot_token == 1  # the hold ended
+    assert not admits_all(machine)
+    assert machine.admit(1.0) == REJECTED
+    assert machine.admit(6.0) == 1 and admits_all(machine)  # the hold ended
     trip(machine)
-    assert machine._hot_token == NOT_HOT
+    assert not admits_all(machine)
     windowed, _ = make(failure_rate_threshold=0.5)
     timed, _ = make(slow_call_duration=1.0)
-    assert windowed._hot_token == timed._hot_token == NOT_HOT
+    assert admits_all(windowed) and admits_all(timed)  # CLOSED admits without the time
 
 
 def test_transition_table() -> None:
@@ -262,6 +265,12 @@ def test_transition_table() -> None:
         check_transition(OPEN, OPEN)
     assert (CircuitState.DISABLED, OPEN) not in TRANSITIONS
     assert all((s, CLOSED) in TRANSITIONS for s in CircuitState if s is not CLOSED)
+
+
+def test_the_module_docstring_tables_every_automatic_transition() -> None:
+    automatic = {(a.name, b.name) for (a, b), cause in TRANSITIONS.items() if cause != "manual"}
+    rows = re.findall(r"^ {4}([A-Z_]+) +([A-Z_]+) {2,}", machine_module.__doc__ or "", re.M)
+    assert len(rows) == len(automatic) and set(rows) == automatic
 
 
 @pytest.mark.parametrize(
@@ -365,25 +374,27 @@ class MachineModel(RuleBasedStateMachine):
     @rule()
     def acquire(self) -> None:
         state, m = self.m.state, self.m
-        deadline_pending = state is OPEN and self.now < m._open_until
-        token = m.acquire(self.now)
+        deadline_pending = state is OPEN and (m.retry_after(self.now) or 0.0) > 0.0
+        token = m.admit(self.now)
         expected = self.ref.admit(self.now)
         assert (token != REJECTED) == (expected is not None)
         if deadline_pending:
             assert token == REJECTED, "OPEN admitted a call before its deadline"
         if token != REJECTED:
             self.in_flight.append(token)
+            if state_of(m) is CLOSED:
+                assert m.admits_all, "an admission in CLOSED clears an ended hold"
 
     @precondition(lambda self: bool(self.in_flight))
     @rule(index=st.integers(0, 50), kind=st.sampled_from(["ok", "fail", "ignore"]))
     def settle(self, index: int, kind: str) -> None:
         token = self.in_flight.pop(index % len(self.in_flight))
         if kind == "ok":
-            self.m.on_success(token, self.now, 0.0)
+            self.m.settle(token, Outcome.SUCCESS, self.now, self.now)
         elif kind == "fail":
-            self.m.on_failure(token, self.now, 0.0)
+            self.m.settle(token, Outcome.FAILURE, self.now, self.now)
         else:
-            self.m.on_ignored(token)
+            self.m.settle(token, Outcome.IGNORED, self.now, self.now)
         self.ref.outcome(token, kind, self.now)
 
     @rule(seconds=st.floats(0.0, 100.0))
@@ -409,19 +420,15 @@ class MachineModel(RuleBasedStateMachine):
         elif self.ref.state is not target:
             self.ref.go(target, self.now)
 
-    @rule(quiet=st.booleans())
-    def quiet(self, quiet: bool) -> None:
-        self.m.set_quiet(quiet)
-
     @invariant()
-    def hot_token_is_the_epoch_exactly_when_the_inlined_path_applies(self) -> None:
-        # The model's breaker has no window and no slow-call policy, so a success needs
-        # nothing but the counters in DISABLED, and in CLOSED once a hold is cleared (by the
-        # first acquire after it ended).
+    def admits_all_only_when_admission_needs_no_time(self) -> None:
+        # DISABLED and METRICS_ONLY admit everyone; CLOSED does once a hold is cleared (by
+        # the first admit after it ended, see ``acquire``); no other state ever does.
         m = self.m
-        cleared = m.state is CLOSED and m._hold_until == float("-inf")
-        hot = m._quiet and (cleared or m.state is CircuitState.DISABLED)
-        assert m._hot_token == (m._epoch if hot else NOT_HOT)
+        if m.state in (CircuitState.DISABLED, CircuitState.METRICS_ONLY):
+            assert m.admits_all
+        elif m.state is not CLOSED or m.retry_after(self.now) is not None:
+            assert not m.admits_all
 
     @invariant()
     def agrees_with_the_reference(self) -> None:

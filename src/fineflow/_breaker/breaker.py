@@ -1,5 +1,20 @@
 """The async circuit breaker: the pure state machine wired to a clock, listeners and logging.
 
+One guarded call, whichever way it comes in (``call``, ``execute``, ``async with``, or a
+``Permit`` from ``try_acquire``, which the ASGI and aiohttp middlewares use):
+
+1. *Admit*: ``BreakerMachine.admit(start)``. ``start`` is a clock reading, skipped (0.0)
+   while the machine admits all and no slow-call policy needs the call's duration. A
+   rejection is an event; ``call`` raises ``CircuitOpenError``, ``execute`` may answer with
+   its fallback instead.
+2. *Run* the call with nothing held.
+3. *Classify* what it returned or raised into an ``Outcome`` (``_outcome_of_result``,
+   ``_outcome_of_exception``; a throttled answer goes through the ``on_throttle`` policy).
+4. *Settle*: ``BreakerMachine.settle(token, outcome, now, start)``, then the success or
+   failure event (``_settle``; when nothing listens or classifies, ``call`` settles a
+   success with the machine alone).
+5. Await the async listeners of the events the call caused (``flush_events``).
+
 There is no lock anywhere: every touch of the machine is synchronous and so atomic with
 respect to other tasks of the event loop, and the guarded call is awaited with nothing held.
 A breaker belongs to one event loop thread (asyncio or trio, through anyio).
@@ -20,16 +35,18 @@ from .._errors import CircuitOpenError, ConfigurationError
 from .config import BreakerConfig, BreakerMetrics, CircuitState, ThrottlePolicy, WindowType
 from .events import BreakerEvent, EventKind, Listener, Listeners
 from .http import DEFAULT_HOLD
-from .machine import REJECTED, BreakerMachine
-from .permit import _FAILURE, _IGNORED, _SUCCESS, BreakerResult, Permit, _result
+from .machine import BreakerMachine, Outcome
+from .result import BreakerResult
 
-__all__ = ["BreakerResult", "CircuitBreaker", "Permit"]
+__all__ = ["CircuitBreaker", "Permit"]
 
 
 T = TypeVar("T")
 P = ParamSpec("P")
 
 logger = logging.getLogger("fineflow.breaker")
+
+_SUCCESS, _FAILURE, _IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
 
 _Frame = tuple[int, float, "_Frame | None"]
 
@@ -59,7 +76,7 @@ class CircuitBreaker(Listeners):
         ignore_exceptions: exception types that count as neither (checked first).
         failure_if: predicate on a result that makes it a failure.
         throttle: returns ``None`` or retry-after seconds for a throttled result/exception
-            (``fineflow._breaker_http.http_throttle`` understands HTTP 429 objects).
+            (``fineflow.http_throttle`` understands HTTP 429 objects).
         clock: monotonic clock in seconds.
         random: jitter source returning floats in ``[0, 1)``.
 
@@ -129,17 +146,17 @@ class CircuitBreaker(Listeners):
         self._throttle = throttle
         self._untimed = slow_call_duration is None
         self._clock = clock
-        # Before the listener flags: ``_update_flags`` tells the machine whether it is quiet.
         self._machine = BreakerMachine(self.config, random=random, on_transition=self._moved)
+        self._fallbacks = 0  # the breaker serves fallbacks, the machine never sees them
         super().__init__()
         self._frames: ContextVar[_Frame | None] = ContextVar(f"breaker:{name}", default=None)
         self._last_fallback: BreakerResult[Any] | None = None
 
     def _update_flags(self) -> None:
         super()._update_flags()
-        # A success needs no classification and no event, and no async listener can have
-        # left events pending: folded into the machine's ``_hot_token``, the hot path's check.
-        self._machine.set_quiet(
+        # A result needs no classification and a success no event, and no async listener can
+        # have left events pending: a success is then only ``BreakerMachine.settle``.
+        self._quiet = (
             self._failure_if is None
             and self._throttle is None
             and not self._has_success
@@ -161,49 +178,24 @@ class CircuitBreaker(Listeners):
             CircuitOpenError: the breaker rejected the call (a new instance every time).
             BaseException: whatever the call raised, after recording it.
         """
+        # ``_admit``, written out: a Python call is a tenth of this path's cost.
         machine = self._machine
-        token = machine._hot_token
-        if token >= 0:
-            # The closed path's cost is mostly Python calls and attribute loads and writes,
-            # so BreakerMachine.acquire and on_success are inlined for a plain, quiet breaker
-            # (see BreakerMachine._refresh): admission needs no clock, and a success while
-            # ``_hot_token`` is unchanged (same epoch, still no listener or classifier to
-            # consult, nothing pending) is two attribute writes and one clock read.
-            machine.calls += 1
-            try:
-                # Without kwargs, the call skips building the call from an (empty) dict.
-                result = await (fn(*args, **kwargs) if kwargs else fn(*args))  # type: ignore[call-arg]
-            except BaseException as exc:
-                self._on_exception(token, 0.0, exc)
-                if self._pending and isinstance(exc, Exception):
-                    await self.flush_events()
-                raise
-            if token == machine._hot_token:
-                machine.successes += 1
-                machine.last_success_time = self._clock()
-                return result
-            self._on_result(token, 0.0, result)
-        else:
-            if machine._fast and self._untimed:
-                # Admitted for sure (a window to feed, say): the start time is never needed.
-                machine.calls += 1
-                token = machine._epoch
-                start = 0.0
-            else:
-                start = self._clock()
-                token = machine.acquire(start)
-                if token < 0:
-                    if self._has_rejection or self._pending:
-                        await self._rejected(start)
-                    raise CircuitOpenError(self.name, machine.retry_after(start))
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                self._on_exception(token, start, exc)
-                if self._pending and isinstance(exc, Exception):
-                    await self.flush_events()
-                raise
-            self._on_result(token, start, result)
+        start = 0.0 if machine.admits_all and self._untimed else self._clock()
+        token = machine.admit(start)
+        if token < 0:
+            raise await self._rejected(start)
+        target: Callable[..., Awaitable[T]] = fn
+        try:
+            # Without kwargs, the call skips building the call from an (empty) dict.
+            result = await (target(*args, **kwargs) if kwargs else target(*args))
+        except BaseException as exc:
+            await self._settle_exception(token, start, exc)
+            raise
+        if self._quiet:  # ``_settle`` without events, for a success
+            now = self._clock()
+            machine.settle(token, _SUCCESS, now, start)
+            return result
+        self._settle(token, start, self._outcome_of_result(result))
         if self._pending:
             await self.flush_events()
         return result
@@ -231,40 +223,16 @@ class CircuitBreaker(Listeners):
             BaseException: whatever the call raised, after recording it (the fallback
                 answers rejections only, not failures).
         """
+        # ``_admit``, written out as in ``call``: the rejection path is meant to be cheap.
         machine = self._machine
-        token = machine._hot_token
-        if token >= 0:
-            # The same inlined closed path as ``call``.
-            machine.calls += 1
-            try:
-                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
-            except BaseException as exc:
-                self._on_exception(token, 0.0, exc)
-                if self._pending and isinstance(exc, Exception):
-                    await self.flush_events()
-                raise
-            if token == machine._hot_token:
-                machine.successes += 1
-                machine.last_success_time = self._clock()
-                return _result(BreakerResult, (result, machine.state, False))
-            self._on_result(token, 0.0, result)
-            if self._pending:
-                await self.flush_events()
-            return _result(BreakerResult, (result, machine.state, False))
-        start = self._clock()
-        if start < machine._reject_until:
-            # BreakerMachine.acquire's rejection, inlined: the open path is meant to be cheap.
-            machine.calls += 1
-            machine.rejections += 1
-            token = REJECTED
-        else:
-            token = machine.acquire(start)
+        start = 0.0 if machine.admits_all and self._untimed else self._clock()
+        token = machine.admit(start)
         if token < 0:
             if fallback is None:
                 raise await self._rejected(start)
             if self._has_rejection:
                 self._emit("rejection", start, None)
-            machine.fallbacks += 1
+            self._fallbacks += 1
             value = fallback()
             if hasattr(value, "__await__"):
                 value = await cast("Awaitable[T]", value)
@@ -275,25 +243,17 @@ class CircuitBreaker(Listeners):
             # Results are immutable, so a constant fallback reuses one instance.
             if last is not None and last.value is value and last.state is state:
                 return last
-            self._last_fallback = last = _result(BreakerResult, (value, state, True))
+            self._last_fallback = last = BreakerResult(value, state, True)
             return last
-        result = await self._call_admitted(token, start, fn, *args, **kwargs)
-        return _result(BreakerResult, (result, machine.state, False))
-
-    async def _call_admitted(
-        self, token: int, start: float, fn: Callable[..., Awaitable[T]], /, *a: Any, **kw: Any
-    ) -> T:
         try:
-            result = await fn(*a, **kw)
+            result = await fn(*args, **kwargs)
         except BaseException as exc:
-            self._on_exception(token, start, exc)
-            if self._pending and isinstance(exc, Exception):
-                await self.flush_events()
+            await self._settle_exception(token, start, exc)
             raise
-        self._on_result(token, start, result)
+        self._settle(token, start, self._outcome_of_result(result))
         if self._pending:
             await self.flush_events()
-        return result
+        return BreakerResult(result, self._machine.state, False)
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an async function so every call goes through ``call``."""
@@ -310,8 +270,7 @@ class CircuitBreaker(Listeners):
         Raises:
             CircuitOpenError: the breaker rejected the call.
         """
-        start = self._clock()
-        token = self._machine.acquire(start)
+        token, start = self._admit()
         if token < 0:
             raise await self._rejected(start)
         # Per task (and nesting level) state lives in a context variable, never on self.
@@ -326,11 +285,11 @@ class CircuitBreaker(Listeners):
             raise RuntimeError("CircuitBreaker.__aexit__ without a matching __aenter__")
         token, start, parent = frame
         self._frames.set(parent)
-        if exc is None:
-            self._settle(_SUCCESS, token, start, None)
-        else:
-            self._on_exception(token, start, exc)
-        if self._pending and (exc is None or isinstance(exc, Exception)):
+        if exc is not None:
+            await self._settle_exception(token, start, exc)
+            return
+        self._settle(token, start, _SUCCESS)
+        if self._pending:
             await self.flush_events()
 
     def try_acquire(self) -> Permit | None:
@@ -339,8 +298,7 @@ class CircuitBreaker(Listeners):
         The caller must settle the permit exactly once (``success()``, ``failure()``,
         ``ignore()``, ...). Async listeners run at the next ``flush_events()``.
         """
-        start = self._clock()
-        token = self._machine.acquire(start)
+        token, start = self._admit()
         if token < 0:
             if self._has_rejection:
                 self._emit("rejection", start, None)
@@ -360,7 +318,7 @@ class CircuitBreaker(Listeners):
 
     def metrics(self) -> BreakerMetrics:
         """A frozen snapshot of the state and counters."""
-        return self._machine.snapshot(self.name)
+        return self._machine.snapshot(self.name, fallbacks=self._fallbacks)
 
     def reset(self) -> None:
         """Return to CLOSED, forgetting failures, holds and backoff (totals are kept)."""
@@ -378,7 +336,16 @@ class CircuitBreaker(Listeners):
         """Admit every call and keep measuring, but never trip, until ``reset()``."""
         self._machine.metrics_only(self._clock())
 
-    # -- recording --------------------------------------------------------------------------
+    # -- admitting and settling --------------------------------------------------------------
+
+    def _admit(self) -> tuple[int, float]:
+        """Ask the machine for a permit: ``(token, start)``, the token ``< 0`` if rejected."""
+        machine = self._machine
+        # The clock is read only when the machine needs the time to decide or a slow-call
+        # policy needs the call's duration: else ``start`` is 0.0, read by neither ``admit``
+        # nor ``settle``.
+        start = 0.0 if machine.admits_all and self._untimed else self._clock()
+        return machine.admit(start), start
 
     async def _rejected(self, now: float) -> CircuitOpenError:
         if self._has_rejection:
@@ -387,57 +354,51 @@ class CircuitBreaker(Listeners):
             await self.flush_events()
         return CircuitOpenError(self.name, self._machine.retry_after(now))
 
-    def _on_exception(self, token: int, start: float, exc: BaseException) -> None:
+    def _settle(
+        self, token: int, start: float, outcome: Outcome, exc: BaseException | None = None
+    ) -> None:
+        """Settle an admitted call: the machine counts it, then listeners hear of it."""
+        now = self._clock()
+        self._machine.settle(token, outcome, now, start)
+        if outcome is _SUCCESS:
+            if self._has_success:
+                self._emit("success", now, None)
+        elif outcome is _FAILURE and self._has_failure:
+            self._emit("failure", now, exc)
+
+    async def _settle_exception(self, token: int, start: float, exc: BaseException) -> None:
+        self._settle(token, start, self._outcome_of_exception(exc), exc)
+        if self._pending and isinstance(exc, Exception):
+            await self.flush_events()
+
+    def _outcome_of_exception(self, exc: BaseException) -> Outcome:
         if not isinstance(exc, Exception):  # cancellation, KeyboardInterrupt, SystemExit
-            self._settle(_IGNORED, token, start, None)
-            return
+            return _IGNORED
         if self._throttle is not None:
             retry_after = self._throttle(exc)
             if retry_after is not None:
-                self._settle_throttled(token, start, retry_after, exc)
-                return
+                return self._throttled(retry_after)
         if isinstance(exc, self._ignore):
-            self._settle(_IGNORED, token, start, None)
-        elif isinstance(exc, self._record):
-            self._settle(_FAILURE, token, start, exc)
-        else:
-            self._settle(_SUCCESS, token, start, None)
+            return _IGNORED
+        return _FAILURE if isinstance(exc, self._record) else _SUCCESS
 
-    def _on_result(self, token: int, start: float, result: object) -> None:
+    def _outcome_of_result(self, result: object) -> Outcome:
         if self._throttle is not None:
             retry_after = self._throttle(result)
             if retry_after is not None:
-                self._settle_throttled(token, start, retry_after, None)
-                return
+                return self._throttled(retry_after)
         failed = self._failure_if is not None and self._failure_if(result)
-        self._settle(_FAILURE if failed else _SUCCESS, token, start, None)
+        return _FAILURE if failed else _SUCCESS
 
-    def _settle_throttled(
-        self, token: int, start: float, retry_after: float | None, exc: BaseException | None
-    ) -> None:
+    def _throttled(self, retry_after: float | None) -> Outcome:
+        """Apply the ``on_throttle`` policy to a throttled answer; the outcome to settle."""
         policy = self.config.on_throttle
         if policy == "failure":
-            self._settle(_FAILURE, token, start, exc)
-            return
+            return _FAILURE
         if policy == "hold":
             seconds = DEFAULT_HOLD if retry_after is None else retry_after
             self._machine.hold(self._clock(), seconds)
-        self._settle(_IGNORED, token, start, None)
-
-    def _settle(self, outcome: int, token: int, start: float, exc: BaseException | None) -> None:
-        machine = self._machine
-        if outcome == _IGNORED:
-            machine.on_ignored(token)
-            return
-        now = self._clock()
-        if outcome == _SUCCESS:
-            machine.on_success(token, now, now - start)
-            if self._has_success:
-                self._emit("success", now, None)
-        else:
-            machine.on_failure(token, now, now - start)
-            if self._has_failure:
-                self._emit("failure", now, exc)
+        return _IGNORED
 
     def _moved(self, old: CircuitState, new: CircuitState, reason: str, now: float) -> None:
         level = logging.WARNING if new in _ALARMING else logging.INFO
@@ -483,3 +444,52 @@ class CircuitBreaker(Listeners):
 
 
 _ALARMING = frozenset({CircuitState.OPEN, CircuitState.FORCED_OPEN})
+
+
+class Permit:
+    """One admitted call, to be settled exactly once (later settlements are ignored).
+
+    Returned by ``CircuitBreaker.try_acquire`` for code that cannot wrap the call in
+    ``call``/``async with`` (the ASGI and aiohttp middlewares use it). Every method settles
+    through the same path as ``call``; async listeners run at the next ``flush_events()``.
+    """
+
+    __slots__ = ("_breaker", "_start", "_token", "done")
+
+    def __init__(self, breaker: CircuitBreaker, token: int, start: float) -> None:
+        self._breaker = breaker
+        self._token = token
+        self._start = start
+        self.done = False
+
+    def _settle(self, outcome: Outcome, exc: BaseException | None = None) -> None:
+        if not self.done:
+            self.done = True
+            self._breaker._settle(self._token, self._start, outcome, exc)
+
+    def success(self) -> None:
+        """The call succeeded."""
+        self._settle(_SUCCESS)
+
+    def failure(self, exc: BaseException | None = None) -> None:
+        """The call failed (``exc`` is passed on to failure listeners)."""
+        self._settle(_FAILURE, exc)
+
+    def ignore(self) -> None:
+        """The call was cancelled or its outcome says nothing about health."""
+        self._settle(_IGNORED)
+
+    def throttled(self, retry_after: float | None) -> None:
+        """The upstream answered 429; apply the breaker's ``on_throttle`` policy."""
+        if not self.done:
+            self._settle(self._breaker._throttled(retry_after))
+
+    def exception(self, exc: BaseException) -> None:
+        """Settle by classifying ``exc`` as ``call`` does (cancellation is ignored)."""
+        if not self.done:
+            self._settle(self._breaker._outcome_of_exception(exc), exc)
+
+    def result(self, value: object) -> None:
+        """Settle by classifying a result as ``call`` does (``failure_if``, ``throttle``)."""
+        if not self.done:
+            self._settle(self._breaker._outcome_of_result(value))

@@ -1,7 +1,7 @@
 """Circuit-breaker configuration, states, metrics snapshot and sliding windows (pure values).
 
-Nothing here reads a clock or does I/O: the state machine in ``_breaker_machine`` and the
-async breaker in ``_breaker`` build on these values.
+Nothing here reads a clock or does I/O: the state machine in ``machine`` and the async
+breaker in ``breaker`` build on these values.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from .._errors import ConfigurationError
 from .config import CircuitState
@@ -43,7 +43,8 @@ class BreakerEvent:
     exception: BaseException | None
 
 
-Listener = Callable[[BreakerEvent], None] | Callable[[BreakerEvent], Awaitable[None]]
+AsyncListener = Callable[[BreakerEvent], Awaitable[None]]
+Listener = Callable[[BreakerEvent], None] | AsyncListener
 
 
 def _is_async(listener: object) -> bool:
@@ -60,12 +61,8 @@ class Listeners:
         self._sync: dict[EventKind, list[Callable[[BreakerEvent], object]]] = {
             k: [] for k in EVENT_KINDS
         }
-        self._async: dict[EventKind, list[Callable[[BreakerEvent], Awaitable[None]]]] = {
-            k: [] for k in EVENT_KINDS
-        }
-        self._pending: deque[tuple[Callable[[BreakerEvent], Awaitable[None]], BreakerEvent]] = (
-            deque()
-        )
+        self._async: dict[EventKind, list[AsyncListener]] = {k: [] for k in EVENT_KINDS}
+        self._pending: deque[tuple[AsyncListener, BreakerEvent]] = deque()
         self._update_flags()
 
     def _update_flags(self) -> None:
@@ -91,7 +88,7 @@ class Listeners:
         if not callable(listener):
             raise ConfigurationError(f"listener must be callable (got {listener!r})")
         if _is_async(listener):
-            self._async[kind].append(listener)  # type: ignore[arg-type]
+            self._async[kind].append(cast("AsyncListener", listener))
         else:
             self._sync[kind].append(listener)
         self._update_flags()
@@ -102,8 +99,10 @@ class Listeners:
         Raises:
             ValueError: it was not registered for ``kind``.
         """
-        group = self._async if _is_async(listener) else self._sync
-        group[kind].remove(listener)  # type: ignore[arg-type]
+        if _is_async(listener):
+            self._async[kind].remove(cast("AsyncListener", listener))
+        else:
+            self._sync[kind].remove(listener)
         self._update_flags()
 
     def _dispatch(self, event: BreakerEvent) -> None:

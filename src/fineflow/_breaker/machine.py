@@ -1,10 +1,16 @@
 """The circuit-breaker state machine: pure, synchronous, no I/O, ``now`` passed in.
 
-Rules of operation
-------------------
-* A caller asks for a *permit* with ``acquire(now)``. It gets a token (``>= 0``) or
-  ``REJECTED``. Every admitted call must come back exactly once as ``on_success``,
-  ``on_failure`` or ``on_ignored`` (cancellation and ignored outcomes) with its token.
+Theory of operation
+-------------------
+* The fast path is one method pair. A caller asks to run one call with ``admit(now)`` and
+  gets a token (``>= 0``) or ``REJECTED``. Every admitted call comes back exactly once as
+  ``settle(token, outcome, now, started)`` (``started``: the ``now`` it was admitted at),
+  ``outcome`` an ``Outcome``: ``SUCCESS``, ``FAILURE`` or ``IGNORED`` (cancelled, an
+  ignored exception, a throttled answer).
+* The machine is the only writer of its fields, so these two methods (with ``hold`` and
+  the manual controls) keep its invariant in this one module:
+  counters only grow, and ``calls == successes + failures + ignored + rejections +
+  in_flight``.
 * The token is the *epoch* the call was admitted in. Every transition starts a new epoch;
   an outcome from an older epoch still counts in the totals but cannot move the state, so
   calls admitted before a trip, a reset or a half-open round cannot confuse the next one.
@@ -25,9 +31,23 @@ Rules of operation
 * DISABLED, FORCED_OPEN and METRICS_ONLY are entered and left only by hand (``reset()``
   returns to CLOSED). DISABLED and METRICS_ONLY admit everything and never trip; only
   METRICS_ONLY keeps the sliding window. FORCED_OPEN rejects everything.
-* Every state change goes through one table, ``TRANSITIONS``; ``check_transition`` raises
-  ``IllegalTransitionError`` for a move that is not in it.
-* Counters only grow: ``calls == successes + failures + ignored + rejections + in_flight``.
+* ``admits_all`` is true while ``admit`` admits whatever ``now`` is (CLOSED without a hold,
+  DISABLED, METRICS_ONLY): a caller without a slow-call policy may then skip reading its
+  clock and pass any ``now`` (and the same value as ``started``).
+
+Transitions (``TRANSITIONS``; ``check_transition`` raises ``IllegalTransitionError`` for
+any other move, and every state change goes through it)::
+
+    from        to            cause
+    ---------   -----------   ---------------------------------------------------------
+    CLOSED      OPEN          trip: consecutive failures, failure rate or slow-call rate
+    OPEN        HALF_OPEN     reset timeout elapsed (seen by the next caller)
+    HALF_OPEN   CLOSED        trial calls succeeded
+    HALF_OPEN   OPEN          trial call failed or was slow, or half-open wait exceeded
+    any         CLOSED        manual: reset()
+    any         DISABLED,     manual: disable(), force_open(), metrics_only()
+                FORCED_OPEN,
+                METRICS_ONLY
 
 The closed path is hot, so it writes as little as it can: ``in_flight`` and the two
 consecutive counts are derived from the totals (a success in the current epoch only bumps
@@ -37,27 +57,41 @@ successes began, ``_failures_in_row`` counts the run of failures that ended it).
 
 from __future__ import annotations
 
+import enum
 import random as _random_module
 from collections.abc import Callable
 
 from .config import BreakerConfig, BreakerMetrics, CircuitState, CountWindow, TimeWindow
 
 __all__ = [
-    "NOT_HOT",
     "REJECTED",
     "TRANSITIONS",
     "BreakerMachine",
     "IllegalTransitionError",
+    "Outcome",
     "TransitionHook",
     "check_transition",
 ]
 
+#: What ``admit`` returns to a caller it turns away: never a token.
 REJECTED = -1
-#: ``_hot_token`` when a call needs more than the inlined closed path: never a token.
-NOT_HOT = -2
 _NEVER = float("-inf")
 _FOREVER = float("inf")
 
+
+class Outcome(enum.Enum):
+    """How an admitted call ended, as ``BreakerMachine.settle`` counts it."""
+
+    # The call worked: ends a run of failures, counts towards closing a half-open breaker.
+    SUCCESS = "success"
+    # The call failed: may trip a closed breaker, reopens a half-open one.
+    FAILURE = "failure"
+    # Neither (cancelled, an ignored exception, a throttled answer): a half-open trial gives
+    # its permit back.
+    IGNORED = "ignored"
+
+
+_SUCCESS, _FAILURE = Outcome.SUCCESS, Outcome.FAILURE
 _C, _O, _H = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 _MANUAL_TARGETS = (
     CircuitState.CLOSED,
@@ -98,6 +132,8 @@ def check_transition(old: CircuitState, new: CircuitState) -> str:
 class BreakerMachine:
     """The state and counters of one breaker; see the module docstring for the rules.
 
+    Every public attribute is read-only for other code: only the machine's methods write.
+
     Args:
         config: the policies.
         random: source of jitter, a callable returning a float in ``[0, 1)``.
@@ -107,26 +143,22 @@ class BreakerMachine:
     __slots__ = (
         "_epoch",
         "_failures_in_row",
-        "_fast",
         "_half_open_since",
         "_hold_until",
-        "_hot",
-        "_hot_token",
         "_next_timeout",
         "_on_transition",
         "_open_until",
         "_permits_used",
         "_plain",
-        "_quiet",
         "_random",
         "_reject_until",
         "_success_mark",
         "_trial_successes",
         "_window",
+        "admits_all",
         "calls",
         "config",
         "failures",
-        "fallbacks",
         "ignored",
         "last_failure_time",
         "last_state_change",
@@ -159,24 +191,53 @@ class BreakerMachine:
         self.last_success_time: float | None = None
         self.last_state_change: float | None = None
         self.calls = self.successes = self.failures = self.ignored = 0
-        self.rejections = self.fallbacks = self.times_opened = 0
-        self._quiet = True
+        self.rejections = self.times_opened = 0
         self._new_window()
         self._refresh()
 
-    # -- admission --------------------------------------------------------------------------
+    # -- the fast path: admit, then settle ------------------------------------------------
 
-    def acquire(self, now: float) -> int:
-        """Ask to run one call at ``now``: a token ``>= 0``, or ``REJECTED``."""
+    def admit(self, now: float) -> int:
+        """Ask to run one call at ``now``: a token ``>= 0`` to settle later, or ``REJECTED``.
+
+        While ``admits_all`` is true, ``now`` is not read.
+        """
         self.calls += 1
-        if self._fast:
+        if self.admits_all:
             return self._epoch
         if now < self._reject_until:
             self.rejections += 1
             return REJECTED
-        return self._acquire_slow(now)
+        return self._admit_slow(now)
 
-    def _acquire_slow(self, now: float) -> int:
+    def settle(self, token: int, outcome: Outcome, now: float, started: float) -> None:
+        """Record how the call admitted with ``token`` ended, at ``now``.
+
+        Args:
+            token: what ``admit`` returned for the call (settle each token exactly once).
+            outcome: ``SUCCESS``, ``FAILURE`` or ``IGNORED``.
+            now: the time the outcome is known.
+            started: the ``now`` the call was admitted at; ``now - started`` is its
+                duration, read only with a slow-call policy.
+        """
+        if outcome is _SUCCESS:
+            self.successes += 1
+            self.last_success_time = now
+            if token != self._epoch:
+                self._success_mark += 1  # a stale outcome extends no run and ends none
+            elif not self._plain:
+                self._succeeded(now, now - started)
+        elif outcome is _FAILURE:
+            self.failures += 1
+            self.last_failure_time = now
+            if token == self._epoch:
+                self._failed(now, now - started)
+        else:
+            self.ignored += 1
+            if token == self._epoch and self.state is _H:
+                self._permits_used -= 1
+
+    def _admit_slow(self, now: float) -> int:
         state = self.state
         if state is _O:
             if now < self._open_until:
@@ -193,7 +254,7 @@ class BreakerMachine:
         elif state is CircuitState.FORCED_OPEN:
             self.rejections += 1
             return REJECTED
-        # HALF_OPEN (DISABLED and METRICS_ONLY always take the fast path)
+        # HALF_OPEN (DISABLED and METRICS_ONLY always admit all)
         wait = self.config.half_open_max_wait
         if wait is not None and now >= self._half_open_since + wait:
             self._move(_O, now, f"no verdict {wait:g}s after half-open")
@@ -202,6 +263,41 @@ class BreakerMachine:
             return self._epoch
         self.rejections += 1
         return REJECTED
+
+    def _succeeded(self, now: float, duration: float) -> None:
+        cfg = self.config
+        slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
+        if self.state is _H:
+            if slow:
+                self._move(_O, now, f"trial call slower than {cfg.slow_call_duration:g}s")
+                return
+            self._trial_successes += 1
+            if self._trial_successes >= cfg.successes_to_close:
+                self._move(_C, now, f"{self._trial_successes} trial calls succeeded")
+        elif self._window is not None:
+            self._window.add(now, False, slow)
+            if self.state is _C:
+                self._check_rates(self._window, now)
+
+    def _failed(self, now: float, duration: float) -> None:
+        if self.successes != self._success_mark:  # this failure ends a run of successes
+            self._success_mark = self.successes
+            self._failures_in_row = 0
+        self._failures_in_row += 1
+        state = self.state
+        if state is _H:
+            self._move(_O, now, "trial call failed")
+            return
+        cfg = self.config
+        if self._window is not None and state is not CircuitState.DISABLED:
+            slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
+            self._window.add(now, True, slow)
+        if state is _C:
+            ft = cfg.failure_threshold
+            if ft is not None and self._failures_in_row >= ft:
+                self._move(_O, now, f"{self._failures_in_row} consecutive failures")
+            elif self._window is not None:
+                self._check_rates(self._window, now)
 
     def retry_after(self, now: float) -> float | None:
         """Seconds until a caller may be admitted again, or ``None`` when unknown."""
@@ -229,76 +325,12 @@ class BreakerMachine:
         """Failures (of the current epoch) since the last success or reset."""
         return self._failures_in_row if self.successes == self._success_mark else 0
 
-    # -- outcomes ---------------------------------------------------------------------------
+    @property
+    def half_open_in_flight(self) -> int:
+        """Trial calls of the current half-open round still running (0 outside HALF_OPEN)."""
+        return self._permits_used - self._trial_successes if self.state is _H else 0
 
-    def on_success(self, token: int, now: float, duration: float) -> None:
-        """Record that the call admitted with ``token`` succeeded after ``duration`` s."""
-        self.successes += 1
-        self.last_success_time = now
-        if token != self._epoch:
-            self._success_mark += 1  # a stale outcome extends no run and ends none
-            return
-        if not self._plain:
-            self._after_success(now, duration)
-
-    def _after_success(self, now: float, duration: float) -> None:
-        cfg = self.config
-        slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
-        if self.state is _H:
-            if slow:
-                self._move(_O, now, f"trial call slower than {cfg.slow_call_duration:g}s")
-                return
-            self._trial_successes += 1
-            if self._trial_successes >= cfg.successes_to_close:
-                self._move(_C, now, f"{self._trial_successes} trial calls succeeded")
-        elif self._window is not None:
-            self._window.add(now, False, slow)
-            if self.state is _C:
-                self._check_rates(self._window, now)
-
-    def on_failure(self, token: int, now: float, duration: float) -> None:
-        """Record that the call admitted with ``token`` failed after ``duration`` s."""
-        self.failures += 1
-        self.last_failure_time = now
-        if token != self._epoch:
-            return
-        if self.successes != self._success_mark:  # this failure ends a run of successes
-            self._success_mark = self.successes
-            self._failures_in_row = 0
-        self._failures_in_row += 1
-        state = self.state
-        if state is _H:
-            self._move(_O, now, "trial call failed")
-            return
-        cfg = self.config
-        if self._window is not None and state is not CircuitState.DISABLED:
-            slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
-            self._window.add(now, True, slow)
-        if state is _C:
-            ft = cfg.failure_threshold
-            if ft is not None and self._failures_in_row >= ft:
-                self._move(_O, now, f"{self._failures_in_row} consecutive failures")
-            elif self._window is not None:
-                self._check_rates(self._window, now)
-
-    def on_ignored(self, token: int) -> None:
-        """Record that the call admitted with ``token`` was cancelled or its outcome ignored.
-
-        Neither a success nor a failure; a half-open permit is given back.
-        """
-        self.ignored += 1
-        if token == self._epoch and self.state is _H:
-            self._permits_used -= 1
-
-    def set_quiet(self, quiet: bool) -> None:
-        """Say whether the owner has nothing to run on a success (no listener, classifier
-        or pending event); only ``_hot_token`` depends on it."""
-        self._quiet = quiet
-        self._refresh()
-
-    def note_fallback(self) -> None:
-        """Count one fallback served instead of a rejected call."""
-        self.fallbacks += 1
+    # -- other writes -----------------------------------------------------------------------
 
     def hold(self, now: float, seconds: float) -> None:
         """Reject callers for ``seconds`` (capped by ``max_hold``) without changing state."""
@@ -393,24 +425,16 @@ class BreakerMachine:
 
     def _refresh(self) -> None:
         state = self.state
-        self._fast = (state is _C and self._hold_until == _NEVER) or state in (
+        self.admits_all = (state is _C and self._hold_until == _NEVER) or state in (
             CircuitState.DISABLED,
             CircuitState.METRICS_ONLY,
         )
-        untimed = self.config.slow_call_duration is None
+        # A success needs nothing but the counters (no window, no slow-call check).
         self._plain = state is CircuitState.DISABLED or (
-            state is _C and self._window is None and untimed
+            state is _C and self._window is None and self.config.slow_call_duration is None
         )
-        # Admission needs no clock and a success only bumps ``successes`` and the time: the
-        # path ``CircuitBreaker.call`` and the ASGI middleware inline.
-        self._hot = self._fast and self._plain and untimed
-        # ``CircuitBreaker.call`` loads this once to admit and compares it once to settle:
-        # the epoch while a hot success has nothing else to do, ``NOT_HOT`` otherwise. Every
-        # epoch change ends in ``_refresh``, so an equal value after the await also means the
-        # call's epoch is still current.
-        self._hot_token = self._epoch if self._hot and self._quiet else NOT_HOT
         # Callers arriving before this are rejected with no further question (OPEN before its
-        # deadline, FORCED_OPEN, a hold in CLOSED); HALF_OPEN always asks ``_acquire_slow``.
+        # deadline, FORCED_OPEN, a hold in CLOSED); HALF_OPEN always asks ``_admit_slow``.
         if state is _O:
             self._reject_until = self._open_until
         elif state is CircuitState.FORCED_OPEN:
@@ -420,13 +444,8 @@ class BreakerMachine:
         else:
             self._reject_until = _NEVER
 
-    @property
-    def half_open_in_flight(self) -> int:
-        """Trial calls of the current half-open round still running (0 outside HALF_OPEN)."""
-        return self._permits_used - self._trial_successes if self.state is _H else 0
-
-    def snapshot(self, name: str) -> BreakerMetrics:
-        """A frozen copy of the state and counters."""
+    def snapshot(self, name: str, *, fallbacks: int = 0) -> BreakerMetrics:
+        """A frozen copy of the state and counters, with the owner's name and fallbacks."""
         window = self._window
         calls = window.calls if window is not None else 0
         return BreakerMetrics(
@@ -441,7 +460,7 @@ class BreakerMachine:
             total_failures=self.failures,
             total_ignored=self.ignored,
             total_rejections=self.rejections,
-            total_fallbacks=self.fallbacks,
+            total_fallbacks=fallbacks,
             in_flight=self.in_flight,
             times_opened=self.times_opened,
             last_state_change=self.last_state_change,

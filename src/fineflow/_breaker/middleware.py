@@ -21,7 +21,6 @@ from .._asgi.types import ASGIApp, Message, Receive, Scope, Send
 from .._errors import ConfigurationError
 from .breaker import CircuitBreaker, Permit
 from .http import parse_retry_after
-from .permit import _FAILURE, _SUCCESS
 from .registry import BreakerRegistry
 
 __all__ = ["CircuitBreakerMiddleware", "path_key", "service_unavailable"]
@@ -114,68 +113,37 @@ class CircuitBreakerMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        # The HTTP path is inlined here, one coroutine frame, with no Permit object: the
-        # per-request cost is mostly Python calls (see benchmarks/asgi.py).
-        breaker = self.breaker
+        breaker = self.breaker if self.breaker is not None else await self._keyed_breaker(scope)
         if breaker is None:
-            name = self.key(scope)
-            if name is not None and not isinstance(name, str):
-                name = await name
-            if name is None or self.registry is None:
-                await self.app(scope, receive, send)
-                return
-            breaker = self.registry.get_or_create(name)
-        machine = breaker._machine
-        if machine._hot:  # BreakerMachine.acquire's no-clock branch, as CircuitBreaker.call
-            machine.calls += 1
-            token = machine._epoch
-            start = 0.0
-        else:
-            start = breaker._clock()
-            token = machine.acquire(start)
-            if token < 0:
-                if breaker._has_rejection:
-                    breaker._emit("rejection", start, None)
-                await self._reject(scope, receive, send, breaker)
-                return
-        responder = _new_responder(_Responder)
-        responder.mw = self
-        responder.breaker = breaker
-        responder.token = token
-        responder.start = start
-        responder.downstream = send
-        responder.status = 0
-        responder.done = responder.send_failed = False
+            await self.app(scope, receive, send)
+            return
+        permit = breaker.try_acquire()
+        if permit is None:
+            await self._reject(scope, receive, send, breaker)
+            return
+        responder = _Responder(self, permit, send, breaker)
         try:
             await self.app(scope, receive, responder.send)
         except BaseException as exc:
-            if not responder.done:
-                responder.done = True
-                if responder.send_failed:  # the client went away: says nothing of health
-                    machine.on_ignored(token)
-                else:
-                    breaker._on_exception(token, start, exc)
-            if breaker._pending:
-                await breaker.flush_events()
-            raise
-        if not responder.done:
-            # The app returned without finishing a response: the server answers 500 (no
-            # start) or cuts the stream, so it is a failure either way.
-            responder.done = True
-            breaker._settle(_FAILURE, token, start, None)
-        if breaker._pending:
+            if responder.send_failed:  # the client went away: says nothing of health
+                permit.ignore()
+            else:
+                permit.exception(exc)
             await breaker.flush_events()
+            raise
+        # Returned without finishing a response: the server answers 500 (no start) or cuts
+        # the stream, so it is a failure either way (no-op when the response ended).
+        permit.failure()
+        await breaker.flush_events()
 
-    async def _breaker_for(self, scope: Scope) -> CircuitBreaker | None:
-        if self.breaker is not None:
-            return self.breaker
+    async def _keyed_breaker(self, scope: Scope) -> CircuitBreaker | None:
+        """The registry's breaker for the request's key, ``None`` to let it through."""
         name = self.key(scope)
         if name is not None and not isinstance(name, str):
             name = await name
-        if name is None:
+        if name is None or self.registry is None:
             return None
-        registry = self.registry
-        return None if registry is None else registry.get_or_create(name)
+        return self.registry.get_or_create(name)
 
     def _stamped(self, send: Send, breaker: CircuitBreaker) -> Send:
         header = self.state_header
@@ -192,8 +160,7 @@ class CircuitBreakerMiddleware:
     async def _reject(
         self, scope: Scope, receive: Receive, send: Send, breaker: CircuitBreaker
     ) -> None:
-        if breaker._pending:
-            await breaker.flush_events()
+        await breaker.flush_events()
         app = self.fallback or service_unavailable(breaker.name, breaker.retry_after())
         await app(scope, receive, self._stamped(send, breaker))
 
@@ -206,7 +173,7 @@ class CircuitBreakerMiddleware:
             permit.success()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        breaker = await self._breaker_for(scope)
+        breaker = self.breaker if self.breaker is not None else await self._keyed_breaker(scope)
         if breaker is None:
             await self.app(scope, receive, send)
             return
@@ -239,8 +206,7 @@ class CircuitBreakerMiddleware:
             raise
         finally:
             permit.ignore()  # returned without a handshake: no verdict (no-op if settled)
-            if breaker._pending:
-                await breaker.flush_events()
+            await breaker.flush_events()
 
 
 def _with_state(message: Message, header: bytes, breaker: CircuitBreaker) -> Message:
@@ -249,87 +215,50 @@ def _with_state(message: Message, header: bytes, breaker: CircuitBreaker) -> Mes
     return {**message, "headers": [*message.get("headers", ()), (header, state)]}
 
 
-# ``_Responder.status`` once the request needs no more settling, or after a failed send.
 class _Responder:
     """The per-request state of one admitted HTTP request; ``send`` wraps the server's.
 
-    It settles the request's permit (``token``, ``start``) exactly once, when the response
-    ends: the last body chunk went out (success, or failure for a failure status, or the
-    throttle policy for a 429). The middleware settles it when the app raises or returns
-    without finishing the response.
-
-    The middleware fills every field but ``retry_after`` itself: a Python-level
-    ``__init__`` would cost as much as the rest of the request's bookkeeping.
+    It settles the request's permit when the response ends: the last body chunk went out
+    (success, or failure for a failure status, or the throttle policy for a 429). The
+    middleware settles it when the app raises or returns without finishing the response.
     """
 
-    __slots__ = (
-        "breaker",
-        "done",
-        "downstream",
-        "mw",
-        "retry_after",
-        "send_failed",
-        "start",
-        "status",
-        "token",
-    )
+    __slots__ = ("breaker", "downstream", "mw", "permit", "retry_after", "send_failed", "status")
 
-    mw: CircuitBreakerMiddleware
-    breaker: CircuitBreaker
-    token: int  # the permit: the epoch it was admitted in
-    start: float  # and when (0.0 when nothing needs the duration)
-    downstream: Send
-    status: int  # of the response, 0 before its start
-    retry_after: str | None  # set with a 429 status, and read only then
-    done: bool  # the permit is settled
-    send_failed: bool  # the server's send raised: the client went away
+    def __init__(
+        self,
+        mw: CircuitBreakerMiddleware,
+        permit: Permit,
+        downstream: Send,
+        breaker: CircuitBreaker,
+    ) -> None:
+        self.mw = mw
+        self.permit = permit
+        self.downstream = downstream
+        self.breaker = breaker
+        self.status = 0  # of the response, 0 before its start
+        self.retry_after: str | None = None  # with a 429 status
+        self.send_failed = False  # the server's send raised: the client went away
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            status = self.status = message["status"]
-            if status == 429:
+            self.status = message["status"]
+            if self.status == 429:
                 self.retry_after = _retry_after(message)
             header = self.mw.state_header
             if header is not None:
                 message = _with_state(message, header, self.breaker)
-            try:
-                await self.downstream(message)
-            except BaseException:
-                self.send_failed = True
-                raise
-            return
         try:
             await self.downstream(message)
         except BaseException:
             self.send_failed = True
             raise
-        if kind == "http.response.body":
-            if message.get("more_body"):
-                return
-        elif kind != "http.response.pathsend":
-            return
-        # The response ended: settle (inlined, this runs once per request).
-        if self.done:
-            return
-        self.done = True
-        breaker, token, status = self.breaker, self.token, self.status
-        if status in self.mw.failure_statuses:
-            breaker._settle(_FAILURE, token, self.start, None)
-        elif status == 429:
-            retry_after = parse_retry_after(self.retry_after)
-            breaker._settle_throttled(token, self.start, retry_after, None)
-        else:
-            machine = breaker._machine
-            if token == machine._epoch and machine._plain and not breaker._has_success:
-                # BreakerMachine.on_success for a plain breaker, as in CircuitBreaker.call.
-                machine.successes += 1
-                machine.last_success_time = breaker._clock()
-            else:
-                breaker._settle(_SUCCESS, token, self.start, None)
-
-
-_new_responder = object.__new__
+        ended = (kind == "http.response.body" and not message.get("more_body")) or (
+            kind == "http.response.pathsend"
+        )
+        if ended:
+            self.mw._settle(self.permit, self.status, self.retry_after)
 
 
 def _retry_after(message: Message) -> str | None:

@@ -65,7 +65,7 @@ class BreakerRegistry:
             (
                 name
                 for name, b in self._breakers.items()
-                if b.state is CircuitState.CLOSED and b._machine.in_flight == 0
+                if b.state is CircuitState.CLOSED and b.metrics().in_flight == 0
             ),
             next(iter(self._breakers)),
         )

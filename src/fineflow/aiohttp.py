@@ -140,13 +140,15 @@ def circuit_breaker_middleware(
         guard = breaker if breaker is not None else get_or_create(key_of(request))
         permit = guard.try_acquire()
         if permit is None:
-            await guard.flush_events()
+            if guard.events_pending:
+                await guard.flush_events()
             raise CircuitOpenClientError(guard.name, guard.retry_after())
         try:
             response = await handler(request)
         except BaseException as exc:
             _settle_exception(permit, request, exc)
-            if isinstance(exc, Exception):  # not while a cancellation unwinds
+            # not while a cancellation unwinds
+            if isinstance(exc, Exception) and guard.events_pending:
                 await guard.flush_events()
             raise
         status = response.status
@@ -156,7 +158,8 @@ def circuit_breaker_middleware(
             permit.throttled(parse_retry_after(response.headers.get("Retry-After")))
         else:
             _settle_on_body(response, permit, request)
-        await guard.flush_events()
+        if guard.events_pending:
+            await guard.flush_events()
         return response
 
     return middleware

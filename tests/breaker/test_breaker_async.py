@@ -505,3 +505,22 @@ async def test_what_changes_during_a_call_decides_how_its_success_counts() -> No
     # The stale success counts in the totals only.
     assert (m.total_successes, m.consecutive_successes) == (4, 0)
     assert m.last_success_time == 1010.0
+
+
+async def test_events_pending_until_flushed() -> None:
+    breaker = CircuitBreaker("pending", failure_threshold=1)
+    seen: list[str] = []
+
+    async def on_failure(event: BreakerEvent) -> None:
+        seen.append(event.kind)
+
+    breaker.add_listener("failure", on_failure)
+    assert not breaker.events_pending
+    permit = breaker.try_acquire()
+    assert permit is not None
+    permit.failure()
+    assert breaker.events_pending  # queued, not yet delivered
+    assert seen == []
+    await breaker.flush_events()
+    assert not breaker.events_pending
+    assert seen == ["failure"]

@@ -114,6 +114,11 @@ class Listeners:
         for async_listener in self._async[event.kind]:
             self._pending.append((async_listener, event))
 
+    @property
+    def events_pending(self) -> bool:
+        """Whether async listeners wait for ``flush_events()`` (cheap: no await to ask)."""
+        return bool(self._pending)
+
     async def flush_events(self) -> None:
         """Await the async listeners of every queued event, each event exactly once.
 

@@ -129,12 +129,14 @@ class CircuitBreakerMiddleware:
                 permit.ignore()
             else:
                 permit.exception(exc)
-            await breaker.flush_events()
+            if breaker.events_pending:
+                await breaker.flush_events()
             raise
         # Returned without finishing a response: the server answers 500 (no start) or cuts
         # the stream, so it is a failure either way (no-op when the response ended).
         permit.failure()
-        await breaker.flush_events()
+        if breaker.events_pending:
+            await breaker.flush_events()
 
     async def _keyed_breaker(self, scope: Scope) -> CircuitBreaker | None:
         """The registry's breaker for the request's key, ``None`` to let it through."""
@@ -160,7 +162,8 @@ class CircuitBreakerMiddleware:
     async def _reject(
         self, scope: Scope, receive: Receive, send: Send, breaker: CircuitBreaker
     ) -> None:
-        await breaker.flush_events()
+        if breaker.events_pending:
+            await breaker.flush_events()
         app = self.fallback or service_unavailable(breaker.name, breaker.retry_after())
         await app(scope, receive, self._stamped(send, breaker))
 
@@ -206,7 +209,8 @@ class CircuitBreakerMiddleware:
             raise
         finally:
             permit.ignore()  # returned without a handshake: no verdict (no-op if settled)
-            await breaker.flush_events()
+            if breaker.events_pending:
+                await breaker.flush_events()
 
 
 def _with_state(message: Message, header: bytes, breaker: CircuitBreaker) -> Message:

@@ -57,6 +57,7 @@ __all__ = [
     "Algorithm",
     "BucketState",
     "Decision",
+    "StepFunction",
     "expires_at",
     "fixed_window_step",
     "gcra_step",

@@ -145,7 +145,7 @@ def render_headers(
     style: HeaderStyle,
     applied: Sequence[AppliedPolicy],
     decisions: Sequence[Decision],
-) -> list[tuple[bytes, bytes]]:
+) -> Sequence[_Pair]:
     """The rate-limit headers for one request's decisions (one per applied policy).
 
     Args:
@@ -158,7 +158,7 @@ def render_headers(
     """
     if style == "ietf":
         if len(applied) == 1:
-            return list(applied[0].ietf_headers(decisions[0]))
+            return applied[0].ietf_headers(decisions[0])
         policies = b", ".join(a.policy_item for a in applied)
         rates = b", ".join(a.rate_item(d) for a, d in zip(applied, decisions, strict=True))
         return [(RATELIMIT_POLICY, policies), (RATELIMIT, rates)]

@@ -21,6 +21,7 @@ __all__ = ["CompiledRule", "RuleSet", "finish_key"]
 
 logger = logging.getLogger("fineflow.middleware")
 
+_new_hit = tuple.__new__  # a Hit per request, without NamedTuple's Python-level __new__
 _MAX_WARNED_TIERS = 256
 _MAX_TIER_LEN = 64
 _Plan = tuple[tuple[Quota, AppliedPolicy], ...]
@@ -72,11 +73,6 @@ async def finish_key(value: object) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return str(value)
-
-
-async def _key_of(fn: Callable[[Scope], Any], scope: Scope) -> str | None:
-    value = fn(scope)
-    return value if value is None or value.__class__ is str else await finish_key(value)
 
 
 async def _tier_of(fn: Callable[[Scope], Any], scope: Scope) -> str | None:
@@ -139,11 +135,15 @@ class RuleSet:
                 continue
             matched = True
             if rule.key is not None:
-                subject = await _key_of(rule.key, scope)
+                subject = rule.key(scope)
+                if subject is not None and subject.__class__ is not str:
+                    subject = await finish_key(subject)
             elif key_done:
                 subject = default_key
             else:
-                subject = default_key = await _key_of(self.key, scope)
+                subject = default_key = self.key(scope)
+                if subject is not None and subject.__class__ is not str:
+                    subject = default_key = await finish_key(subject)
                 key_done = True
             if subject is None:
                 continue
@@ -157,7 +157,7 @@ class RuleSet:
                 else await _cost_of(rule.cost, rule.name, scope)
             )
             for quota, policy in plan:
-                hits.append(Hit(subject, quota, cost, rule.name, tier_name))
+                hits.append(_new_hit(Hit, (subject, quota, cost, rule.name, tier_name)))
                 applied.append(policy)
         return hits, applied, matched
 

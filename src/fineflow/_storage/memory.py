@@ -52,20 +52,11 @@ class _Entry:
     used: bool = False  # CLOCK reference bit: decided on since the hand last passed it
     dead: bool = False  # removed from the index; the queue drops it when it gets there
 
-    def live_state(self, now: int) -> BucketState | None:
-        """The state at ``now``: ``None`` once expired."""
-        return self.state if self.expires > now else None
-
 
 def _key(text: str) -> str:
     if len(text) <= MAX_KEY_BYTES and text.isascii() and "\x00" not in text:
         return text
     return storage_key(text)
-
-
-def _step(algorithm: str) -> StepFunction:
-    step = ALGORITHMS.get(algorithm)
-    return ALGORITHMS[validate_algorithm(algorithm)] if step is None else step
 
 
 class MemoryStorage:
@@ -149,7 +140,7 @@ class MemoryStorage:
         """
         if self._closed:
             raise StorageClosedError("this MemoryStorage was closed; create a new one")
-        step = _step(algorithm)
+        step = ALGORITHMS.get(algorithm) or ALGORITHMS[validate_algorithm(algorithm)]
         check_hits(hits)
         if now is None:
             now = self.clock()
@@ -157,7 +148,7 @@ class MemoryStorage:
             return self._decide_all(algorithm, step, hits, now)
         hit = hits[0]
         entry = self._find(hit)
-        state = None if entry is None else entry.live_state(now)
+        state = None if entry is None or entry.expires <= now else entry.state
         decision, new_state = step(state, now, hit.quota, hit.cost)
         self._record(hit, entry, algorithm, decision.allowed, new_state, now)
         return [decision]
@@ -167,7 +158,7 @@ class MemoryStorage:
     ) -> list[Decision]:
         """Several quotas of one request: every one is charged, or none is."""
         found = [self._find(hit) for hit in hits]
-        states = [None if e is None else e.live_state(now) for e in found]
+        states = [None if e is None or e.expires <= now else e.state for e in found]
         results = [step(s, now, h.quota, h.cost) for s, h in zip(states, hits, strict=True)]
         allowed = all(d.allowed for d, _ in results)
         decisions: list[Decision] = []
@@ -181,11 +172,18 @@ class MemoryStorage:
         return decisions
 
     def _find(self, hit: Hit) -> _Entry | None:
-        tables = self._index.get(_key(hit.endpoint))
-        if tables is None:
+        # The index holds storable names only, so an entry found under the names as given
+        # is the one; else the names may be long or odd ones stored as a digest.
+        try:
+            return self._index[hit.endpoint][hit.quota.policy][hit.key]
+        except KeyError:
+            pass
+        key, endpoint = _key(hit.key), _key(hit.endpoint)
+        if key is hit.key and endpoint is hit.endpoint:
             return None
-        table = tables.get(hit.quota.policy)
-        return None if table is None else table.get(_key(hit.key))
+        tables = self._index.get(endpoint)
+        table = None if tables is None else tables.get(hit.quota.policy)
+        return None if table is None else table.get(key)
 
     def _record(
         self,

@@ -127,7 +127,8 @@ class AppliedPolicy:
         Rendering costs more than a lookup, and the remaining count repeats a lot: the
         pairs are kept by remaining count (and checked against the reset).
         """
-        remaining, reset = decision.remaining, _ceil(decision.reset_after)
+        # (Decisions never carry a negative reset_after: ceil alone is _ceil here.)
+        remaining, reset = decision.remaining, math.ceil(decision.reset_after)
         cached = self.rendered.get(remaining)
         if cached is not None and cached[0] == reset:
             return cached[1]

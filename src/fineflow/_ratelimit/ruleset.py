@@ -31,14 +31,15 @@ class CompiledRule:
     """A rule as the request path needs it: its matcher, key and cost, and per-tier plans
     of the quotas to charge with their pre-encoded header pieces."""
 
+    matches: Callable[[str, str], bool]
+
     __slots__ = (
         "cost",
         "default_plan",
         "default_tier",
         "key",
-        "methods",
+        "matches",
         "name",
-        "pattern",
         "plan",
         "tiers",
     )
@@ -52,18 +53,13 @@ class CompiledRule:
             )
 
         self.name = rule.name
-        self.methods = rule.methods
-        self.pattern = rule.pattern
+        self.matches = rule.matches  # (method, path) -> bool: the rule's own matcher
         self.key = rule.key
         self.cost = rule.cost
         self.plan = plan(rule.quotas)
         self.tiers = {tier: plan(qs) for tier, qs in rule.tiers.items()}
         self.default_tier = default_tier if default_tier is not None else next(iter(self.tiers), "")
         self.default_plan = self.tiers.get(self.default_tier, ())
-
-    def matches(self, method: str, path: str) -> bool:
-        """Whether the rule applies to a request (as :meth:`Rule.matches`)."""
-        return (self.methods is None or method in self.methods) and self.pattern.matches(path)
 
 
 async def finish_key(value: object) -> str | None:
@@ -150,7 +146,9 @@ class RuleSet:
             if not tier_done:
                 tier = None if self.tier is None else await _tier_of(self.tier, scope)
                 tier_done = True
-            plan, tier_name = self._plan(rule, tier)
+            plan, tier_name = (
+                (rule.plan, tier or "") if not rule.tiers else self._tiered(rule, tier)
+            )
             cost = (
                 rule.cost
                 if isinstance(rule.cost, int)
@@ -161,10 +159,9 @@ class RuleSet:
                 applied.append(policy)
         return hits, applied, matched
 
-    def _plan(self, rule: CompiledRule, tier: str | None) -> tuple[_Plan, str]:
-        """The quotas ``rule`` charges a caller of ``tier``, and the tier to record."""
-        if not rule.tiers:
-            return rule.plan, tier or ""
+    def _tiered(self, rule: CompiledRule, tier: str | None) -> tuple[_Plan, str]:
+        """The quotas a rule with tiers charges a caller of ``tier``, and the tier to record
+        (unknown and missing tiers take the default)."""
         plan = None if tier is None else rule.tiers.get(tier)
         if plan is not None:
             return plan, tier or ""

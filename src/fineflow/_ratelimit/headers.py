@@ -130,8 +130,10 @@ class AppliedPolicy:
         # (Decisions never carry a negative reset_after: ceil alone is _ceil here.)
         remaining, reset = decision.remaining, math.ceil(decision.reset_after)
         cached = self.rendered.get(remaining)
-        if cached is not None and cached[0] == reset:
-            return cached[1]
+        if cached is not None:
+            cached_reset, pairs = cached
+            if cached_reset == reset:
+                return pairs
         pairs = (self.policy_header, (RATELIMIT, self.rate_item(decision)))
         if len(self.rendered) >= MAX_CACHED_RATES:
             self.rendered.clear()

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 Per ``http`` or ``websocket`` request: skip exempt methods and paths; collect every rule
 matching the method and path; compute each rule's key (``None`` exempts the request from
-that rule), the caller's tier and the cost; then decide all their quotas in **one**
-``limiter.decide`` call, all or nothing. The ``Decisions`` go to
+that rule), the caller's tier and the cost; then decide all their quotas in **one** call
+of the limiter, all or nothing (``decide_nowait`` when the storage is in-process, else
+``decide``). The ``Decisions`` go to
 ``scope["state"]["fineflow"]``. Allowed requests reach the app, with rate-limit headers
 added to ``http.response.start`` by a wrapped ``send`` (bodies are never touched, so
 streaming streams). Denied requests get ``429`` (or ``503`` when the store is down and the

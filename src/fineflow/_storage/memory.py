@@ -166,7 +166,7 @@ class MemoryStorage:
             found, hits, states, results, strict=True
         ):
             if not allowed and decision.allowed:
-                decision = step(state, now, hit.quota, 0)[0]  # what it admits: a peek
+                decision, _ = step(state, now, hit.quota, 0)  # what it admits: a peek
             self._record(hit, entry, algorithm, allowed, new_state if allowed else state, now)
             decisions.append(decision)
         return decisions

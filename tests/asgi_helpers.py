@@ -138,12 +138,12 @@ class RecordingStorage(MemoryStorage):
         await super().open()
         self.is_open = True
 
-    def decide_sync(
+    def decide_local(
         self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
     ) -> list[Decision]:
         if not self.is_open:
             raise StorageClosedError("not open")
-        return super().decide_sync(algorithm, hits, now=now)
+        return super().decide_local(algorithm, hits, now=now)
 
     async def migrate(self) -> None:
         self.calls.append("migrate")
@@ -169,7 +169,12 @@ class FailingStorage:
         pass
 
     async def decide(
-        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        self,
+        algorithm: str,
+        hits: Sequence[Hit],
+        *,
+        now: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the Storage protocol's
     ) -> list[Decision]:
         self.decide_calls += 1
         raise StorageError("connection refused")

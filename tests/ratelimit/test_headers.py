@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from asgi_helpers import sf
 from fineflow import ConfigurationError, Decision, Quota
+from fineflow._ratelimit import headers as _headers
 from fineflow._ratelimit.headers import (
     AppliedPolicy,
     render_headers,
@@ -29,6 +31,21 @@ def test_ietf_single_policy() -> None:
     headers = dict(render_headers("ietf", applied, [decision(42, 16.2)]))
     assert sf(headers[b"ratelimit-policy"]) == [("api", {"q": 100, "w": 60})]
     assert sf(headers[b"ratelimit"]) == [("api", {"r": 42, "t": 17})]
+
+
+def test_rendered_ietf_headers_are_kept_by_remaining_and_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_headers, "MAX_CACHED_RATES", 4)
+    cached = AppliedPolicy("api", Quota(100, 60.0))
+    for remaining in [42, 41, 42, 40, 39, 38, 37, 42]:
+        for reset in (16.2, 3.0, 16.2):
+            fresh = AppliedPolicy("api", Quota(100, 60.0))
+            pairs = cached.ietf_headers(decision(remaining, reset))
+            assert pairs == fresh.ietf_headers(decision(remaining, reset))
+            assert sf(pairs[1][1]) == [("api", {"r": remaining, "t": math.ceil(reset)})]
+            assert 1 <= len(cached.rendered) <= 4
+    assert cached.ietf_headers(decision(42, 16.2)) is cached.ietf_headers(decision(42, 16.2))
 
 
 def test_ietf_one_item_per_applied_quota() -> None:

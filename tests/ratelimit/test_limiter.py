@@ -19,6 +19,7 @@ from fineflow import (
     MemoryStorage,
     Quota,
     RateLimiter,
+    StorageClosedError,
 )
 from fineflow._ratelimit.algorithms import NS
 from fineflow._ratelimit.limiter import STORAGE_UNAVAILABLE
@@ -104,11 +105,11 @@ async def test_a_storage_subclass_and_a_limiter_subclass_keep_their_overrides(
     seen: list[str] = []
 
     class Audited(MemoryStorage):
-        def decide_sync(
+        def decide_local(
             self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
         ) -> list[Decision]:
             seen.append("storage")
-            return super().decide_sync(algorithm, hits, now=now)
+            return super().decide_local(algorithm, hits, now=now)
 
     class Logged(RateLimiter):
         async def hit(
@@ -166,10 +167,21 @@ async def test_a_closed_storage_fails_open_or_closed_by_policy() -> None:
 
 
 async def test_storage_breaker_opens_and_probes(clock: FakeClock) -> None:
+    class Outage(MemoryStorage):
+        """Down until told otherwise."""
+
+        down = True
+
+        def decide_local(
+            self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        ) -> list[Decision]:
+            if self.down:
+                raise StorageClosedError("down")
+            return super().decide_local(algorithm, hits, now=now)
+
     now = [0.0]
-    storage = MemoryStorage(clock=clock)
+    storage = Outage(clock=clock)
     limiter = RateLimiter(storage, failure_threshold=2, recovery_time=1.0, clock=lambda: now[0])
-    await storage.close()
     hits = [Hit("k", Quota(1, 1.0)), Hit("k", Quota(2, 1.0))]  # the general (async) path
     for _ in range(5):
         assert (await limiter.decide(hits)).storage_failed
@@ -177,7 +189,7 @@ async def test_storage_breaker_opens_and_probes(clock: FakeClock) -> None:
     assert limiter.metrics().short_circuited == 3
     assert not limiter.metrics().storage_healthy
     now[0] += 1.5
-    limiter.storage = MemoryStorage(clock=clock)  # the store is back
+    storage.down = False  # the store is back
     assert (await limiter.decide(hits)).allowed
     state: CircuitState = limiter.breaker.state  # re-read: mypy narrowed it above
     assert state is CircuitState.CLOSED
@@ -195,11 +207,16 @@ async def test_recovery_is_logged_with_the_number_of_fallback_decisions(
             self.memory = MemoryStorage()
 
         async def decide(
-            self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+            self,
+            algorithm: str,
+            hits: Sequence[Hit],
+            *,
+            now: int | None = None,
+            timeout: float | None = None,  # noqa: ASYNC109 - the Storage protocol's
         ) -> list[Decision]:
             if self.decide_calls < 3:
-                return await super().decide(algorithm, hits, now=now)
-            return self.memory.decide_sync(algorithm, hits, now=now)
+                return await super().decide(algorithm, hits, now=now, timeout=timeout)
+            return self.memory.decide_local(algorithm, hits, now=now)
 
     limiter = RateLimiter(Flaky(), failure_threshold=10)
     with caplog.at_level("WARNING", logger="fineflow.limiter"):
@@ -213,25 +230,36 @@ async def test_recovery_is_logged_with_the_number_of_fallback_decisions(
 
 
 class Slow(FailingStorage):
-    """A store that answers after ``delay`` seconds (a slow database)."""
+    """A store that answers after ``delay`` seconds (a slow database), keeping the time
+    budget it is given as the Storage protocol asks (it records each budget)."""
 
     def __init__(self, delay: float) -> None:
         super().__init__()
         self.delay = delay
         self.memory = MemoryStorage()
+        self.budgets: list[float | None] = []
 
     async def decide(
-        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        self,
+        algorithm: str,
+        hits: Sequence[Hit],
+        *,
+        now: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the Storage protocol's
     ) -> list[Decision]:
-        await anyio.sleep(self.delay)
-        return self.memory.decide_sync(algorithm, hits, now=now)
+        self.budgets.append(timeout)
+        with anyio.fail_after(timeout):
+            await anyio.sleep(self.delay)
+        return self.memory.decide_local(algorithm, hits, now=now)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_the_time_budget_holds_on_asyncio_and_trio(anyio_backend: str) -> None:
-    limiter = RateLimiter(Slow(10.0), timeout=0.05, failure_threshold=10)
+    slow = Slow(10.0)
+    limiter = RateLimiter(slow, timeout=0.05, failure_threshold=10)
     with anyio.fail_after(5):  # (a hang would fail here, not wait ten seconds)
         decision = await limiter.hit("k", "5/minute")
+    assert slow.budgets == [0.05]  # the limiter passes its budget; the storage keeps it
     assert decision.reason == STORAGE_UNAVAILABLE and decision.allowed
     assert limiter.metrics().storage_timeouts == 1
     fast = RateLimiter(Slow(0.0), timeout=5.0)
@@ -256,17 +284,24 @@ async def test_an_answer_in_time_is_kept_when_a_busy_loop_also_passes_the_deadli
     anyio_backend: str,
 ) -> None:
     """The answer arrives at 10 ms, the budget ends at 20 ms, and a CPU-bound handler holds
-    the loop until 50 ms: both are due in one iteration. The answer (already charged) wins."""
+    the loop until 50 ms: both are due in one iteration. The answer (already charged) wins:
+    the limiter sets no deadline of its own over the storage's."""
 
     class Late(Slow):
         async def decide(
-            self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+            self,
+            algorithm: str,
+            hits: Sequence[Hit],
+            *,
+            now: int | None = None,
+            timeout: float | None = None,  # noqa: ASYNC109 - the Storage protocol's
         ) -> list[Decision]:
             loop = asyncio.get_running_loop()
             answer: asyncio.Future[list[Decision]] = loop.create_future()
-            decided = self.memory.decide_sync(algorithm, hits, now=now)
+            decided = self.memory.decide_local(algorithm, hits, now=now)
             loop.call_later(0.01, answer.set_result, decided)
-            return await answer
+            with anyio.fail_after(timeout):
+                return await answer
 
     limiter = RateLimiter(Late(0.0), timeout=0.02, failure_threshold=10)
     task = asyncio.create_task(limiter.hit("k", "5/minute"))

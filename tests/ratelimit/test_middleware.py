@@ -16,6 +16,7 @@ from asgi_helpers import (
     Clock,
     FailingStorage,
     RecordingStorage,
+    Response,
     call,
     echo_app,
     http_scope,
@@ -23,6 +24,7 @@ from asgi_helpers import (
 )
 from fineflow import (
     ConfigurationError,
+    Decision,
     Decisions,
     Hit,
     MemoryStorage,
@@ -31,8 +33,8 @@ from fineflow import (
     keys,
 )
 from fineflow._asgi.types import Message, Receive, Scope, Send
-from fineflow._ratelimit import middleware as _middleware
-from fineflow._ratelimit import ruleset as _middleware_rules
+from fineflow._ratelimit import headers as _headers
+from fineflow._ratelimit.headers import AppliedPolicy, render_headers
 from fineflow._ratelimit.middleware import RateLimitMiddleware
 from fineflow._ratelimit.problems import QUOTA_EXCEEDED
 from fineflow._ratelimit.rules import Rule
@@ -533,12 +535,11 @@ async def test_an_app_reusing_its_start_message_never_accumulates_headers(
 async def test_the_single_rule_path_answers_like_the_general_one(
     client: Any, options: dict[str, Any]
 ) -> None:
-    """One rule takes a shortcut; an extra rule that never matches forces the general
-    loop. Both must answer every request the same."""
+    """A rule alone, and with an extra rule that never matches, must answer every request
+    the same."""
     rule = Rule("/api/*", quota="2/minute", name="api")
     never = Rule("/never", quota="1/minute", name="never")
     fast, general = limited([rule], **options), limited([rule, never], **options)
-    assert fast._single is not None and general._single is None
     for path in ["/api/a", "/api/b", "/other", "/api/c", "/api/d"]:
         a = await call(fast, http_scope(path, client=client))
         b = await call(general, http_scope(path, client=client))
@@ -603,32 +604,38 @@ STEPS = st.lists(
 )
 
 
+def ratelimit_headers(response: Response) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in response.headers if n in (b"ratelimit-policy", b"ratelimit")]
+
+
+def rendered_afresh(name: str, decisions: Sequence[Decision]) -> list[tuple[bytes, bytes]]:
+    """The IETF headers of ``decisions`` from policies that never rendered any."""
+    fresh = [AppliedPolicy(name, Quota(d.limit, d.period)) for d in decisions]
+    return list(render_headers("ietf", fresh, decisions))
+
+
 @settings(max_examples=60)
 @given(steps=STEPS, bound=st.sampled_from([1, 2, 1024]))
 def test_cached_ratelimit_headers_match_freshly_rendered_ones(
     steps: list[tuple[int, float]], bound: int
 ) -> None:
-    """Requests with one decision reuse rendered RateLimit headers (the single-rule path
-    and the general one): under any mix of callers and clock moves (same remaining with
-    another reset, a cache cleared when full) they equal headers rendered afresh (a
-    ``headers_for`` function turns the cache off)."""
+    """Requests with one decision reuse rendered RateLimit headers: under any mix of
+    callers and clock moves (same remaining with another reset, a cache cleared when
+    full) they equal headers rendered afresh, with one rule or several."""
     clock = Clock()
     rule = Rule("/{path:path}", quota="5/minute", name="api")
     fast = limited([rule], clock)
     general = limited([rule, Rule("/never", quota="1/minute", name="never")], clock)
-    fresh = limited([rule], clock, headers_for=lambda scope: True)
-    assert fast._single is not None and general._single is None
 
     async def run() -> None:
         for caller, seconds in steps:
             clock.advance(seconds)
             scope = http_scope("/a", client=(f"203.0.113.{caller}", 1))
-            a, b, c = [await call(mw, dict(scope)) for mw in (fast, general, fresh)]
-            assert (a.status, a.headers) == (b.status, b.headers) == (c.status, c.headers)
-            for mw in (fast, general):
-                assert len(mw._compiled[0].plan[0][1].rates) <= bound
+            a, b = [await call(mw, scope) for mw in (fast, general)]
+            assert (a.status, a.headers) == (b.status, b.headers)
+            assert ratelimit_headers(a) == rendered_afresh("api", scope["state"]["fineflow"])
 
-    with patch.object(_middleware, "MAX_CACHED_RATES", bound):
+    with patch.object(_headers, "MAX_CACHED_RATES", bound):
         anyio.run(run)
 
 
@@ -641,21 +648,23 @@ def test_tiered_rules_cache_headers_per_tier(
     tier's quota, as rendered afresh (unknown and missing tiers take the default)."""
     clock = Clock()
     rule = Rule("/{path:path}", tiers={"free": "3/minute", "pro": "5/minute"}, name="api")
+    quotas = {"free": 3, "pro": 5}
 
     def tier_of(scope: Scope) -> str | None:
         return tiers[int(scope["client"][0].rsplit(".", 1)[1])]
 
     cached = limited([rule], clock, tier=tier_of, default_tier="free")
-    fresh = limited([rule], clock, tier=tier_of, default_tier="free", headers_for=bool)
 
     async def run() -> None:
         for caller, seconds in steps:
             clock.advance(seconds)
             scope = http_scope("/a", client=(f"203.0.113.{caller}", 1))
-            a, b = await call(cached, dict(scope)), await call(fresh, dict(scope))
-            assert (a.status, a.headers) == (b.status, b.headers)
+            response = await call(cached, scope)
+            (decision,) = scope["state"]["fineflow"]
+            assert decision.limit == quotas.get(tier_of(scope) or "free", 3)
+            assert ratelimit_headers(response) == rendered_afresh("api", (decision,))
 
-    with patch.object(_middleware, "MAX_CACHED_RATES", 2):
+    with patch.object(_headers, "MAX_CACHED_RATES", 2):
         anyio.run(run)
 
 
@@ -682,14 +691,14 @@ async def test_cached_ratelimit_headers_name_their_own_rule_and_follow_remaining
 
 
 async def test_the_rendered_header_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_middleware, "MAX_CACHED_RATES", 4)
+    """(The bound itself: test_headers.py, where the cache lives.)"""
+    monkeypatch.setattr(_headers, "MAX_CACHED_RATES", 4)
     mw = limited([Rule("/{path:path}", quota="50/minute", name="n")])
-    rates = mw._compiled[0].plan[0][1].rates
     for expected in range(49, 39, -1):  # ten distinct remaining counts, one caller
         response = await call(mw, http_scope("/"))
         assert sf(response.header(b"ratelimit"))[0][1]["r"] == expected
-        assert 1 <= len(rates) <= 4
-    assert _middleware_rules.MAX_CACHED_RATES == 1024
+    monkeypatch.undo()
+    assert _headers.MAX_CACHED_RATES == 1024
 
 
 @pytest.mark.parametrize("headers", ["ietf", None])

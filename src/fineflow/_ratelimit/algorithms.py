@@ -57,6 +57,7 @@ __all__ = [
     "Algorithm",
     "BucketState",
     "Decision",
+    "StepFunction",
     "expires_at",
     "fixed_window_step",
     "gcra_step",
@@ -112,6 +113,12 @@ class Decision(NamedTuple):
     reason: str | None = None
 
 
+# Decisions and states are built on every request. NamedTuple's generated ``__new__`` is a
+# Python-level call through ``type()`` that costs about twice the whole tuple: the step
+# functions build theirs with ``tuple.__new__`` and every field in order.
+_new = tuple.__new__
+
+
 def _decision(
     allowed: bool,
     quota: Quota,
@@ -120,45 +127,55 @@ def _decision(
     retry_ns: int | None,
     reason: str | None = None,
 ) -> Decision:
-    return Decision(
-        allowed,
-        quota.limit,
-        max(remaining, 0),
-        max(reset_ns, 0) / NS,
-        None if retry_ns is None else (retry_ns / NS if retry_ns > 0 else 0.0),
-        quota.policy,
-        quota.period,
-        reason,
+    return _new(
+        Decision,
+        (
+            allowed,
+            quota.limit,
+            max(remaining, 0),
+            max(reset_ns, 0) / NS,
+            None if retry_ns is None else (retry_ns / NS if retry_ns > 0 else 0.0),
+            quota.policy,
+            quota.period,
+            reason,
+        ),
     )
 
 
 def gcra_step(
     state: BucketState | None, now: int, quota: Quota, cost: int
 ) -> tuple[Decision, BucketState | None]:
-    """One GCRA decision (see the module docstring for the exact semantics)."""
+    """One GCRA decision (see the module docstring for the exact semantics).
+
+    Computed on how far the TAT runs ahead of ``now`` (``ahead = tat - now``, ``after =
+    new_tat - now``): the same integers as the formulas above, but small ones, where TATs
+    (about 1.7e18 ns) are multi-digit ints that cost more per operation.
+    """
     interval = quota.emission_interval_ns
-    cap = quota.capacity
     tau = quota.tolerance_ns
-    tat = now if state is None or state.t < now else state.t
-    if cost > cap:
-        remaining = (now + tau - tat) // interval
-        return _decision(False, quota, remaining, tat - now, None, COST_TOO_HIGH), state
-    new_tat = tat + cost * interval
-    if new_tat - tau <= now:
-        new_state = state if cost == 0 else BucketState(new_tat)
-        decision = Decision(
-            True,
-            quota.limit,
-            (now + tau - new_tat) // interval,
-            (new_tat - now) / NS,
-            0.0,
-            quota.policy,
-            quota.period,
-            None,
+    ahead = 0 if state is None or state.t <= now else state.t - now
+    if cost > quota.capacity:
+        remaining = (tau - ahead) // interval
+        return _decision(False, quota, remaining, ahead, None, COST_TOO_HIGH), state
+    after = ahead + cost * interval
+    if after <= tau:  # new_tat - tau <= now: admitted
+        new_state = state if cost == 0 else _new(BucketState, (now + after, 0, 0))
+        decision = _new(
+            Decision,
+            (
+                True,  # allowed
+                quota.limit,
+                (tau - after) // interval,  # remaining
+                after / NS,  # reset_after
+                0.0,  # retry_after
+                quota.policy,
+                quota.period,
+                None,  # reason
+            ),
         )
         return decision, new_state
-    remaining = (now + tau - tat) // interval
-    return _decision(False, quota, remaining, tat - now, new_tat - tau - now), state
+    remaining = (tau - ahead) // interval
+    return _decision(False, quota, remaining, ahead, after - tau), state
 
 
 def fixed_window_step(

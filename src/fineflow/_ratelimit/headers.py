@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from math import ceil
 from typing import Literal
 
 from .._asgi.problem import retry_after_header
@@ -33,6 +32,8 @@ from .quota import Quota
 
 __all__ = [
     "HEADER_STYLES",
+    "MAX_CACHED_RATES",
+    "RATELIMIT",
     "AppliedPolicy",
     "HeaderStyle",
     "render_headers",
@@ -77,12 +78,23 @@ def _ceil(seconds: float) -> int:
     return max(math.ceil(seconds), 0)
 
 
+# Rendered RateLimit headers kept per policy (see AppliedPolicy.ietf_headers); cleared when
+# full, so a wide spread of remaining counts (many keys, large quotas) cannot grow it unbounded.
+MAX_CACHED_RATES = 1024
+
+_Pair = tuple[bytes, bytes]
+
+
 class AppliedPolicy:
     """The pre-encoded header pieces of one quota of one rule.
 
     Args:
         name: the policy name shown to clients (the rule's name, sanitized).
         quota: the quota.
+
+    Attributes:
+        rendered: the IETF header pairs this policy rendered alone, by remaining count:
+            ``remaining -> (reset seconds, pairs)`` (at most ``MAX_CACHED_RATES``).
     """
 
     __slots__ = (
@@ -92,7 +104,7 @@ class AppliedPolicy:
         "policy_item",
         "quota",
         "rate_template",
-        "rates",
+        "rendered",
     )
 
     def __init__(self, name: str, quota: Quota) -> None:
@@ -103,10 +115,30 @@ class AppliedPolicy:
         self.policy_header = (RATELIMIT_POLICY, self.policy_item)  # when it applies alone
         self.rate_template = encoded.replace(b"%", b"%%") + b";r=%d;t=%d"
         self.json_name = json.dumps(name).encode("utf-8")
-        # The middleware's cache of IETF header pairs when this policy applies alone:
-        # remaining -> (reset seconds, (policy header, RateLimit header)). Rendering costs
-        # more than the lookup, and remaining repeats a lot.
-        self.rates: dict[int, tuple[int, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]]] = {}
+        self.rendered: dict[int, tuple[int, tuple[_Pair, _Pair]]] = {}
+
+    def rate_item(self, decision: Decision) -> bytes:
+        """This policy's item of the ``RateLimit`` header for ``decision``."""
+        return self.rate_template % (decision.remaining, _ceil(decision.reset_after))
+
+    def ietf_headers(self, decision: Decision) -> tuple[_Pair, _Pair]:
+        """``RateLimit-Policy`` and ``RateLimit`` when this policy applies alone.
+
+        Rendering costs more than a lookup, and the remaining count repeats a lot: the
+        pairs are kept by remaining count (and checked against the reset).
+        """
+        # (Decisions never carry a negative reset_after: ceil alone is _ceil here.)
+        remaining, reset = decision.remaining, math.ceil(decision.reset_after)
+        cached = self.rendered.get(remaining)
+        if cached is not None:
+            cached_reset, pairs = cached
+            if cached_reset == reset:
+                return pairs
+        pairs = (self.policy_header, (RATELIMIT, self.rate_item(decision)))
+        if len(self.rendered) >= MAX_CACHED_RATES:
+            self.rendered.clear()
+        self.rendered[remaining] = (reset, pairs)
+        return pairs
 
     def __repr__(self) -> str:
         return f"AppliedPolicy({self.name!r}, {self.quota})"
@@ -116,7 +148,7 @@ def render_headers(
     style: HeaderStyle,
     applied: Sequence[AppliedPolicy],
     decisions: Sequence[Decision],
-) -> list[tuple[bytes, bytes]]:
+) -> Sequence[_Pair]:
     """The rate-limit headers for one request's decisions (one per applied policy).
 
     Args:
@@ -129,18 +161,9 @@ def render_headers(
     """
     if style == "ietf":
         if len(applied) == 1:
-            a, d = applied[0], decisions[0]
-            # Decisions never carry a negative reset_after, so ceil alone is enough here.
-            t = ceil(d.reset_after)
-            return [
-                a.policy_header,
-                (RATELIMIT, a.rate_template % (d.remaining, t)),
-            ]
+            return applied[0].ietf_headers(decisions[0])
         policies = b", ".join(a.policy_item for a in applied)
-        rates = b", ".join(
-            a.rate_template % (d.remaining, _ceil(d.reset_after))
-            for a, d in zip(applied, decisions, strict=True)
-        )
+        rates = b", ".join(a.rate_item(d) for a, d in zip(applied, decisions, strict=True))
         return [(RATELIMIT_POLICY, policies), (RATELIMIT, rates)]
     # One set of numbers only: report the quota closest to refusing the next request.
     worst = min(decisions, key=lambda d: (d.remaining, -d.reset_after))

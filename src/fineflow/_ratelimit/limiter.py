@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
-
-import anyio
+from typing import Any, ClassVar, Literal
 
 from .._breaker.breaker import CircuitBreaker
 from .._breaker.config import CircuitState
 from .._errors import ConfigurationError, StorageError
-from .._storage.base import Hit, KeyStatus, Storage
+from .._storage.base import Hit, KeyStatus, LocalStorage, Storage
 from .algorithms import Decision, validate_algorithm
 from .quota import Quota
 
@@ -22,7 +20,9 @@ __all__ = ["Decisions", "LimiterMetrics", "RateLimiter"]
 logger = logging.getLogger("fineflow.limiter")
 
 STORAGE_UNAVAILABLE = "storage unavailable"
-_new_decisions = tuple.__new__  # builds Decisions without a Python-level __new__
+# Builds the per-request tuples (a Hit, the Decisions) without a Python-level call through
+# type(): NamedTuple's generated __new__ costs about twice the whole tuple.
+_new = tuple.__new__
 
 
 class Decisions(tuple[Decision, ...]):
@@ -36,7 +36,10 @@ class Decisions(tuple[Decision, ...]):
     @property
     def allowed(self) -> bool:
         """True if every quota admitted the request (and all were charged)."""
-        return all(d.allowed for d in self)
+        for decision in self:  # noqa: SIM110 - a loop: no generator per request
+            if not decision.allowed:
+                return False
+        return True
 
     @property
     def retry_after(self) -> float | None:
@@ -56,7 +59,10 @@ class Decisions(tuple[Decision, ...]):
     @property
     def storage_failed(self) -> bool:
         """True if these decisions were made by ``on_storage_error`` policy, not storage."""
-        return any(d.reason == STORAGE_UNAVAILABLE for d in self)
+        for decision in self:  # noqa: SIM110 - a loop: no generator per request
+            if decision.reason == STORAGE_UNAVAILABLE:
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +102,9 @@ class RateLimiter:
         algorithm: ``"gcra"`` (default), ``"fixed_window"`` or ``"sliding_window"``.
         on_storage_error: ``"allow"`` (fail open, default) or ``"deny"`` (fail closed) when
             the storage errors, times out, or is being skipped after repeated failures.
-        timeout: the time budget per decision in seconds (default 0.05); ``None`` for none.
-            Not applied to in-process storages, which cannot hang.
+        timeout: the time budget per decision in seconds (default 0.05), passed to the
+            storage's ``decide``, which keeps it; ``None`` for none. In-process storages
+            cannot hang and ignore it.
         failure_threshold: consecutive storage failures after which the limiter stops
             calling the storage (default 3) ...
         recovery_time: ... for this many seconds, then probes it with one request (default 1.0).
@@ -108,6 +115,9 @@ class RateLimiter:
     Raises:
         ConfigurationError: for an unknown algorithm or policy, or a bad timeout.
     """
+
+    # Whether decide_nowait() decides for an in-process storage (see __init_subclass__).
+    _decides_nowait: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -132,23 +142,13 @@ class RateLimiter:
             raise ConfigurationError("failure_threshold must be an int >= 1")
         if not (isinstance(recovery_time, int | float) and recovery_time > 0):
             raise ConfigurationError("recovery_time must be seconds > 0")
-        self.storage = storage
+        self._storage = storage
+        # An in-process storage also decides without awaiting: hit() and decide_nowait().
+        self._local = (
+            storage if self._decides_nowait and isinstance(storage, LocalStorage) else None
+        )
         self.on_storage_error = on_storage_error
-        self.timeout = None if getattr(storage, "local", False) else timeout
-        # [1..7]: allowed, denied, storage errors, timeouts, short-circuited, failed open,
-        # failed closed ([0] unused). "decisions" is the sum of the outcomes (allowed,
-        # denied, failed open or closed): one increment per decision on the hot path.
-        self._counts = [0, 0, 0, 0, 0, 0, 0, 0]
-        # In-process storages decide synchronously: ``decider(algorithm, counts)`` gives the
-        # one-quota decision ``(key, quota, cost, endpoint, tier)``, which counts allowed
-        # and denied decisions itself and raises StorageError (see _local_failure).
-        decider = getattr(storage, "decider", None)
-        self._local_one: Callable[[str, Quota, int, str, str], Decision] | None = (
-            None if decider is None else decider(self.algorithm, self._counts)
-        )
-        self._decide_sync: Callable[..., list[Decision]] | None = getattr(
-            storage, "decide_sync", None
-        )
+        self.timeout = timeout
         self.breaker = breaker or CircuitBreaker(
             "fineflow-storage",
             failure_threshold=failure_threshold,
@@ -157,67 +157,49 @@ class RateLimiter:
             success_threshold=1,
             clock=clock,
         )
+        # The counters of metrics(), incremented here only. The decisions made are the sum
+        # of the outcomes: allowed, denied, failed open, failed closed.
+        self._allowed = 0
+        self._denied = 0
+        self._storage_errors = 0
+        self._storage_timeouts = 0
+        self._short_circuited = 0
+        self._failed_open = 0
+        self._failed_closed = 0
         self._failing_since: int | None = None
-        # A storage whose decide() enforces a ``timeout`` itself (PostgresStorage) gets the
-        # budget passed in, which costs far less than a cancel scope around the call; a
-        # subclass overriding decide() gets the cancel scope.
-        cls = type(storage)
-        self._bounded = (
-            self.timeout is not None
-            and getattr(cls, "_bounded_decide", None) is getattr(cls, "decide", None)
-            # (nor an instance attribute wrapping it: a spy or instrumentation)
-            and "decide" not in getattr(storage, "__dict__", ())
-        )
-        if self._local_one is not None and type(self).hit is RateLimiter.hit:
-            # In-process storage: ``hit`` becomes a closure over the local decision, a call
-            # layer and the attribute loads fewer (same semantics as the method).
-            self.__dict__["hit"] = self._make_local_hit()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that changes how decisions are made (``decide``) without saying how to
+        # make them without awaiting is called through its ``decide``.
+        if "decide_nowait" in vars(cls):
+            cls._decides_nowait = True
+        elif "decide" in vars(cls):
+            cls._decides_nowait = False
+
+    @property
+    def storage(self) -> Storage:
+        """The storage this limiter decides against."""
+        return self._storage
 
     async def __aenter__(self) -> RateLimiter:
-        await self.storage.open()
+        await self._storage.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.storage.close()
+        await self._storage.close()
 
     async def hit(
         self, key: str, quota: Quota | str, cost: int = 1, *, endpoint: str = "", tier: str = ""
     ) -> Decision:
         """Charge ``cost`` against ``quota`` for ``key`` if it fits; return the decision."""
         if quota.__class__ is not Quota:
-            quota = _quota(quota)
-        local = self._local_one
-        if local is not None:
-            try:
-                return local(key, quota, cost, endpoint, tier)
-            except StorageError as exc:
-                return self._local_failure([Hit(key, quota, cost, endpoint, tier)], exc)[0]
-        return (await self.decide([Hit(key, quota, cost, endpoint, tier)]))[0]
-
-    def _local_failure(self, hits: Sequence[Hit], exc: StorageError) -> Decisions:
-        """What an in-process decision that raised ``exc`` becomes: ``on_storage_error``."""
-        self._counts[3] += 1
-        return self._fallback(hits, exc)
-
-    def _make_local_hit(self) -> Callable[..., Awaitable[Decision]]:
-        # The method above for an in-process storage, as a closure: the per-decision cost
-        # is the product here.
-        local = self._local_one
-        assert local is not None
-        failure = self._local_failure
-
-        async def hit(
-            key: str, quota: Quota | str, cost: int = 1, *, endpoint: str = "", tier: str = ""
-        ) -> Decision:
-            if quota.__class__ is not Quota:
-                quota = _quota(quota)
-            try:
-                return local(key, quota, cost, endpoint, tier)
-            except StorageError as exc:
-                return failure([Hit(key, quota, cost, endpoint, tier)], exc)[0]
-
-        hit.__doc__ = RateLimiter.hit.__doc__
-        return hit
+            quota = Quota.parse(quota)
+        hits = (_new(Hit, (key, quota, cost, endpoint, tier)),)
+        decisions = self.decide_nowait(hits)
+        if decisions is None:
+            decisions = await self.decide(hits)
+        return decisions[0]
 
     async def hit_all(
         self,
@@ -229,44 +211,41 @@ class RateLimiter:
         tier: str = "",
     ) -> Decisions:
         """Charge every quota or none (one round trip); ``.allowed`` says which."""
-        return await self.decide([Hit(key, _quota(q), cost, endpoint, tier) for q in quotas])
+        return await self.decide([Hit(key, Quota.parse(q), cost, endpoint, tier) for q in quotas])
 
     async def peek(self, key: str, quota: Quota | str, *, endpoint: str = "") -> Decision:
         """The decision a request of cost 0 gets: the current state, charging nothing."""
-        return (await self.decide([Hit(key, _quota(quota), 0, endpoint)]))[0]
+        return (await self.decide([Hit(key, Quota.parse(quota), 0, endpoint)]))[0]
 
     async def reset(self, key: str, *, endpoint: str | None = None) -> int:
         """Forget ``key``'s state; return how many entries were removed."""
-        return await self.storage.reset(key, endpoint=endpoint)
+        return await self._storage.reset(key, endpoint=endpoint)
 
     async def status(self, key: str) -> list[KeyStatus]:
         """The live state of ``key`` under every endpoint and quota."""
-        return await self.storage.status(key)
+        return await self._storage.status(key)
 
     def decide_nowait(self, hits: Sequence[Hit]) -> Decisions | None:
         """Decide without awaiting when the storage is in-process, else return ``None``.
 
-        The middleware's fast path: with :class:`MemoryStorage` it saves the coroutine
-        layers of :meth:`decide`. Same decisions and counters as :meth:`decide`, without
-        the storage breaker: an in-process storage fails only once closed, for good.
+        The middleware's fast path: with a :class:`LocalStorage` such as
+        :class:`MemoryStorage` it saves the coroutine layers of :meth:`decide`. Same
+        decisions and counters as :meth:`decide`, without the storage breaker: an
+        in-process storage fails only once closed, for good. Raises ``ValueError`` for a
+        bad cost.
+
+        A subclass overriding :meth:`decide` alone is called through it: its
+        ``decide_nowait`` returns ``None``.
         """
-        fast = self._decide_sync
-        if fast is None:
+        local = self._local
+        if local is None:
             return None
-        local = self._local_one
-        if local is not None and len(hits) == 1:
-            # One quota: straight to the storage's single decision (as hit() does).
-            try:
-                return _new_decisions(Decisions, (local(*hits[0]),))
-            except StorageError as exc:
-                return self._local_failure(hits, exc)
-        counts = self._counts
         try:
-            decisions = fast(self.algorithm, hits)
+            decisions = local.decide_local(self.algorithm, hits)
         except StorageError as exc:
-            counts[3] += 1
+            self._storage_errors += 1
             return self._fallback(hits, exc)
-        return _counted(counts, decisions)
+        return self._counted(decisions)
 
     async def decide(self, hits: Sequence[Hit], *, now: int | None = None) -> Decisions:
         """Decide the hits of one request all or nothing, within the time budget.
@@ -274,41 +253,42 @@ class RateLimiter:
         Never raises for storage failures: ``on_storage_error`` decides instead. Raises
         ``ValueError`` for a bad cost (negative, not an int).
         """
-        counts = self._counts
         permit = self.breaker.try_acquire()
         if permit is None:
-            counts[5] += 1
+            self._short_circuited += 1
             return self._fallback(hits, None)
         try:
-            if self.timeout is None:
-                decisions = await self.storage.decide(self.algorithm, hits, now=now)
-            elif self._bounded:
-                decisions = await self.storage.decide(  # type: ignore[call-arg]
-                    self.algorithm, hits, now=now, timeout=self.timeout
-                )
-            else:
-                # (Not asyncio.timeout, three times cheaper: when the answer and the deadline
-                # land in one loop iteration it cancels anyway and loses an answer that was
-                # already charged; anyio does not cancel a task whose wait is already done.)
-                with anyio.fail_after(self.timeout):
-                    decisions = await self.storage.decide(self.algorithm, hits, now=now)
+            decisions = await self._storage.decide(
+                self.algorithm, hits, now=now, timeout=self.timeout
+            )
         except TimeoutError as exc:
-            counts[4] += 1
+            self._storage_timeouts += 1
             permit.failure(exc)
             return self._fallback(hits, exc)
         except (StorageError, OSError) as exc:
-            counts[3] += 1
+            self._storage_errors += 1
             permit.failure(exc)
             return self._fallback(hits, exc)
         except BaseException:
             permit.ignore()  # cancelled, or a caller error (bad cost): not the store's health
             raise
         permit.success()
+        return self._counted(decisions)
+
+    def _counted(self, decisions: Sequence[Decision]) -> Decisions:
+        """The storage's ``decisions``, counted as allowed (all admit) or denied."""
         if self._failing_since is not None:
             self._recovered()
-        return _counted(counts, decisions)
+        for decision in decisions:
+            if not decision.allowed:
+                self._denied += 1
+                break
+        else:
+            self._allowed += 1
+        return _new(Decisions, decisions)
 
     def _fallback(self, hits: Sequence[Hit], exc: BaseException | None) -> Decisions:
+        """What ``on_storage_error`` decides for ``hits`` when the storage cannot."""
         allow = self.on_storage_error == "allow"
         if self._failing_since is None:
             self._failing_since = self._decisions()  # (before this one is counted)
@@ -318,18 +298,22 @@ class RateLimiter:
                 what,
                 "allowing" if allow else "denying",
             )
-        self._counts[6 if allow else 7] += 1
-        retry = None if allow else max(self.breaker.retry_after() or 0.0, 1.0)
+        if allow:
+            self._failed_open += 1
+            retry = 0.0
+        else:
+            self._failed_closed += 1
+            retry = max(self.breaker.retry_after() or 0.0, 1.0)
         return Decisions(
             Decision(
-                allow,
-                h.quota.limit,
-                h.quota.limit if allow else 0,
-                0.0,
-                0.0 if allow else retry,
-                h.quota.policy,
-                h.quota.period,
-                STORAGE_UNAVAILABLE,
+                allowed=allow,
+                limit=h.quota.limit,
+                remaining=h.quota.limit if allow else 0,
+                reset_after=0.0,
+                retry_after=retry,
+                policy=h.quota.policy,
+                period=h.quota.period,
+                reason=STORAGE_UNAVAILABLE,
             )
             for h in hits
         )
@@ -343,36 +327,18 @@ class RateLimiter:
             self._failing_since = None
 
     def _decisions(self) -> int:
-        c = self._counts
-        return c[1] + c[2] + c[6] + c[7]
+        return self._allowed + self._denied + self._failed_open + self._failed_closed
 
     def metrics(self) -> LimiterMetrics:
         """A snapshot of the limiter's counters."""
-        c = self._counts
         return LimiterMetrics(
-            self._decisions(),
-            c[1],
-            c[2],
-            c[3],
-            c[4],
-            c[6],
-            c[7],
-            c[5],
-            self.breaker.state is CircuitState.CLOSED,
+            decisions=self._decisions(),
+            allowed=self._allowed,
+            denied=self._denied,
+            storage_errors=self._storage_errors,
+            storage_timeouts=self._storage_timeouts,
+            failed_open=self._failed_open,
+            failed_closed=self._failed_closed,
+            short_circuited=self._short_circuited,
+            storage_healthy=self.breaker.state is CircuitState.CLOSED,
         )
-
-
-def _counted(counts: list[int], decisions: Sequence[Decision]) -> Decisions:
-    """``decisions`` as :class:`Decisions`, counted as allowed (all admit) or denied."""
-    allowed = 1
-    for decision in decisions:
-        if not decision[0]:
-            allowed = 2
-    counts[allowed] += 1
-    return _new_decisions(Decisions, decisions)
-
-
-def _quota(value: Quota | str) -> Quota:
-    if isinstance(value, Quota):
-        return value
-    return Quota.parse(value)

@@ -1,9 +1,7 @@
 """The rate-limit rules as the request path needs them: compiled once, collected per request.
 
-A :class:`CompiledRule` flattens a :class:`Rule` (pattern pieces, key, cost, per-tier plans of
-pre-encoded header pieces); a :class:`RuleSet` turns a request into the hits of every rule
-matching it (the general path of :class:`RateLimitMiddleware`: several rules, tiers, cost
-functions).
+A :class:`CompiledRule` is a :class:`Rule` with per-tier plans of pre-encoded header pieces;
+a :class:`RuleSet` turns a request into the hits of every rule matching it.
 """
 
 from __future__ import annotations
@@ -23,30 +21,26 @@ __all__ = ["CompiledRule", "RuleSet", "finish_key"]
 
 logger = logging.getLogger("fineflow.middleware")
 
-_new_hit = tuple.__new__  # builds a Hit without NamedTuple's Python-level __new__
+_new_hit = tuple.__new__  # a Hit per request, without NamedTuple's Python-level __new__
 _MAX_WARNED_TIERS = 256
 _MAX_TIER_LEN = 64
-# Rendered RateLimit headers kept per policy (AppliedPolicy.rates); cleared when full, so
-# a wide spread of remaining counts (many keys, large quotas) cannot grow it unbounded.
-MAX_CACHED_RATES = 1024
 _Plan = tuple[tuple[Quota, AppliedPolicy], ...]
 
 
 class CompiledRule:
-    """A rule as the request path needs it: flat attributes, per-tier header plans."""
+    """A rule as the request path needs it: its matcher, key and cost, and per-tier plans
+    of the quotas to charge with their pre-encoded header pieces."""
+
+    matches: Callable[[str, str], bool]
 
     __slots__ = (
         "cost",
         "default_plan",
         "default_tier",
         "key",
-        "literal",
-        "methods",
+        "matches",
         "name",
         "plan",
-        "prefix",
-        "regex",
-        "single",
         "tiers",
     )
 
@@ -59,23 +53,13 @@ class CompiledRule:
             )
 
         self.name = rule.name
-        self.methods = rule.methods
-        self.literal = rule.pattern.literal
-        self.prefix = rule.pattern.prefix
-        self.regex = None if self.prefix is not None else rule.pattern.regex
+        self.matches = rule.matches  # (method, path) -> bool: the rule's own matcher
         self.key = rule.key
         self.cost = rule.cost
         self.plan = plan(rule.quotas)
         self.tiers = {tier: plan(qs) for tier, qs in rule.tiers.items()}
         self.default_tier = default_tier if default_tier is not None else next(iter(self.tiers), "")
         self.default_plan = self.tiers.get(self.default_tier, ())
-        # The common shape: one fixed quota, a fixed cost. Such a rule yields exactly one
-        # hit per request, built without the general loop.
-        self.single: tuple[Quota, tuple[AppliedPolicy]] | None = (
-            (self.plan[0][0], (self.plan[0][1],))
-            if not self.tiers and len(self.plan) == 1 and isinstance(self.cost, int)
-            else None
-        )
 
 
 async def finish_key(value: object) -> str | None:
@@ -87,8 +71,9 @@ async def finish_key(value: object) -> str | None:
     return str(value)
 
 
-async def _finish_tier(value: object) -> str | None:
-    """A tier function's result that is not a ``str``: awaited, ``None`` kept, else text."""
+async def _tier_of(fn: Callable[[Scope], Any], scope: Scope) -> str | None:
+    """The caller's tier: the tier function's result, awaited, as text of bounded length."""
+    value = fn(scope)
     if isawaitable(value):
         value = await value
     if value is None:
@@ -134,64 +119,55 @@ class RuleSet:
         self, scope: Scope, method: str, path: str
     ) -> tuple[list[Hit], list[AppliedPolicy], bool]:
         """The hits of every rule matching the request, their policies, and whether any
-        rule matched (the general case: several rules, tiers, cost functions)."""
+        rule matched (a rule whose key is ``None`` exempts the request from it)."""
         hits: list[Hit] = []
         applied: list[AppliedPolicy] = []
-        matched = key_done = tier_done = False
+        matched = False
         default_key: str | None = None
+        key_done = tier_done = False
         tier: str | None = None
-        for c in self.compiled:
-            if c.methods is not None and method not in c.methods:
-                continue
-            if c.regex is not None:
-                if c.regex.fullmatch(path) is None:
-                    continue
-            elif c.prefix is not None:
-                if not path.startswith(c.prefix):
-                    continue
-            elif path != c.literal:
+        for rule in self.compiled:
+            if not rule.matches(method, path):
                 continue
             matched = True
-            if c.key is None:
-                if not key_done:
-                    value = self.key(scope)
-                    default_key = (
-                        value
-                        if value is None or value.__class__ is str
-                        else (await finish_key(value))
-                    )
-                    key_done = True
+            if rule.key is not None:
+                subject = rule.key(scope)
+                if subject is not None and subject.__class__ is not str:
+                    subject = await finish_key(subject)
+            elif key_done:
                 subject = default_key
             else:
-                value = c.key(scope)
-                subject = (
-                    value if value is None or value.__class__ is str else (await finish_key(value))
-                )
+                subject = default_key = self.key(scope)
+                if subject is not None and subject.__class__ is not str:
+                    subject = default_key = await finish_key(subject)
+                key_done = True
             if subject is None:
                 continue
             if not tier_done:
-                if self.tier is not None:
-                    value = self.tier(scope)
-                    tier = (
-                        value[:_MAX_TIER_LEN]
-                        if value.__class__ is str
-                        else (await _finish_tier(value))
-                    )
+                tier = None if self.tier is None else await _tier_of(self.tier, scope)
                 tier_done = True
-            if c.tiers:
-                plan = c.tiers.get(tier) if tier is not None else None
-                tier_name = tier
-                if plan is None:
-                    if tier is not None:
-                        self._warn_tier(tier, c)
-                    plan, tier_name = c.default_plan, c.default_tier
-            else:
-                plan, tier_name = c.plan, tier
-            cost = c.cost if isinstance(c.cost, int) else await _cost_of(c.cost, c.name, scope)
+            plan, tier_name = (
+                (rule.plan, tier or "") if not rule.tiers else self._tiered(rule, tier)
+            )
+            cost = (
+                rule.cost
+                if isinstance(rule.cost, int)
+                else await _cost_of(rule.cost, rule.name, scope)
+            )
             for quota, policy in plan:
-                hits.append(_new_hit(Hit, (subject, quota, cost, c.name, tier_name or "")))
+                hits.append(_new_hit(Hit, (subject, quota, cost, rule.name, tier_name)))
                 applied.append(policy)
         return hits, applied, matched
+
+    def _tiered(self, rule: CompiledRule, tier: str | None) -> tuple[_Plan, str]:
+        """The quotas a rule with tiers charges a caller of ``tier``, and the tier to record
+        (unknown and missing tiers take the default)."""
+        plan = None if tier is None else rule.tiers.get(tier)
+        if plan is not None:
+            return plan, tier or ""
+        if tier is not None:
+            self._warn_tier(tier, rule)
+        return rule.default_plan, rule.default_tier
 
     def _warn_tier(self, tier: str, c: CompiledRule) -> None:
         warned = self._warned

@@ -10,7 +10,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 from .._ratelimit.algorithms import Decision
 from .._ratelimit.quota import Quota
 
-__all__ = ["Hit", "KeyStatus", "StatsRow", "Storage", "storage_key"]
+__all__ = ["Hit", "KeyStatus", "LocalStorage", "StatsRow", "Storage", "storage_key"]
 
 # Keys longer than this (in UTF-8 bytes) are stored as a SHA-256 digest, so a caller cannot
 # bloat an index (or memory) with huge keys.
@@ -83,10 +83,11 @@ class StatsRow:
 
 @runtime_checkable
 class Storage(Protocol):
-    """What a rate-limit storage backend provides.
+    """What a rate-limit storage backend provides: everything :class:`RateLimiter` uses.
 
     Backends implement each algorithm natively and atomically, and are held to the
-    reference functions in :mod:`fineflow._algorithms` by the conformance suite.
+    reference functions in :mod:`fineflow._ratelimit.algorithms` by the conformance suite.
+    A storage in this process can also decide without awaiting: see :class:`LocalStorage`.
     """
 
     async def open(self) -> None:
@@ -99,7 +100,12 @@ class Storage(Protocol):
         """Create or upgrade whatever schema the backend needs (idempotent)."""
 
     async def decide(
-        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        self,
+        algorithm: str,
+        hits: Sequence[Hit],
+        *,
+        now: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the budget is the storage's to keep
     ) -> list[Decision]:
         """Decide ``hits`` for one request, all or nothing, atomically.
 
@@ -109,9 +115,18 @@ class Storage(Protocol):
                 and all are charged, or none is charged.
             now: the time in nanoseconds since the epoch; ``None`` means the backend's
                 own clock (the database clock for PostgreSQL).
+            timeout: the time budget of this call in seconds (``None``: no budget). A
+                storage that can wait (for a connection, a queue, the network) must give up
+                within it and raise ``TimeoutError``; the limiter sets no deadline of its
+                own. A storage that cannot hang (in process) may ignore it.
 
         Returns:
             One decision per hit, in order.
+
+        Raises:
+            StorageError: the storage failed (the limiter applies ``on_storage_error``).
+            TimeoutError: the budget ran out (likewise).
+            ValueError: a cost is not a non-negative int.
         """
         ...
 
@@ -129,6 +144,27 @@ class Storage(Protocol):
 
     async def stats(self) -> list[StatsRow]:
         """Allowed and denied counts grouped by endpoint and tier."""
+        ...
+
+
+@runtime_checkable
+class LocalStorage(Storage, Protocol):
+    """A storage in this process, whose decisions never wait: they can be made without
+    awaiting (:class:`MemoryStorage`).
+
+    :class:`RateLimiter` checks for it once, when it is built, and then decides through
+    :meth:`decide_local` (``hit``, ``decide_nowait``); ``decide`` stays the general path.
+    """
+
+    def decide_local(
+        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+    ) -> list[Decision]:
+        """:meth:`Storage.decide`, synchronously: the same decisions, state and errors.
+
+        Raises:
+            StorageError: the storage cannot decide (for instance, it was closed).
+            ValueError: a cost is not a non-negative int.
+        """
         ...
 
 

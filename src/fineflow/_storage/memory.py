@@ -17,14 +17,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 from .._errors import ConfigurationError, StorageClosedError
 from .._ratelimit.algorithms import (
     ALGORITHMS,
-    NS,
     BucketState,
     Decision,
+    StepFunction,
     expires_at,
     validate_algorithm,
 )
@@ -36,17 +35,13 @@ __all__ = ["MemoryStorage"]
 logger = logging.getLogger("fineflow.storage")
 
 _Index = dict[str, dict[str, dict[str, "_Entry"]]]  # endpoint -> policy -> key -> entry
-# Builds a Decision without NamedTuple's Python-level __new__ (half the cost on the hot path).
-_new_decision = tuple.__new__
 
 
 @dataclass(slots=True, eq=False)
 class _Entry:
-    t: int
-    count: int
-    prev: int
+    state: BucketState
     algorithm: str
-    expires: int
+    expires: int  # from then on, ``state`` is equivalent to no state
     tier: str
     quota: Quota
     key: str
@@ -56,10 +51,6 @@ class _Entry:
     denied: int = 0
     used: bool = False  # CLOCK reference bit: decided on since the hand last passed it
     dead: bool = False  # removed from the index; the queue drops it when it gets there
-
-    @property
-    def state(self) -> BucketState:
-        return BucketState(self.t, self.count, self.prev)
 
 
 def _key(text: str) -> str:
@@ -89,8 +80,6 @@ class MemoryStorage:
             tests inject a fake one.
     """
 
-    local = True  # in-process: decisions cannot hang, no time budget is needed
-
     def __init__(self, *, max_keys: int = 100_000, clock: Callable[[], int] = time.time_ns) -> None:
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ConfigurationError(f"max_keys must be a positive int, got {max_keys!r}")
@@ -102,7 +91,6 @@ class MemoryStorage:
         self._size = 0
         self._closed = False
         self._warned_eviction = False
-        self._gcra = self._make_gcra([0, 0, 0])
 
     async def __aenter__(self) -> MemoryStorage:
         await self.open()
@@ -129,264 +117,115 @@ class MemoryStorage:
     def __len__(self) -> int:
         return self._size
 
-    def decide_one(
-        self,
-        algorithm: str,
-        key: str,
-        quota: Quota,
-        cost: int = 1,
-        endpoint: str = "",
-        tier: str = "",
-        now: int | None = None,
-    ) -> Decision:
-        """Decide one quota for one request, synchronously (the limiter's fast path)."""
-        if algorithm == "gcra":
-            return self._gcra(key, quota, cost, endpoint, tier, now)
-        if self._closed:
-            raise StorageClosedError("this MemoryStorage was closed; create a new one")
-        if cost.__class__ is not int or cost < 0:
-            raise ValueError(f"cost must be a non-negative int, got {cost!r}")
-        return self._decide(
-            algorithm, key, quota, cost, endpoint, tier, self.clock() if now is None else now
-        )
-
-    def decider(
-        self, algorithm: str, tally: list[int] | None = None
-    ) -> Callable[[str, Quota, int, str, str], Decision]:
-        """``decide_one`` with ``algorithm`` bound: ``(key, quota, cost, endpoint, tier)``.
-
-        What :class:`RateLimiter` calls per decision; for ``gcra`` it skips a layer of
-        calls. A subclass overriding ``decide_sync`` or ``decide_one`` is called through
-        them. ``tally[1]`` and ``tally[2]`` count the allowed and denied decisions (the
-        limiter's counters, kept here to save it a call layer per decision).
-        """
-        cls = type(self)
-        if tally is None:
-            tally = [0, 0, 0]
-        if (
-            cls.decide_one is MemoryStorage.decide_one
-            and algorithm == "gcra"
-            and (cls.decide_sync is MemoryStorage.decide_sync)
-        ):
-            return self._make_gcra(tally)
-        one: Callable[[str, Quota, int, str, str], Decision]
-        if cls.decide_sync is not MemoryStorage.decide_sync:
-
-            def via_sync(key: str, quota: Quota, cost: int, endpoint: str, tier: str) -> Decision:
-                return self.decide_sync(algorithm, [Hit(key, quota, cost, endpoint, tier)])[0]
-
-            one = via_sync
-        else:
-            one = partial(self.decide_one, algorithm)
-
-        def counted(key: str, quota: Quota, cost: int, endpoint: str, tier: str) -> Decision:
-            decision = one(key, quota, cost, endpoint, tier)
-            tally[2 - decision[0]] += 1  # allowed (True) -> 1, denied -> 2
-            return decision
-
-        return counted
-
-    def _make_gcra(self, tally: list[int]) -> Callable[..., Decision]:
-        """The GCRA decision, as a closure (cell reads are cheaper than attribute reads)."""
-        index = self._index
-        decide = self._decide
-        storage = self
-
-        def gcra(
-            key: str,
-            quota: Quota,
-            cost: int = 1,
-            endpoint: str = "",
-            tier: str = "",
-            now: int | None = None,
-        ) -> Decision:
-            if cost.__class__ is not int or cost < 0:
-                raise ValueError(f"cost must be a non-negative int, got {cost!r}")
-            # The index holds only storable names, so a hit on the raw names is the right
-            # entry; a miss may still be a long or odd name stored as a digest. A closed
-            # storage has an empty index: it is refused on the miss path below.
-            try:
-                entry = index[endpoint][quota.policy][key]  # (subscripts: cheaper than get)
-            except KeyError:
-                entry = None
-            if entry is not None and entry.algorithm == "gcra" and cost <= quota.capacity:
-                # A known key: the arithmetic of gcra_step on ``ahead``, how far the
-                # TAT runs ahead of now (small ints, cheaper than TATs).
-                if now is None:
-                    now = storage.clock()
-                interval = quota.emission_interval_ns
-                tau = quota.tolerance_ns
-                ahead = entry.t - now
-                if ahead < 0:
-                    ahead = 0
-                after = ahead + cost * interval
-                entry.used = True
-                if after <= tau:  # new_tat - tau <= now: admitted
-                    if cost:  # (a peek records nothing)
-                        entry.t = entry.expires = now + after
-                        entry.allowed += cost
-                        entry.tier = tier
-                        entry.quota = quota
-                    tally[1] += 1
-                    return _new_decision(
-                        Decision,
-                        (
-                            True,
-                            quota.limit,
-                            (tau - after) // interval,
-                            after / NS,
-                            0.0,
-                            quota.policy,
-                            quota.period,
-                            None,
-                        ),
-                    )
-                # Denied: nothing is charged, the state stays as it is.
-                if cost:
-                    entry.denied += cost
-                    entry.tier = tier
-                    entry.quota = quota
-                remaining = (tau - ahead) // interval
-                tally[2] += 1
-                return _new_decision(
-                    Decision,
-                    (
-                        False,
-                        quota.limit,
-                        remaining if remaining > 0 else 0,
-                        ahead / NS,
-                        (after - tau) / NS,
-                        quota.policy,
-                        quota.period,
-                        None,
-                    ),
-                )
-            if storage._closed:
-                raise StorageClosedError("this MemoryStorage was closed; create a new one")
-            decision = decide(
-                "gcra", key, quota, cost, endpoint, tier, storage.clock() if now is None else now
-            )
-            tally[2 - decision[0]] += 1
-            return decision
-
-        return gcra
-
-    def _decide(
-        self,
-        algorithm: str,
-        key: str,
-        quota: Quota,
-        cost: int,
-        endpoint: str,
-        tier: str,
-        now: int,
-    ) -> Decision:
-        """One decision through the reference step function (new keys, every algorithm)."""
-        key, endpoint = _key(key), _key(endpoint)
-        entry = self._get(key, endpoint, quota.policy)
-        step = ALGORITHMS.get(algorithm) or ALGORITHMS[validate_algorithm(algorithm)]
-        state = None if entry is None or entry.expires <= now else entry.state
-        decision, new_state = step(state, now, quota, cost)
-        self._store(
-            key, endpoint, entry, algorithm, quota, cost, tier, decision.allowed, new_state, now
-        )
-        return decision
-
     async def decide(
-        self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
+        self,
+        algorithm: str,
+        hits: Sequence[Hit],
+        *,
+        now: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a decision here never waits
     ) -> list[Decision]:
-        """Decide ``hits`` all or nothing (see :class:`fineflow.Storage`)."""
-        return self.decide_sync(algorithm, hits, now=now)
+        """Decide ``hits`` all or nothing (see :class:`fineflow.Storage`).
 
-    def decide_sync(
+        An in-process decision never waits, so ``timeout`` does not apply.
+        """
+        return self.decide_local(algorithm, hits, now=now)
+
+    def decide_local(
         self, algorithm: str, hits: Sequence[Hit], *, now: int | None = None
     ) -> list[Decision]:
-        """``decide`` without awaiting: in-process decisions never need to wait."""
-        if len(hits) == 1:
-            key, quota, cost, endpoint, tier = hits[0]
-            return [self.decide_one(algorithm, key, quota, cost, endpoint, tier, now)]
+        """:meth:`decide` without awaiting (see :class:`fineflow.LocalStorage`).
+
+        Each decision is a step of the reference algorithm on the stored state.
+        """
         if self._closed:
             raise StorageClosedError("this MemoryStorage was closed; create a new one")
         step = ALGORITHMS.get(algorithm) or ALGORITHMS[validate_algorithm(algorithm)]
         check_hits(hits)
         if now is None:
             now = self.clock()
-        names = [(_key(h.key), _key(h.endpoint)) for h in hits]
-        found = [self._get(k, ep, h.quota.policy) for (k, ep), h in zip(names, hits, strict=True)]
+        if len(hits) != 1:
+            return self._decide_all(algorithm, step, hits, now)
+        hit = hits[0]
+        entry = self._find(hit)
+        state = None if entry is None or entry.expires <= now else entry.state
+        decision, new_state = step(state, now, hit.quota, hit.cost)
+        self._record(hit, entry, algorithm, decision.allowed, new_state, now)
+        return [decision]
+
+    def _decide_all(
+        self, algorithm: str, step: StepFunction, hits: Sequence[Hit], now: int
+    ) -> list[Decision]:
+        """Several quotas of one request: every one is charged, or none is."""
+        found = [self._find(hit) for hit in hits]
         states = [None if e is None or e.expires <= now else e.state for e in found]
         results = [step(s, now, h.quota, h.cost) for s, h in zip(states, hits, strict=True)]
         allowed = all(d.allowed for d, _ in results)
         decisions: list[Decision] = []
-        for (key, endpoint), entry, hit, state, (decision, new_state) in zip(
-            names, found, hits, states, results, strict=True
+        for entry, hit, state, (decision, new_state) in zip(
+            found, hits, states, results, strict=True
         ):
             if not allowed and decision.allowed:
-                decision = step(state, now, hit.quota, 0)[0]
-            self._store(
-                key,
-                endpoint,
-                entry,
-                algorithm,
-                hit.quota,
-                hit.cost,
-                hit.tier,
-                allowed,
-                new_state if allowed else state,
-                now,
-            )
+                decision, _ = step(state, now, hit.quota, 0)  # what it admits: a peek
+            self._record(hit, entry, algorithm, allowed, new_state if allowed else state, now)
             decisions.append(decision)
         return decisions
 
-    def _get(self, key: str, endpoint: str, policy: str) -> _Entry | None:
-        tables = self._index.get(endpoint)
-        if tables is None:
+    def _find(self, hit: Hit) -> _Entry | None:
+        # The index holds storable names only, so an entry found under the names as given
+        # is the one; else the names may be long or odd ones stored as a digest.
+        try:
+            return self._index[hit.endpoint][hit.quota.policy][hit.key]
+        except KeyError:
+            pass
+        key, endpoint = _key(hit.key), _key(hit.endpoint)
+        if key is hit.key and endpoint is hit.endpoint:
             return None
-        table = tables.get(policy)
+        tables = self._index.get(endpoint)
+        table = None if tables is None else tables.get(hit.quota.policy)
         return None if table is None else table.get(key)
 
-    def _store(
+    def _record(
         self,
-        key: str,
-        endpoint: str,
+        hit: Hit,
         entry: _Entry | None,
         algorithm: str,
-        quota: Quota,
-        cost: int,
-        tier: str,
         allowed: bool,
         state: BucketState | None,
         now: int,
     ) -> None:
+        """Store a decision's outcome: the new state (if any) and the counts."""
+        cost = hit.cost
         if cost == 0:
             return
+        quota = hit.quota
         if entry is None:
             if state is None:
                 state = BucketState(now)
             if self._size >= self.max_keys:
                 self._evict(now)
-            policy = quota.policy
             entry = _Entry(
-                state.t,
-                state.used,
-                state.prev,
+                state,
                 algorithm,
                 expires_at(algorithm, state, quota),
-                tier,
+                hit.tier,
                 quota,
-                key,
-                endpoint,
-                policy,
+                _key(hit.key),
+                _key(hit.endpoint),
+                quota.policy,
             )
-            self._index.setdefault(endpoint, {}).setdefault(policy, {})[key] = entry
+            self._index.setdefault(entry.endpoint, {}).setdefault(entry.policy, {})[entry.key] = (
+                entry
+            )
             self._queue.append(entry)
             self._size += 1
         else:
             entry.used = True
             if state is not None:
-                entry.t, entry.count, entry.prev = state
+                entry.state = state
                 entry.algorithm = algorithm
                 entry.expires = expires_at(algorithm, state, quota)
-            entry.tier = tier
+            entry.tier = hit.tier
             entry.quota = quota
         if allowed:
             entry.allowed += cost

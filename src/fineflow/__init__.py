@@ -7,13 +7,13 @@ shares one limit; circuit breakers guard routes of your app and outbound calls.
 import typing as _typing
 
 from . import keys
-from ._breaker.breaker import CircuitBreaker
+from ._breaker.breaker import CircuitBreaker, Permit
 from ._breaker.config import BreakerConfig, BreakerMetrics, CircuitState
 from ._breaker.events import BreakerEvent
 from ._breaker.http import http_throttle
 from ._breaker.middleware import CircuitBreakerMiddleware
-from ._breaker.permit import BreakerResult, Permit
 from ._breaker.registry import BreakerRegistry
+from ._breaker.result import BreakerResult
 from ._errors import (
     CircuitOpenError,
     ConfigurationError,
@@ -28,7 +28,7 @@ from ._ratelimit.limiter import Decisions, LimiterMetrics, RateLimiter
 from ._ratelimit.middleware import MiddlewareMetrics, RateLimitMiddleware
 from ._ratelimit.quota import Quota
 from ._ratelimit.rules import Rule
-from ._storage.base import Hit, KeyStatus, StatsRow, Storage
+from ._storage.base import Hit, KeyStatus, LocalStorage, StatsRow, Storage
 from ._storage.memory import MemoryStorage
 
 if _typing.TYPE_CHECKING:
@@ -56,6 +56,7 @@ __all__ = [
     "Hit",
     "KeyStatus",
     "LimiterMetrics",
+    "LocalStorage",
     "MemoryStorage",
     "MiddlewareMetrics",
     "Permit",

@@ -1,4 +1,4 @@
-"""End to end: real uvicorn processes on 127.0.0.1 sharing one PostgreSQL schema (issue 4).
+"""End to end: real uvicorn processes on 127.0.0.1 sharing one PostgreSQL schema.
 
 Three independent uvicorn processes (distinct ports, so every one of them certainly serves
 part of the load) each run ``tests/e2e_app.py`` with its own ``PostgresStorage`` pool, all

@@ -1,4 +1,4 @@
-"""Hostile input (issue 7): scopes, headers and keys a caller controls never break fineflow.
+"""Hostile input: scopes, headers and keys a caller controls never break fineflow.
 
 * Hypothesis-generated ASGI scopes (arbitrary bytes in header names and values, huge and
   many headers, many ``X-Forwarded-For`` hops, malformed ``Forwarded``, missing or odd

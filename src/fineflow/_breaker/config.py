@@ -31,18 +31,19 @@ WindowType = Literal["count", "time"]
 class CircuitState(enum.Enum):
     """The state of a circuit breaker."""
 
-    # Calls flow; their outcomes feed the trip policies.
     CLOSED = "closed"
-    # Calls are rejected until the reset deadline, then the next caller moves it to HALF_OPEN.
+    """Calls flow; their outcomes feed the trip policies."""
     OPEN = "open"
-    # A budget of trial calls (permits) probes recovery; everyone else is rejected at once.
+    """Calls are rejected until the reset deadline; then the next caller moves it to
+    ``HALF_OPEN``."""
     HALF_OPEN = "half_open"
-    # Set by hand: every call is admitted and counted, nothing can trip the breaker.
+    """A budget of trial calls (permits) probes recovery; everyone else is rejected at once."""
     DISABLED = "disabled"
-    # Set by hand: every call is rejected until ``reset()`` or another manual state.
+    """Set by hand: every call is admitted and counted, nothing can trip the breaker."""
     FORCED_OPEN = "forced_open"
-    # Set by hand: every call is admitted; windows and counters are kept but never trip it.
+    """Set by hand: every call is rejected until ``reset()`` or another manual state."""
     METRICS_ONLY = "metrics_only"
+    """Set by hand: every call is admitted; windows and counters are kept but never trip it."""
 
 
 def _fail(message: str) -> None:
@@ -55,6 +56,30 @@ class BreakerConfig:
 
     Each configured trip policy trips the breaker on its own: consecutive failures
     (``failure_threshold``), failure rate and slow-call rate over a sliding window.
+
+    Attributes:
+        failure_threshold: consecutive failures that open the breaker (``None``: no such
+            policy).
+        failure_rate_threshold: the failure rate in (0, 1] over the window that opens it
+            (``None``: no such policy).
+        slow_call_duration: seconds from which a call counts as slow (``None``: no
+            slow-call policy).
+        slow_call_rate_threshold: the share of slow calls in the window that opens it.
+        window_type: ``"count"`` (the last ``window_size`` calls) or ``"time"`` (the calls
+            of the last ``window_size`` seconds).
+        window_size: calls or seconds, by ``window_type``.
+        minimum_calls: calls the window must hold before a rate policy may trip.
+        reset_timeout: seconds an opened breaker rejects calls before it probes.
+        backoff_multiplier: each consecutive open multiplies the reset timeout by this.
+        max_reset_timeout: the cap of the backed-off reset timeout (``None``: no cap).
+        jitter: fraction by which a reset timeout is randomly shortened (0.0: off).
+        half_open_max_calls: trial calls admitted at once while half-open.
+        success_threshold: successful trials that close it (``None``:
+            ``half_open_max_calls``).
+        half_open_max_wait: seconds after which half-open without a verdict reopens
+            (``None``: no limit).
+        on_throttle: what an upstream's 429 is: ``"ignore"``, ``"failure"`` or ``"hold"``.
+        max_hold: the most seconds a ``"hold"`` rejects calls for, whatever Retry-After says.
 
     Raises:
         ConfigurationError: an option is out of range; the message says the fix.
@@ -159,12 +184,33 @@ class BreakerConfig:
 
 @dataclass(frozen=True, slots=True)
 class BreakerMetrics:
-    """A snapshot of one breaker's state and counters (the origin document's list).
+    """A snapshot of one breaker's state and counters.
 
     Times are readings of the breaker's clock (``time.monotonic`` by default), ``None``
     until the event first happens. ``total_calls`` counts every attempt, so
     ``total_calls == total_successes + total_failures + total_ignored + total_rejections
     + in_flight``.
+
+    Attributes:
+        name: the breaker's name.
+        state: its state when the snapshot was taken.
+        consecutive_failures: failures since the last success.
+        consecutive_successes: successes since the last failure.
+        last_failure_time: when the last failure was recorded.
+        last_success_time: when the last success was recorded.
+        total_calls: every call attempted, rejected ones included.
+        total_successes: calls that succeeded.
+        total_failures: calls that failed.
+        total_ignored: calls whose outcome counts neither way (ignored exceptions,
+            cancellations, throttling under ``on_throttle="ignore"``).
+        total_rejections: calls turned away without running.
+        total_fallbacks: rejected calls answered by a fallback.
+        in_flight: calls admitted and not yet settled.
+        times_opened: how often the breaker opened.
+        last_state_change: when the state last changed.
+        failure_rate: the failure rate over the window (``None`` without a rate policy or
+            before ``minimum_calls``).
+        slow_call_rate: the slow-call rate likewise.
     """
 
     name: str

@@ -3,17 +3,18 @@
 pytest loads it by itself once fineflow is installed (the ``pytest11`` entry point), so the
 fixtures are there without a ``conftest.py`` line:
 
-``ff_clock``
-    a :class:`~fineflow.testing.FakeClock`; ``ff_clock.advance(60)`` moves time at once.
-``ff_limiter``
-    a :class:`~fineflow.RateLimiter` over a fresh :class:`~fineflow.MemoryStorage`, both on
-    ``ff_clock``. Making it needs no event loop, so sync tests (Starlette's ``TestClient``)
-    can hand it to a middleware as well as async tests can ``await`` it.
-``ff_postgres_dsn``
-    the DSN of a database made for this test session and dropped after it, on the server
-    that ``FINEFLOW_TEST_DSN`` names, else the local default server, else a throwaway
-    cluster (see :func:`fineflow.testing.find_postgres`). Session-scoped: give each test
-    its own ``schema=`` of ``PostgresStorage`` to keep tests apart.
+* ``ff_clock``: a :class:`~fineflow.testing.FakeClock`; ``ff_clock.advance(60)`` moves
+  time at once.
+* ``ff_limiter``: a :class:`~fineflow.RateLimiter` over a fresh
+  :class:`~fineflow.MemoryStorage`, both on ``ff_clock``. Making it needs no event loop,
+  so sync tests (Starlette's ``TestClient``) can hand it to a middleware as well as async
+  tests can ``await`` it.
+* ``ff_postgres_server``: the PostgreSQL server of the test session: the one
+  ``FINEFLOW_TEST_DSN`` names, else the local default server, else a throwaway cluster
+  (see :func:`fineflow.testing.find_postgres`).
+* ``ff_postgres_dsn``: the DSN of a database made on it for this test session and dropped
+  after it. Session-scoped: give each test its own ``schema=`` of ``PostgresStorage`` to
+  keep tests apart.
 
 PostgreSQL is imported only when ``ff_postgres_dsn`` is used.
 """

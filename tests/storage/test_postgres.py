@@ -14,7 +14,6 @@ import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-import fineflow._storage.postgres.storage
 from fineflow import (
     ConfigurationError,
     Hit,
@@ -25,9 +24,19 @@ from fineflow import (
     StorageClosedError,
     StorageError,
 )
-from fineflow._storage.postgres.sql import LATEST_VERSION
+from fineflow._storage.postgres.deadlines import DeadlinesSnapshot
+from fineflow._storage.postgres.migrations import LATEST_VERSION
+from fineflow._storage.postgres.scheduler import SchedulerSnapshot
 
 pytestmark = pytest.mark.anyio
+
+
+def idle(storage: PostgresStorage) -> bool:
+    """Whether the storage's scheduler holds nothing: no statement, task or deadline."""
+    return storage._scheduler.snapshot() == SchedulerSnapshot(0, 0, 0, 0, NO_DEADLINES)
+
+
+NO_DEADLINES = DeadlinesSnapshot(0, 0, 0)
 
 
 @pytest.fixture
@@ -106,35 +115,19 @@ async def test_concurrent_migrations_are_safe(pg_dsn: str, pg_schema: str) -> No
 
 
 async def test_older_code_accepts_a_schema_with_additive_migrations_only(
-    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+    storage: PostgresStorage,
 ) -> None:
-    """A rolling deploy or a rollback: an instance that knows only v1 runs on a v2 schema."""
-    monkeypatch.setattr(fineflow._storage.postgres.storage, "LATEST_VERSION", 1)
+    """A rolling deploy or a rollback: code that knows fewer versions than were applied runs
+    on the schema as long as its compatibility level is one it knows."""
+    schema = storage.schema
+    async with storage.pool.connection() as conn:
+        await conn.execute(
+            f"INSERT INTO {schema}.schema_migrations (version) VALUES ({LATEST_VERSION + 1})"
+        )
     await storage.migrate()  # does not raise, changes nothing
     hits = [Hit("old", Quota(2, 60.0), 1, "e")]
     results = await asyncio.gather(*(storage.decide("gcra", hits) for _ in range(3)))
     assert sorted(r[0].allowed for r in results) == [False, True, True]
-
-
-async def test_a_schema_from_before_schema_migrations_is_listed_and_levelled(
-    storage: PostgresStorage,
-) -> None:
-    """Code from before schema_migrations wrote every applied version to schema_version (a
-    build of v2 wrote 1 and 2): those become the list, and schema_version the level, so code
-    that knows only v1 accepts the schema again."""
-    schema = storage.schema
-    async with storage.pool.connection() as conn:
-        await conn.execute(f"DROP TABLE {schema}.schema_migrations")
-        await conn.execute(f"INSERT INTO {schema}.schema_version (version) VALUES (2)")
-    await storage.migrate()
-    async with storage.pool.connection() as conn:
-        cur = await conn.execute(f"SELECT version FROM {schema}.schema_version ORDER BY 1")
-        assert await cur.fetchall() == [(1,)]
-        cur = await conn.execute(f"SELECT version FROM {schema}.schema_migrations ORDER BY 1")
-        # 1 and 2 listed as applied, then the later migrations applied
-        assert await cur.fetchall() == [(v,) for v in range(1, LATEST_VERSION + 1)]
-    hits = [Hit("listed", Quota(1, 60.0), 1, "e")]
-    assert (await storage.decide("gcra", hits))[0].allowed
 
 
 async def test_refuses_a_newer_schema(storage: PostgresStorage) -> None:
@@ -239,9 +232,10 @@ async def test_a_statement_task_cancelled_before_it_ran_does_not_jam_the_storage
     """Say a shutdown hook cancels every task: the storage's own statement task may be
     cancelled before its first step. Its slot is given back and the request still goes out."""
     hits = [Hit("jam", Quota(10, 60.0), 1, "e")]
+    before = asyncio.all_tasks()
     caller = asyncio.create_task(storage.decide("gcra", hits))
     await asyncio.sleep(0)  # the caller queued its request and started a statement task
-    owned = list(storage._tasks)
+    owned = asyncio.all_tasks() - before - {caller}
     assert owned
     for task in owned:
         task.cancel()
@@ -251,7 +245,7 @@ async def test_a_statement_task_cancelled_before_it_ran_does_not_jam_the_storage
         asyncio.gather(*(storage.decide("gcra", hits) for _ in range(5))), 10
     )
     assert sorted(d[0].remaining for d in later) == [4, 5, 6, 7, 8]
-    assert (storage._in_flight, storage._starting) == (0, 0)
+    assert idle(storage)
 
 
 async def test_a_request_past_its_timeout_while_waiting_for_a_connection_is_not_charged(
@@ -281,7 +275,7 @@ async def test_answers_within_the_timeout_leave_no_timer_behind(storage: Postgre
     assert all(d.allowed and d.reason is None for d in results)
     assert limiter.metrics().storage_timeouts == 0
     await asyncio.sleep(0.3)  # past every deadline: the queue's timer drained it and stopped
-    assert (storage._timers, storage._deadlines) == ({}, {})
+    assert storage._scheduler.snapshot().deadlines == NO_DEADLINES
     # A peek (charges nothing) takes the same budget.
     (peek,) = await storage.decide("gcra", [Hit("t0", quota, 0)], timeout=0.2)
     assert peek.remaining == 990
@@ -340,16 +334,16 @@ async def test_deadline_queues_hold_neither_answered_requests_nor_spent_timeouts
     for i in range(200):  # a caller passing its remaining budget: a new timeout each time
         await storage.decide("gcra", [Hit(f"k{i % 10}", quota)], timeout=0.3 - i / 10_000)
     await asyncio.sleep(0.35)
-    assert (storage._deadlines, storage._timers) == ({}, {})
+    assert storage._scheduler.snapshot().deadlines == NO_DEADLINES
     limiter = RateLimiter(storage, timeout=math.inf)  # accepted: never due, never queued
     for i in range(100):
         assert (await limiter.hit(f"k{i % 10}", quota)).allowed
-    held = sum(len(queue) for queue in storage._deadlines.values())
+    held = storage._scheduler.snapshot().deadlines.waiting
     assert held == 0
     budget = RateLimiter(storage, timeout=60.0)
     for i in range(100):
         assert (await budget.hit(f"k{i % 10}", quota)).allowed
-    held = sum(len(queue) for queue in storage._deadlines.values())
+    held = storage._scheduler.snapshot().deadlines.waiting
     assert held <= 1  # answered requests leave the queue as the next one arrives
 
 
@@ -378,7 +372,7 @@ async def test_bad_timeouts_are_refused_before_anything_is_charged(
             await storage.decide("gcra", [Hit("k", quota)], timeout=bad)  # type: ignore[arg-type]
     (peek,) = await storage.decide("gcra", [Hit("k", quota, 0)])
     assert peek.remaining == 10
-    assert (storage._deadlines, storage._timers) == ({}, {})
+    assert storage._scheduler.snapshot().deadlines == NO_DEADLINES
     (ok,) = await storage.decide("gcra", [Hit("k", quota)], timeout=1)  # an int is seconds
     assert ok.remaining == 9
 

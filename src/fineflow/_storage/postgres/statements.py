@@ -1,39 +1,43 @@
 """How one batch of requests becomes one statement, and its rows become decisions.
 
-``PostgresStorage`` decides which runner a batch takes; each runner sends exactly one
-statement with the cursor it is given and sets ``result`` on every request it decides.
+Four functions decide (``sql/functions/``): ``hit()`` a lone single-quota GCRA request,
+``hit_keys()`` a batch of single-quota GCRA requests that share endpoint, quota, tier and
+cost, ``hit_many()`` any batch of single-quota GCRA requests, ``decide()`` everything
+(several quotas per request, every algorithm). The three GCRA ones return, per row, the
+TAT after the batch, how many of its requests were admitted and the time they were decided
+at; :func:`gcra_decisions` turns that into each request's decision. :class:`Decider` picks
+the most specific function that applies.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
 
+from ..._errors import ConfigurationError
 from ..._ratelimit.algorithms import COST_TOO_HIGH, NS, Decision
 from ..._ratelimit.quota import Quota
 from ..base import Hit, storage_key
 
 __all__ = [
+    "FAST_PATHS",
+    "Decider",
     "Request",
     "Statements",
-    "by_key",
-    "by_row",
+    "gcra_decisions",
     "make_decision",
-    "run_batch",
-    "run_keys",
-    "run_rows",
-    "run_single",
     "text_array",
     "tier_text",
 ]
 
+# The specialised statements, each a faster form of decide() for its case.
+FAST_PATHS = frozenset({"hit", "hit_keys", "hit_many"})
 _TIER_MAX = 64
-_new_decision = tuple.__new__  # builds a Decision without NamedTuple's Python-level __new__
 
 
 @dataclass(slots=True)
@@ -50,36 +54,80 @@ class Request:
 class Statements(NamedTuple):
     """The decision statements, composed once for one schema."""
 
-    single: sql.Composed
-    decide: sql.Composed
-    hit_many: sql.Composed
+    hit: sql.Composed
     hit_keys: sql.Composed
+    hit_many: sql.Composed
+    decide: sql.Composed
+    peek: sql.Composed
 
     @classmethod
     def compose(cls, schema: str) -> Statements:
         ident = sql.Identifier(schema)
         # %b: arrays go in binary, which skips the text format's quoting and escaping.
         return cls(
-            single=sql.SQL(
+            hit=sql.SQL(
                 "SELECT * FROM {}.hit(%(key)s, %(endpoint)s, %(policy)s, %(tier)s, "
                 "%(lim)s::bigint, %(period)s::bigint, %(cap)s::bigint, %(cost)s::bigint, "
                 "%(iv)s::bigint, %(now)s::bigint)"
-            ).format(ident),
-            decide=sql.SQL(
-                "SELECT * FROM {}.decide(%s, %b::bigint[], %b::int[], %b::text[], %b::text[], "
-                "%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])"
-            ).format(ident),
-            hit_many=sql.SQL(
-                "SELECT * FROM {}.hit_many(%s::bigint, %b::text[], %b::text[], %b::text[], "
-                "%b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], "
-                "%b::bigint[])"
             ).format(ident),
             # The keys go as one array literal (see text_array()).
             hit_keys=sql.SQL(
                 "SELECT * FROM {}.hit_keys(%s::bigint, %s::text[], %b::bigint[], %s, %s, %s, "
                 "%s::bigint, %s::bigint, %s::bigint, %s::bigint)"
             ).format(ident),
+            hit_many=sql.SQL(
+                "SELECT * FROM {}.hit_many(%s::bigint, %b::text[], %b::text[], %b::text[], "
+                "%b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], "
+                "%b::bigint[])"
+            ).format(ident),
+            decide=sql.SQL(
+                "SELECT * FROM {}.decide(%s, %b::bigint[], %b::int[], %b::text[], %b::text[], "
+                "%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])"
+            ).format(ident),
+            peek=sql.SQL(
+                "SELECT * FROM {}.peek(%(key)s::text[], %(endpoint)s::text[], %(policy)s::text[])"
+            ).format(ident),
         )
+
+
+def check_fast_paths(fast_paths: Collection[str]) -> frozenset[str]:
+    """``fast_paths`` as a set, if every name in it is one of :data:`FAST_PATHS`."""
+    if isinstance(fast_paths, str) or not set(fast_paths) <= FAST_PATHS:
+        known = ", ".join(repr(name) for name in sorted(FAST_PATHS))
+        raise ConfigurationError(f"fast_paths must be a collection of {known}, got {fast_paths!r}")
+    return frozenset(fast_paths)
+
+
+class Decider:
+    """Decides one batch with one statement, the most specific one that applies.
+
+    Attributes:
+        fast_paths: the specialised statements it may use (see :data:`FAST_PATHS`);
+            ``decide()`` takes every batch they do not.
+    """
+
+    def __init__(self, schema: str, fast_paths: Collection[str] = FAST_PATHS) -> None:
+        self.statements = Statements.compose(schema)
+        self.fast_paths = check_fast_paths(fast_paths)
+
+    async def run(self, cur: psycopg.AsyncCursor[Any], algorithm: str, batch: list[Request]) -> str:
+        """Decide ``batch`` with ``cur``, set each request's ``result``; return the name of
+        the function that decided it."""
+        fast = self.fast_paths
+        if algorithm == "gcra" and fast and all(len(r.hits) == 1 for r in batch):
+            if "hit" in fast and len(batch) == 1:
+                await _run_hit(cur, self.statements, batch[0])
+                return "hit"
+            keyed = by_key(batch) if "hit_keys" in fast else None
+            if keyed is not None:
+                await _run_keys(cur, self.statements, batch, keyed)
+                return "hit_keys"
+            rows = by_row(batch) if "hit_many" in fast else None
+            if rows is not None:
+                await _run_rows(cur, self.statements, batch[0].now, rows)
+                return "hit_many"
+        await _run_decide(cur, self.statements, algorithm, batch)
+        return "decide"
 
 
 def tier_text(tier: str) -> str:
@@ -103,6 +151,7 @@ def text_array(items: Sequence[str]) -> str:
 def make_decision(
     ok: bool, quota: Quota, remaining: int, reset_ns: int, retry_ns: int | None
 ) -> Decision:
+    """A decision from figures in nanoseconds (clamped at 0, as the reference does)."""
     return Decision(
         ok,
         quota.limit,
@@ -115,15 +164,40 @@ def make_decision(
     )
 
 
-async def run_single(
-    cur: psycopg.AsyncCursor[Any], statements: Statements, request: Request
-) -> None:
+def gcra_decisions(
+    quota: Quota, cost: int, requests: int, tat: int, admitted: int, now: int
+) -> list[Decision]:
+    """The decisions of ``requests`` requests of ``cost`` on one GCRA row, in arrival order.
+
+    The first ``admitted`` were admitted, ``tat`` is the row's TAT after them and ``now`` the
+    time they were decided at (what hit(), hit_keys() and hit_many() return). Request k
+    applied :func:`~fineflow._ratelimit.algorithms.gcra_step` to the TAT the ones before it
+    left; ``cost`` is at most ``capacity + 1`` (more never fits either)."""
+    interval = quota.emission_interval_ns
+    step = cost * interval
+    tau = quota.tolerance_ns
+    start = tat - admitted * step if admitted else max(tat, now)
+    out = []
+    for k in range(1, admitted + 1):
+        new_tat = start + k * step
+        out.append(make_decision(True, quota, (now + tau - new_tat) // interval, new_tat - now, 0))
+    if admitted < requests:
+        end = start + admitted * step
+        retry = None if cost > quota.capacity else end + step - tau - now
+        denied = make_decision(False, quota, (now + tau - end) // interval, end - now, retry)
+        out.extend([denied] * (requests - admitted))
+    return out
+
+
+def _clamped_cost(hit: Hit) -> int:
+    return min(hit.cost, hit.quota.capacity + 1)
+
+
+async def _run_hit(cur: psycopg.AsyncCursor[Any], statements: Statements, request: Request) -> None:
     """A lone single-quota GCRA request: ``hit()``."""
     hit = request.hits[0]
     quota = hit.quota
-    interval = quota.emission_interval_ns
-    cap = quota.capacity
-    cost = min(hit.cost, cap + 1)
+    cost = _clamped_cost(hit)
     params = {
         "key": storage_key(hit.key),
         "endpoint": storage_key(hit.endpoint),
@@ -131,22 +205,17 @@ async def run_single(
         "tier": tier_text(hit.tier),
         "lim": quota.limit,
         "period": quota.period_ns,
-        "cap": cap,
+        "cap": quota.capacity,
         "cost": cost,
-        "iv": interval,
+        "iv": quota.emission_interval_ns,
         "now": request.now,
     }
-    await cur.execute(statements.single, params, prepare=True)
+    await cur.execute(statements.hit, params, prepare=True)
     row = await cur.fetchone()
-    assert row is not None
+    if row is None:  # pragma: no cover - an upsert always returns its row
+        raise psycopg.DataError("hit() returned no row")
     ok, tat, now = row
-    tau = quota.tolerance_ns
-    if ok:
-        request.result = [make_decision(True, quota, (now + tau - tat) // interval, tat - now, 0)]
-        return
-    tat = max(tat, now)
-    retry = None if cost > cap else tat + cost * interval - tau - now
-    request.result = [make_decision(False, quota, (now + tau - tat) // interval, tat - now, retry)]
+    request.result = gcra_decisions(quota, cost, 1, tat, 1 if ok else 0, now)
 
 
 def by_key(batch: list[Request]) -> dict[str, list[Request]] | None:
@@ -166,16 +235,11 @@ def by_key(batch: list[Request]) -> dict[str, list[Request]] | None:
             or (hit.quota is not quota and hit.quota != quota)
         ):
             return None
-        key = storage_key(hit.key)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [request]
-        else:
-            group.append(request)
+        groups.setdefault(storage_key(hit.key), []).append(request)
     return groups
 
 
-async def run_keys(
+async def _run_keys(
     cur: psycopg.AsyncCursor[Any],
     statements: Statements,
     batch: list[Request],
@@ -183,74 +247,29 @@ async def run_keys(
 ) -> None:
     """Requests grouped by :func:`by_key`: ``hit_keys()``, the shared figures as scalars."""
     first = batch[0]
-    _, quota, cost, endpoint, tier = first.hits[0]
-    cap = quota.capacity
-    cost = min(cost, cap + 1)
+    hit = first.hits[0]
+    quota = hit.quota
+    cost = _clamped_cost(hit)
     counts = None if len(groups) == len(batch) else [len(g) for g in groups.values()]
     params = (
         first.now,
         text_array(list(groups)),
         counts,
-        storage_key(endpoint),
+        storage_key(hit.endpoint),
         quota.policy,
-        tier_text(tier),
+        tier_text(hit.tier),
         quota.limit,
         quota.period_ns,
-        cap,
+        quota.capacity,
         cost,
     )
     # Binary results: int8 columns load without parsing digits.
     await cur.execute(statements.hit_keys, params, prepare=True, binary=True)
-    rows = await cur.fetchall()
-    interval = quota.emission_interval_ns
-    step = cost * interval
-    tau = quota.tolerance_ns
-    limit, policy, period = quota.limit, quota.policy, quota.period
-    too_high = cost > cap
-    reason = COST_TOO_HIGH if too_high else None
-
-    def admit(now: int, new_tat: int) -> list[Decision]:
-        return [
-            _new_decision(
-                Decision,
-                (
-                    True,
-                    limit,
-                    (now + tau - new_tat) // interval,
-                    (new_tat - now) / NS,
-                    0.0,
-                    policy,
-                    period,
-                    None,
-                ),
-            )
-        ]
-
-    for key, tat, admitted, now in rows:
+    for key, tat, admitted, now in await cur.fetchall():
         requests = groups[key]
-        if admitted == 1 and len(requests) == 1:
-            # The usual case (one request on the key, admitted): tat is its new TAT.
-            requests[0].result = admit(now, tat)
-            continue
-        # tat is the row's TAT after this batch; tat0 the one it started from.
-        tat0 = tat - admitted * step if admitted else max(tat, now)
-        for k, request in enumerate(requests, start=1):
-            if k <= admitted:
-                request.result = admit(now, tat0 + k * step)
-                continue
-            end = tat0 + admitted * step
-            request.result = [
-                Decision(
-                    False,
-                    limit,
-                    max((now + tau - end) // interval, 0),
-                    max(end - now, 0) / NS,
-                    None if too_high else max(end + step - tau - now, 0) / NS,
-                    policy,
-                    period,
-                    reason,
-                )
-            ]
+        decisions = gcra_decisions(quota, cost, len(requests), tat, admitted, now)
+        for request, decision in zip(requests, decisions, strict=True):
+            request.result = [decision]
 
 
 def by_row(batch: list[Request]) -> dict[tuple[str, str, str], list[Request]] | None:
@@ -273,7 +292,7 @@ def by_row(batch: list[Request]) -> dict[tuple[str, str, str], list[Request]] | 
     return groups
 
 
-async def run_rows(
+async def _run_rows(
     cur: psycopg.AsyncCursor[Any],
     statements: Statements,
     now: int | None,
@@ -292,55 +311,29 @@ async def run_rows(
         lims.append(quota.limit)
         pers.append(quota.period_ns)
         caps.append(quota.capacity)
-        costs.append(min(hit.cost, quota.capacity + 1))
+        costs.append(_clamped_cost(hit))
         counts.append(len(requests))
     await cur.execute(statements.hit_many, [now, *cols], prepare=True)
-    rows = await cur.fetchall()
-    for key, endpoint, policy, tat, admitted, db_now in rows:
+    for key, endpoint, policy, tat, admitted, db_now in await cur.fetchall():
         requests = groups[(key, endpoint, policy)]
         hit = requests[0].hits[0]
-        quota = hit.quota
-        interval = quota.emission_interval_ns
-        cost = min(hit.cost, quota.capacity + 1)
-        step = cost * interval
-        tau = quota.tolerance_ns
-        tat0 = tat - admitted * step if admitted else max(tat, db_now)
-        for k, request in enumerate(requests, start=1):
-            if k <= admitted:
-                new_tat = tat0 + k * step
-                request.result = [
-                    make_decision(
-                        True, quota, (db_now + tau - new_tat) // interval, new_tat - db_now, 0
-                    )
-                ]
-                continue
-            end = tat0 + admitted * step
-            retry = None if cost > quota.capacity else end + step - tau - db_now
-            request.result = [
-                make_decision(False, quota, (db_now + tau - end) // interval, end - db_now, retry)
-            ]
+        decisions = gcra_decisions(
+            hit.quota, _clamped_cost(hit), len(requests), tat, admitted, db_now
+        )
+        for request, decision in zip(requests, decisions, strict=True):
+            request.result = [decision]
 
 
-async def run_batch(
+async def _run_decide(
     cur: psycopg.AsyncCursor[Any],
     statements: Statements,
     algorithm: str,
     batch: list[Request],
 ) -> None:
-    """Any batch (several quotas per request, any algorithm): ``decide()``."""
+    """Any batch (several quotas per request, any algorithm): ``decide()``, which returns
+    every figure of every decision."""
     cols: list[list[Any]] = [[] for _ in range(10)]
-    (
-        now_col,
-        req_col,
-        key_col,
-        ep_col,
-        pol_col,
-        tier_col,
-        lim_col,
-        per_col,
-        cap_col,
-        cost_col,
-    ) = cols
+    now_col, req_col, key_col, ep_col, pol_col, tier_col, lim_col, per_col, cap_col, cost_col = cols
     for index, request in enumerate(batch):
         for hit in request.hits:
             quota = hit.quota
@@ -356,12 +349,12 @@ async def run_batch(
             cap_col.append(quota.capacity)
             cost_col.append(min(hit.cost, cap + 1))
     await cur.execute(statements.decide, [algorithm, *cols], prepare=True)
-    rows = await cur.fetchall()
-    position = 0
+    rows = iter(await cur.fetchall())
     for request in batch:
-        out = []
-        for hit in request.hits:
-            ok, remaining, reset_ns, retry_ns, _now = rows[position]
-            position += 1
-            out.append(make_decision(ok, hit.quota, remaining, reset_ns, retry_ns))
-        request.result = out
+        request.result = [
+            make_decision(ok, hit.quota, remaining, reset_ns, retry_ns)
+            # (not strict: ``rows`` runs on into the next request's hits)
+            for hit, (ok, remaining, reset_ns, retry_ns, _now) in zip(
+                request.hits, rows, strict=False
+            )
+        ]

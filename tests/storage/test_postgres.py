@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from importlib import resources
+from importlib.resources.abc import Traversable
 
 import psycopg
 import pytest
@@ -24,9 +27,11 @@ from fineflow import (
     StorageClosedError,
     StorageError,
 )
+from fineflow._storage.postgres import sqlfiles
 from fineflow._storage.postgres.deadlines import DeadlinesSnapshot
-from fineflow._storage.postgres.migrations import LATEST_VERSION
+from fineflow._storage.postgres.migrations import LATEST_VERSION, MIGRATIONS
 from fineflow._storage.postgres.scheduler import SchedulerSnapshot
+from fineflow._storage.postgres.sqlfiles import FUNCTIONS
 
 pytestmark = pytest.mark.anyio
 
@@ -451,3 +456,44 @@ async def test_a_failed_decision_is_reported_in_one_line(pg_dsn: str, pg_schema:
     message = str(caught.value)
     assert "statement timeout" in message and "\n" not in message
     assert "CONTEXT" in str(caught.value.__cause__)
+
+
+def test_every_sql_file_is_package_data_and_in_use() -> None:
+    """The files migrations and grants run are all in the package, and every ``.sql`` file
+    of the package is one of them (none forgotten, none missing from the wheel's source)."""
+    root = resources.files("fineflow._storage.postgres").joinpath("sql")
+
+    def walk(folder: Traversable, prefix: str = "") -> Iterator[str]:
+        for item in folder.iterdir():
+            if item.is_dir():
+                yield from walk(item, f"{prefix}{item.name}/")
+            elif item.name.endswith(".sql"):
+                yield prefix + item.name
+
+    shipped = set(walk(root))
+    used = {name for m in MIGRATIONS for name in m.files} | {"versions.sql", "grant_runtime.sql"}
+    assert shipped == used
+    assert {f"functions/{name}.sql" for name in FUNCTIONS} <= used
+    for name in shipped:  # written out in full: no Python-side macros left to fill
+        placeholders = set(re.findall(r"\{(\w*)\}", sqlfiles.text(name)))
+        assert placeholders <= {"schema", "role", "unlogged"}, (name, placeholders)
+
+
+async def test_the_functions_the_database_runs_are_the_files_text(storage: PostgresStorage) -> None:
+    """A fresh schema's function bodies are, character for character, the bodies in the
+    ``sql/functions/`` files (with the schema's name filled in)."""
+    async with storage.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT p.proname, p.prosrc FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s",
+            (storage.schema,),
+        )
+        bodies = dict(await cur.fetchall())
+        assert set(bodies) == set(FUNCTIONS)
+        for name in FUNCTIONS:
+            composed = sqlfiles.compose(
+                f"functions/{name}.sql", schema=sql.Identifier(storage.schema)
+            )
+            text = composed.as_string(conn)
+            _, body, _ = text.split("$fn$")
+            assert bodies[name] == body, name

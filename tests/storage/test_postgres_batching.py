@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 import fineflow._storage.postgres.scheduler
-from fineflow import BucketState, Hit, PostgresStorage, Quota
+from fineflow import BucketState, ConfigurationError, Hit, PostgresStorage, Quota
 from fineflow._ratelimit.algorithms import NS, step_all
 from fineflow._storage.postgres.deadlines import DeadlinesSnapshot
 from fineflow._storage.postgres.scheduler import SchedulerSnapshot
@@ -209,3 +209,28 @@ async def test_the_pool_starts_with_one_connection(pg_dsn: str, pg_schema: str) 
     async with PostgresStorage(pg_dsn, schema=pg_schema) as pg:
         await pg.pool.wait()
         assert pg.pool.get_stats()["pool_size"] == 1
+
+
+@pytest.mark.parametrize("fast_paths", [(), ("hit",), ("hit_many",), ("hit_keys", "hit_many")])
+async def test_fast_paths_change_the_statements_not_the_decisions(
+    pg_dsn: str, pg_schema: str, fast_paths: tuple[str, ...]
+) -> None:
+    """Whatever statements are allowed, a burst on one key admits exactly its quota and a
+    lone request gets the same answer; ``decide()`` takes what they do not."""
+    async with PostgresStorage(pg_dsn, schema=pg_schema, fast_paths=fast_paths) as pg:
+        await pg.migrate()
+        assert pg.fast_paths == frozenset(fast_paths)
+        hits = [Hit("k", Quota(5, 3600.0), 1, "paths")]
+        out = await asyncio.gather(*(pg.decide("gcra", hits) for _ in range(12)))
+        assert sorted(d[0].remaining for d in out if d[0].allowed) == [0, 1, 2, 3, 4]
+        batches = pg.batches
+        (lone,) = await pg.decide("gcra", [Hit("lone", Quota(5, 3600.0), 1, "paths")])
+        assert (lone.allowed, lone.remaining) == (True, 4)
+        # hit() is the one statement not counted as a batch
+        assert pg.batches == batches + ("hit" not in fast_paths)
+
+
+def test_unknown_fast_paths_are_a_configuration_error() -> None:
+    for bad in ("hit", ["hit", "hit_fast"]):
+        with pytest.raises(ConfigurationError, match="fast_paths"):
+            PostgresStorage("", fast_paths=bad)

@@ -9,26 +9,23 @@ queries of :mod:`.admin`.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 from collections.abc import Collection, Sequence
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ..._errors import ConfigurationError, StorageClosedError, StorageError
+from ..._errors import StorageClosedError, StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate_algorithm
 from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
 from . import migrations
 from .admin import Admin
 from .errors import brief, driver_errors
+from .options import check_identifier, check_sizes, check_source, check_timeout
 from .scheduler import Scheduler
 from .statements import FAST_PATHS, Decider, Request
 
 __all__ = ["PostgresStorage"]
-
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 class PostgresStorage:
@@ -90,11 +87,11 @@ class PostgresStorage:
         statement_timeout: float = 5.0,
         fast_paths: Collection[str] = FAST_PATHS,
     ) -> None:
-        dsn = _check_source(dsn, pool)
-        _check_identifier("schema", schema)
+        dsn = check_source(dsn, pool)
+        check_identifier("schema", schema)
         min_size = 1 if min_size is None else min_size
-        _check_sizes(min_size=min_size, max_size=max_size)
-        _check_sizes(max_in_flight=max_in_flight, max_batch=max_batch)
+        check_sizes(min_size=min_size, max_size=max_size)
+        check_sizes(max_in_flight=max_in_flight, max_batch=max_batch)
         self.dsn = dsn
         self.schema = schema
         self.unlogged = unlogged
@@ -130,7 +127,7 @@ class PostgresStorage:
 
     @max_in_flight.setter
     def max_in_flight(self, value: int) -> None:
-        _check_sizes(max_in_flight=value)
+        check_sizes(max_in_flight=value)
         self._scheduler.max_in_flight = value
 
     @property
@@ -281,7 +278,7 @@ class PostgresStorage:
             StorageError: if the database refuses (e.g. not privileged), or the schema
                 was not migrated yet.
         """
-        _check_identifier("role", role)
+        check_identifier("role", role)
         with driver_errors(f"granting runtime access to {role!r} (after migrate()?)"):
             async with self.pool.connection() as conn:
                 await migrations.grant_runtime(conn, self.schema, role, create=create)
@@ -309,7 +306,7 @@ class PostgresStorage:
         check_hits(hits)
         # Checked before the request is queued: a bad timeout found later would raise
         # after the request was sent, and charged.
-        timeout = _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         if not hits:
             return []
         if all(h.cost == 0 for h in hits):
@@ -373,64 +370,3 @@ class PostgresStorage:
     async def stats(self) -> list[StatsRow]:
         """Allowed and denied counts grouped by endpoint and tier (the ``stats`` view)."""
         return await self._admin.stats(self.pool)
-
-
-def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is None or (timeout.__class__ is float and timeout > 0):
-        return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        # (not > 0 refuses NaN too: it would upset the timers)
-        raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
-    return float(timeout)
-
-
-def _check_identifier(what: str, name: object) -> None:
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
-        raise ConfigurationError(
-            f"{what} must be a plain SQL identifier (letters, digits, _; at most 63), got {name!r}"
-        )
-
-
-def _check_sizes(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-    if sizes.get("min_size", 0) > sizes.get("max_size", 1 << 30):
-        raise ConfigurationError("min_size must not exceed max_size")
-
-
-_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
-_DSN_EXAMPLE = '; e.g. "host=db port=5432 dbname=app user=app" or "postgresql://app@db:5432/app"'
-
-
-def _check_source(dsn: str | None, pool: AsyncConnectionPool[Any] | None) -> str | None:
-    """The DSN to use (``FINEFLOW_DSN`` when neither is given), checked."""
-    if dsn is not None and pool is not None:
-        raise ConfigurationError("give PostgresStorage a dsn or a pool, not both")
-    if dsn is not None and not isinstance(dsn, str):
-        raise ConfigurationError(f"dsn must be a string, got {type(dsn).__name__}")
-    if dsn is None and pool is None:
-        dsn = os.environ.get("FINEFLOW_DSN", "")
-    if dsn is not None:
-        _check_dsn(dsn)
-    return dsn
-
-
-def _check_dsn(dsn: str) -> None:
-    """Reject at construction a DSN that no connection attempt could ever use."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:
-        reason = str(exc).strip()
-        raise ConfigurationError(f"invalid PostgreSQL DSN: {reason}{_DSN_EXAMPLE}") from None
-    for port in str(params.get("port") or "").split(","):
-        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
-            raise ConfigurationError(
-                f"invalid PostgreSQL DSN: port {port!r} is not 1..65535{_DSN_EXAMPLE}"
-            )
-    sslmode = params.get("sslmode")
-    if sslmode is not None and sslmode not in _SSLMODES:
-        raise ConfigurationError(
-            f"invalid PostgreSQL DSN: sslmode {sslmode!r} is not one of "
-            f"{', '.join(sorted(_SSLMODES))}"
-        )

@@ -16,9 +16,9 @@ __all__ = ["check_identifier", "check_sizes", "check_source", "check_timeout"]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
-def check_timeout(timeout: float | None) -> float | None:
-    """``timeout`` as float seconds > 0, or ``None``; ``ValueError`` otherwise."""
-    if timeout is None or (timeout.__class__ is float and timeout > 0):
+def check_timeout(timeout: float) -> float:
+    """``timeout`` as float seconds > 0; ``ValueError`` otherwise."""
+    if timeout.__class__ is float and timeout > 0:
         return timeout
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         # (not > 0 refuses NaN too: it would upset the timers)

@@ -100,22 +100,18 @@ class Scheduler:
         self._connecting = 0  # tasks holding a batch while they wait for a pool connection
         self._deadlines = Deadlines()
 
-    async def submit(
+    def submit(
         self,
         request: Request,
-        timeout: float | None,  # noqa: ASYNC109 - a deadline queue, cheaper than a cancel scope
+        timeout: float | None,
     ) -> None:
-        """Queue ``request`` and wait until its ``result`` is set.
-
-        Raises:
-            TimeoutError: no answer within ``timeout`` seconds.
-            StorageError: its statement failed.
-        """
+        """Queue ``request``; its future is settled when its ``result`` is set, when its
+        statement fails (``StorageError``), or ``timeout`` seconds from now if neither
+        happened by then (``TimeoutError``)."""
         self._pending.append(request)
         self._dispatch()
         if timeout is not None:
             self._deadlines.add(request.future, timeout)
-        await request.future
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a wait, not a budget
         """Let the statements in flight finish for up to ``timeout`` seconds, then cancel

@@ -177,10 +177,20 @@ def gcra_decisions(
     step = cost * interval
     tau = quota.tolerance_ns
     start = tat - admitted * step if admitted else max(tat, now)
-    out = []
-    for k in range(1, admitted + 1):
-        new_tat = start + k * step
-        out.append(make_decision(True, quota, (now + tau - new_tat) // interval, new_tat - now, 0))
+    limit, policy, period = quota.limit, quota.policy, quota.period
+    out = [
+        # (admitted: remaining and reset are >= 0 by construction, as in gcra_step())
+        Decision(
+            True,
+            limit,
+            (now + tau - new_tat) // interval,
+            (new_tat - now) / NS,
+            0.0,
+            policy,
+            period,
+        )
+        for new_tat in range(start + step, start + admitted * step + 1, step)
+    ]
     if admitted < requests:
         end = start + admitted * step
         retry = None if cost > quota.capacity else end + step - tau - now

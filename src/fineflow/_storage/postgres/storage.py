@@ -304,12 +304,16 @@ class PostgresStorage:
         if algorithm not in ALGORITHMS:
             validate_algorithm(algorithm)
         check_hits(hits)
-        # Checked before the request is queued: a bad timeout found later would raise
-        # after the request was sent, and charged.
-        timeout = check_timeout(timeout)
-        if not hits:
+        if timeout is not None:
+            # Checked before the request is queued: a bad timeout found later would raise
+            # after the request was sent, and charged.
+            timeout = check_timeout(timeout)
+        if len(hits) == 1:
+            if hits[0].cost == 0:
+                return await self._peek_within(algorithm, hits, now, timeout)
+        elif not hits:
             return []
-        if all(h.cost == 0 for h in hits):
+        elif all(h.cost == 0 for h in hits):
             return await self._peek_within(algorithm, hits, now, timeout)
         if self._closed or not self._opened:
             raise StorageClosedError(
@@ -317,7 +321,10 @@ class PostgresStorage:
             )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         request = Request(hits, now, algorithm, future)
-        await self._scheduler.submit(request, timeout)
+        # A caller's time budget ends only this wait: the statement runs on in a task the
+        # scheduler owns, so a timeout never breaks a connection mid-query.
+        self._scheduler.submit(request, timeout)
+        await future
         return request.result
 
     async def _peek_within(

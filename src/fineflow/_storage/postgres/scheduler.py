@@ -100,11 +100,7 @@ class Scheduler:
         self._connecting = 0  # tasks holding a batch while they wait for a pool connection
         self._deadlines = Deadlines()
 
-    def submit(
-        self,
-        request: Request,
-        timeout: float | None,
-    ) -> None:
+    def submit(self, request: Request, timeout: float | None) -> None:
         """Queue ``request``; its future is settled when its ``result`` is set, when its
         statement fails (``StorageError``), or ``timeout`` seconds from now if neither
         happened by then (``TimeoutError``)."""

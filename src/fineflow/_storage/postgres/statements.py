@@ -142,10 +142,10 @@ def text_array(items: Sequence[str]) -> str:
     ``\\`` are special; storage keys never hold NUL."""
     if not items:
         return "{}"
-    body = '","'.join(items)
-    if '"' in body or "\\" in body:
-        body = '","'.join(i.replace("\\", "\\\\").replace('"', '\\"') for i in items)
-    return '{"' + body + '"}'
+    plain = "".join(items)  # (the joined body holds the separators' quotes)
+    if '"' in plain or "\\" in plain:
+        items = [i.replace("\\", "\\\\").replace('"', '\\"') for i in items]
+    return '{"' + '","'.join(items) + '"}'
 
 
 def make_decision(
@@ -174,29 +174,37 @@ def gcra_decisions(
     applied :func:`~fineflow._ratelimit.algorithms.gcra_step` to the TAT the ones before it
     left; ``cost`` is at most ``capacity + 1`` (more never fits either)."""
     interval = quota.emission_interval_ns
-    step = cost * interval
     tau = quota.tolerance_ns
+    if admitted == requests == 1:  # the usual case: one request on the row, admitted
+        return [_admitted(quota, tau, interval, tat, now)]
+    step = cost * interval
     start = tat - admitted * step if admitted else max(tat, now)
-    limit, policy, period = quota.limit, quota.policy, quota.period
-    out = [
-        # (admitted: remaining and reset are >= 0 by construction, as in gcra_step())
-        Decision(
-            True,
-            limit,
-            (now + tau - new_tat) // interval,
-            (new_tat - now) / NS,
-            0.0,
-            policy,
-            period,
-        )
-        for new_tat in range(start + step, start + admitted * step + 1, step)
-    ]
+    out = [_admitted(quota, tau, interval, start + k * step, now) for k in range(1, admitted + 1)]
     if admitted < requests:
         end = start + admitted * step
         retry = None if cost > quota.capacity else end + step - tau - now
         denied = make_decision(False, quota, (now + tau - end) // interval, end - now, retry)
         out.extend([denied] * (requests - admitted))
     return out
+
+
+def _admitted(quota: Quota, tau: int, interval: int, new_tat: int, now: int) -> Decision:
+    # remaining and reset are >= 0 by construction, as in gcra_step(); _make skips the
+    # NamedTuple's Python-level __new__ (this runs once per admitted request)
+    remaining = (now + tau - new_tat) // interval
+    reset = (new_tat - now) / NS
+    return Decision._make(
+        (True, quota.limit, remaining, reset, 0.0, quota.policy, quota.period, None)
+    )
+
+
+def _hand_out(requests: list[Request], decisions: list[Decision]) -> None:
+    """Each request of one row gets its decision, in arrival order."""
+    if len(requests) == 1:
+        requests[0].result = decisions  # (the list of its one decision)
+        return
+    for request, decision in zip(requests, decisions, strict=True):
+        request.result = [decision]
 
 
 def _clamped_cost(hit: Hit) -> int:
@@ -245,7 +253,12 @@ def by_key(batch: list[Request]) -> dict[str, list[Request]] | None:
             or (hit.quota is not quota and hit.quota != quota)
         ):
             return None
-        groups.setdefault(storage_key(hit.key), []).append(request)
+        key = storage_key(hit.key)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [request]
+        else:
+            group.append(request)
     return groups
 
 
@@ -277,9 +290,7 @@ async def _run_keys(
     await cur.execute(statements.hit_keys, params, prepare=True, binary=True)
     for key, tat, admitted, now in await cur.fetchall():
         requests = groups[key]
-        decisions = gcra_decisions(quota, cost, len(requests), tat, admitted, now)
-        for request, decision in zip(requests, decisions, strict=True):
-            request.result = [decision]
+        _hand_out(requests, gcra_decisions(quota, cost, len(requests), tat, admitted, now))
 
 
 def by_row(batch: list[Request]) -> dict[tuple[str, str, str], list[Request]] | None:
@@ -327,11 +338,8 @@ async def _run_rows(
     for key, endpoint, policy, tat, admitted, db_now in await cur.fetchall():
         requests = groups[(key, endpoint, policy)]
         hit = requests[0].hits[0]
-        decisions = gcra_decisions(
-            hit.quota, _clamped_cost(hit), len(requests), tat, admitted, db_now
-        )
-        for request, decision in zip(requests, decisions, strict=True):
-            request.result = [decision]
+        cost = _clamped_cost(hit)
+        _hand_out(requests, gcra_decisions(hit.quota, cost, len(requests), tat, admitted, db_now))
 
 
 async def _run_decide(

@@ -7,16 +7,16 @@
 -- branches. EXCLUDED.count carries n (``count`` is otherwise unused by GCRA rows),
 -- ``prev`` records m, which RETURNING hands back with the row's TAT.
 --
--- Terms of the update (written out where used: ON CONFLICT DO UPDATE has no variables):
---   now = greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END)
---         the statement's clock, but no earlier than the row's last decision: two
+-- The new values come from one sub-select over the old row ``b`` (ON CONFLICT DO UPDATE has
+-- no variables; the row is still read only through the alias, atomic with the update):
+--   now = the statement's clock, but no earlier than the row's last decision: two
 --         statements in flight each read the clock when they start, and the one that
 --         started first may reach a row second (it was planning, or waiting for another
 --         row). The row's time is any instant while the statement holds the row, so the
 --         later of the two is exact. An explicit p_now is taken as given.
---   tat = greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END, now)
---   one request (p_n NULL):  admitted iff tat <= now + tol - step
---   n requests:              m = least(n, greatest(0, (now + tol - tat) / step))
+--   tat = the row's TAT, or now if it is older or of another algorithm
+--   one request (p_n NULL): admitted iff tat <= now + tol - step
+--   n requests:             m = least(n, greatest(0, (now + tol - tat) / step)) admitted
 CREATE OR REPLACE FUNCTION {schema}.hit_keys(
     p_now bigint, p_key text[], p_n bigint[], p_endpoint text, p_policy text, p_tier text,
     p_lim bigint, p_period bigint, p_cap bigint, p_cost bigint
@@ -48,40 +48,21 @@ IF p_n IS NULL THEN
                 FROM unnest(p_key) WITH ORDINALITY AS v(k, i)) u) g
     ORDER BY g.k
     ON CONFLICT (key, endpoint, policy) DO UPDATE SET
-        t = CASE
-            WHEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END)
-                 <= greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol - step
-            THEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END) + step
-            ELSE b.t END,
-        expires = CASE
-            WHEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END)
-                 <= greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol - step
-            THEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END) + step
-            ELSE b.expires END,
-        prev = CASE
-            WHEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END)
-                 <= greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol - step
-            THEN 1 ELSE 0 END,
-        allowed = b.allowed + CASE
-            WHEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END)
-                 <= greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol - step
-            THEN p_cost ELSE 0 END,
-        denied = b.denied + CASE
-            WHEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END)
-                 <= greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol - step
-            THEN 0 ELSE p_cost END,
-        last_ok = greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                           clock, CASE WHEN p_now IS NULL THEN b.seen END)
-                  <= greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol - step,
-        algorithm = 'gcra', tier = p_tier, lim = p_lim, period = p_period, cap = p_cap,
-        seen = greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END)
+        (t, expires, prev, allowed, denied, last_ok, seen) = (
+            SELECT CASE WHEN d.ok THEN d.tat + step ELSE b.t END,
+                   CASE WHEN d.ok THEN d.tat + step ELSE b.expires END,
+                   CASE WHEN d.ok THEN 1 ELSE 0 END,
+                   b.allowed + CASE WHEN d.ok THEN p_cost ELSE 0 END,
+                   b.denied + CASE WHEN d.ok THEN 0 ELSE p_cost END,
+                   d.ok,
+                   d.now
+            FROM (SELECT r.tat <= r.now + tol - step AS ok, r.tat, r.now
+                  FROM (SELECT c.now,
+                               greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END, c.now) AS tat
+                        FROM (SELECT greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END)
+                                     AS now) c) r) d
+        ),
+        algorithm = 'gcra', tier = p_tier, lim = p_lim, period = p_period, cap = p_cap
     RETURNING b.key, b.t, b.prev, b.seen;
 ELSE
     RETURN QUERY
@@ -98,57 +79,22 @@ ELSE
                 FROM unnest(p_key) WITH ORDINALITY AS v(k, i)) u) g
     ORDER BY g.k
     ON CONFLICT (key, endpoint, policy) DO UPDATE SET
-        t = CASE
-            WHEN least(EXCLUDED.count,
-                       greatest(0, (greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol
-                                    - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                               clock, CASE WHEN p_now IS NULL THEN b.seen END))
-                                   / step)) > 0
-            THEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END)
-                 + least(EXCLUDED.count,
-                         greatest(0, (greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol
-                                      - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                                 clock, CASE WHEN p_now IS NULL THEN b.seen END))
-                                     / step)) * step
-            ELSE b.t END,
-        expires = CASE
-            WHEN least(EXCLUDED.count,
-                       greatest(0, (greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol
-                                    - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                               clock, CASE WHEN p_now IS NULL THEN b.seen END))
-                                   / step)) > 0
-            THEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                          clock, CASE WHEN p_now IS NULL THEN b.seen END)
-                 + least(EXCLUDED.count,
-                         greatest(0, (greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol
-                                      - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                                 clock, CASE WHEN p_now IS NULL THEN b.seen END))
-                                     / step)) * step
-            ELSE b.expires END,
-        prev = least(EXCLUDED.count,
-                     greatest(0, (greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol
-                                  - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                             clock, CASE WHEN p_now IS NULL THEN b.seen END))
-                                 / step)),
-        allowed = b.allowed + least(EXCLUDED.count,
-                                    greatest(0, (greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol
-                                                 - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                                            clock, CASE WHEN p_now IS NULL THEN b.seen END))
-                                                / step)) * p_cost,
-        denied = b.denied
-            + (EXCLUDED.count - least(EXCLUDED.count,
-                                      greatest(0, (greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol
-                                                   - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                                              clock, CASE WHEN p_now IS NULL THEN b.seen END))
-                                                  / step))) * p_cost,
-        last_ok = least(EXCLUDED.count,
-                        greatest(0, (greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END) + tol
-                                     - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                                clock, CASE WHEN p_now IS NULL THEN b.seen END))
-                                    / step)) = EXCLUDED.count,
-        algorithm = 'gcra', tier = p_tier, lim = p_lim, period = p_period, cap = p_cap,
-        seen = greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END)
+        (t, expires, prev, allowed, denied, last_ok, seen) = (
+            SELECT CASE WHEN d.m > 0 THEN d.tat + d.m * step ELSE b.t END,
+                   CASE WHEN d.m > 0 THEN d.tat + d.m * step ELSE b.expires END,
+                   d.m,
+                   b.allowed + d.m * p_cost,
+                   b.denied + (EXCLUDED.count - d.m) * p_cost,
+                   d.m = EXCLUDED.count,
+                   d.now
+            FROM (SELECT least(EXCLUDED.count, greatest(0, (r.now + tol - r.tat) / step)) AS m,
+                         r.tat, r.now
+                  FROM (SELECT c.now,
+                               greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END, c.now) AS tat
+                        FROM (SELECT greatest(clock, CASE WHEN p_now IS NULL THEN b.seen END)
+                                     AS now) c) r) d
+        ),
+        algorithm = 'gcra', tier = p_tier, lim = p_lim, period = p_period, cap = p_cap
     RETURNING b.key, b.t, b.prev, b.seen;
 END IF;
 END

@@ -6,13 +6,12 @@
 -- allowed + denied = n*c, seen = the clock. For GCRA rows ``count`` and ``prev`` are
 -- otherwise unused: ``prev`` records m, which RETURNING hands back with the row's TAT.
 --
--- Terms of the update (written out where used: ON CONFLICT DO UPDATE has no variables):
---   now = greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
---         (never earlier than the row's last decision; see hit.sql)
---   T   = EXCLUDED.period / EXCLUDED.lim
---   n   = (EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count
---   tat = greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END, now)
---   m   = least(n, greatest(0, (now + EXCLUDED.cap * T - tat) / (EXCLUDED.count * T)))
+-- The new values come from one sub-select over the old row ``b`` (ON CONFLICT DO UPDATE has
+-- no variables; the row is still read only through the alias, atomic with the update):
+--   now = the statement's clock (EXCLUDED.seen), no earlier than the row's last decision
+--         (see hit.sql); T = the emission interval; n = the requests on the row
+--   tat = the row's TAT, or now if it is older or of another algorithm
+--   m   = least(n, (now + tau - tat) / (c*T)), at least 0: the requests admitted
 CREATE OR REPLACE FUNCTION {schema}.hit_many(
     p_now bigint, p_key text[], p_endpoint text[], p_policy text[], p_tier text[],
     p_lim bigint[], p_period bigint[], p_cap bigint[], p_cost bigint[], p_n bigint[]
@@ -39,74 +38,28 @@ FROM (SELECT coalesce(p_now, (extract(epoch from clock_timestamp()) * 1000000000
            AS u(k, e, p, tier, l, pe, cp, c, n)) g
 ORDER BY g.k, g.e, g.p
 ON CONFLICT (key, endpoint, policy) DO UPDATE SET
-    t = CASE
-        WHEN least((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-                   greatest(0, (greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-                                + EXCLUDED.cap * (EXCLUDED.period / EXCLUDED.lim)
-                                - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                           EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END))
-                               / (EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim)))) > 0
-        THEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                      EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-             + least((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-                     greatest(0, (greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-                                  + EXCLUDED.cap * (EXCLUDED.period / EXCLUDED.lim)
-                                  - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                             EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END))
-                                 / (EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim))))
-               * EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim)
-        ELSE b.t END,
-    expires = CASE
-        WHEN least((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-                   greatest(0, (greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-                                + EXCLUDED.cap * (EXCLUDED.period / EXCLUDED.lim)
-                                - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                           EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END))
-                               / (EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim)))) > 0
-        THEN greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                      EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-             + least((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-                     greatest(0, (greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-                                  + EXCLUDED.cap * (EXCLUDED.period / EXCLUDED.lim)
-                                  - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                             EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END))
-                                 / (EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim))))
-               * EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim)
-        ELSE b.expires END,
+    (t, expires, prev, allowed, denied, last_ok, seen) = (
+        SELECT CASE WHEN d.m > 0 THEN d.tat + d.m * EXCLUDED.count * d.iv ELSE b.t END,
+               CASE WHEN d.m > 0 THEN d.tat + d.m * EXCLUDED.count * d.iv ELSE b.expires END,
+               d.m,
+               b.allowed + d.m * EXCLUDED.count,
+               b.denied + (d.n - d.m) * EXCLUDED.count,
+               d.m = d.n,
+               d.now
+        FROM (SELECT least(r.n, greatest(0, (r.now + EXCLUDED.cap * r.iv - r.tat)
+                                            / (EXCLUDED.count * r.iv))) AS m,
+                     r.n, r.iv, r.tat, r.now
+              FROM (SELECT c.now, c.iv, c.n,
+                           greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END, c.now) AS tat
+                    FROM (SELECT greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
+                                 AS now,
+                                 EXCLUDED.period / EXCLUDED.lim AS iv,
+                                 (EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count AS n
+                         ) c) r) d
+    ),
     algorithm = 'gcra',
     count = EXCLUDED.count,
-    prev = least((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-                 greatest(0, (greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-                              + EXCLUDED.cap * (EXCLUDED.period / EXCLUDED.lim)
-                              - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                         EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END))
-                             / (EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim)))),
-    allowed = b.allowed
-        + least((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-                greatest(0, (greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-                             + EXCLUDED.cap * (EXCLUDED.period / EXCLUDED.lim)
-                             - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                        EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END))
-                            / (EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim))))
-          * EXCLUDED.count,
-    denied = b.denied
-        + ((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count
-           - least((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-                 greatest(0, (greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-                              + EXCLUDED.cap * (EXCLUDED.period / EXCLUDED.lim)
-                              - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                         EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END))
-                             / (EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim)))))
-          * EXCLUDED.count,
-    last_ok = least((EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-                    greatest(0, (greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
-                                 + EXCLUDED.cap * (EXCLUDED.period / EXCLUDED.lim)
-                                 - greatest(CASE WHEN b.algorithm = 'gcra' THEN b.t END,
-                                            EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END))
-                                / (EXCLUDED.count * (EXCLUDED.period / EXCLUDED.lim))))
-              = (EXCLUDED.allowed + EXCLUDED.denied) / EXCLUDED.count,
-    tier = EXCLUDED.tier, lim = EXCLUDED.lim, period = EXCLUDED.period, cap = EXCLUDED.cap,
-    seen = greatest(EXCLUDED.seen, CASE WHEN p_now IS NULL THEN b.seen END)
+    tier = EXCLUDED.tier, lim = EXCLUDED.lim, period = EXCLUDED.period, cap = EXCLUDED.cap
 RETURNING b.key, b.endpoint, b.policy, b.t, b.prev, b.seen;
 END
 $fn$;

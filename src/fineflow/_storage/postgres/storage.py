@@ -113,7 +113,7 @@ class PostgresStorage:
         )
         self._admin = Admin(schema)
 
-    # -- options that stay adjustable after construction -----------------------------------
+    # -- options and counters --------------------------------------------------------------
 
     @property
     def coalesce(self) -> bool:

@@ -9,7 +9,7 @@ import psycopg
 
 from ..._errors import StorageError
 
-__all__ = ["brief", "driver_errors", "out_of_budget"]
+__all__ = ["brief", "driver_errors", "out_of_budget", "storage_error"]
 
 
 def brief(exc: psycopg.Error) -> str:
@@ -20,15 +20,19 @@ def brief(exc: psycopg.Error) -> str:
     return "; ".join(part for part in parts if part)
 
 
+def storage_error(action: str, exc: psycopg.Error) -> StorageError:
+    """The ``StorageError`` saying ``action`` failed because of ``exc`` (raise it ``from
+    exc``). ``PoolTimeout`` is a psycopg error too: no connection in time."""
+    return StorageError(f"{action} failed: {brief(exc)}")
+
+
 @contextlib.contextmanager
 def driver_errors(action: str) -> Iterator[None]:
-    """Raise a ``StorageError`` saying ``action`` failed for any psycopg error inside.
-
-    (``PoolTimeout`` is a psycopg error too: no connection in time.)"""
+    """Raise :func:`storage_error` for any psycopg error inside."""
     try:
         yield
     except psycopg.Error as exc:
-        raise StorageError(f"{action} failed: {brief(exc)}") from exc
+        raise storage_error(action, exc) from exc
 
 
 def out_of_budget() -> TimeoutError:

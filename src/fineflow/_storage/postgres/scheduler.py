@@ -33,7 +33,7 @@ import psycopg
 
 from ..._errors import StorageError
 from .deadlines import Deadlines, DeadlinesSnapshot
-from .errors import driver_errors
+from .errors import storage_error
 from .statements import Request
 
 __all__ = ["Scheduler", "SchedulerSnapshot"]
@@ -219,11 +219,12 @@ class Scheduler:
         self._connecting += 1
         waiting = True
         try:
-            with driver_errors("rate-limit decision"):
-                async with self._connect() as conn:
-                    self._connecting -= 1
-                    waiting = False
-                    yield conn
+            async with self._connect() as conn:
+                self._connecting -= 1
+                waiting = False
+                yield conn
+        except psycopg.Error as exc:
+            raise storage_error("rate-limit decision", exc) from exc
         finally:
             if waiting:
                 self._connecting -= 1
@@ -249,8 +250,10 @@ class Scheduler:
         # so an answer already given (on_storage_error) is never charged.
         live = [r for r in batch if not r.future.done()]
         if live:
-            with driver_errors("rate-limit decision"):
+            try:
                 used = await self._run(cur, algorithm, live)
+            except psycopg.Error as exc:
+                raise storage_error("rate-limit decision", exc) from exc
             if used != "hit":
                 self.batches += 1
                 self.batched_requests += len(live)

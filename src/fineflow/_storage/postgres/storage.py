@@ -20,7 +20,7 @@ from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate
 from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
 from . import migrations
 from .admin import Admin
-from .errors import brief, driver_errors
+from .errors import driver_errors, storage_error
 from .options import check_identifier, check_sizes, check_source, check_timeout
 from .scheduler import Scheduler
 from .statements import FAST_PATHS, Decider, Request
@@ -250,7 +250,7 @@ class PostgresStorage:
         except PoolTimeout as exc:
             raise StorageError(f"{action} failed: {await self._why_unreachable(exc)}") from exc
         except psycopg.Error as exc:
-            raise StorageError(f"{action} failed: {brief(exc)}") from exc
+            raise storage_error(action, exc) from exc
 
     async def _why_unreachable(self, exc: Exception) -> str:
         """The pool only says it timed out; one direct attempt says where and why."""

@@ -1,4 +1,5 @@
-"""The ``fineflow`` command: ``migrate``, ``status KEY``, ``cleanup``, ``stats``, ``demo``."""
+"""The ``fineflow`` command: ``migrate``, ``status KEY``, ``reset KEY``, ``cleanup``, ``stats``,
+``demo``, ``bench``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 
 from ._errors import FineflowError
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--schema", default="fineflow", help="schema name (default: fineflow)")
         cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        cmd.set_defaults(unlogged=False)
         return cmd
 
     migrate = storage_command("migrate", "create or upgrade fineflow's schema (idempotent)")
@@ -43,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     status = storage_command("status", "show the live rate-limit state of one key")
     status.add_argument("key", help="the key (user id, API key, client address)")
+    reset = storage_command("reset", "forget the rate-limit state of one key")
+    reset.add_argument("key", help="the key (user id, API key, client address)")
+    reset.add_argument("--endpoint", default=None, help="only this endpoint's state")
     cleanup = storage_command("cleanup", "delete expired rate-limit state in bounded batches")
     cleanup.add_argument("--batch-size", type=int, default=1000, help="rows per batch")
     storage_command("stats", "allowed and denied counts by endpoint and tier")
@@ -65,80 +70,92 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 async def _storage_command(args: argparse.Namespace) -> int:
     storage = PostgresStorage(
-        args.dsn,
-        schema=args.schema,
-        unlogged=getattr(args, "unlogged", False),
-        min_size=1,
-        max_size=1,
+        args.dsn, schema=args.schema, unlogged=args.unlogged, min_size=1, max_size=1
     )
     async with storage:
         await storage.pool.wait(timeout=storage.connect_timeout)
-        if args.command == "migrate":
-            await storage.migrate()
-            print(f"schema {args.schema!r} is up to date")
-            if args.runtime_role:
-                await storage.grant_runtime(args.runtime_role, create=True)
-                print(f"role {args.runtime_role!r} may decide through the functions only")
-        elif args.command == "status":
-            rows = await storage.status(args.key)
-            if args.json:
-                print(json.dumps([_status_dict(r) for r in rows], indent=2))
-            elif not rows:
-                print(f"no live state for key {args.key!r}")
-            else:
-                print(
-                    _table(
-                        [
-                            "endpoint",
-                            "policy",
-                            "tier",
-                            "algorithm",
-                            "remaining",
-                            "limit",
-                            "reset_after_s",
-                            "allowed",
-                            "denied",
-                        ],
-                        [
-                            [
-                                r.endpoint or "-",
-                                r.policy,
-                                r.tier or "-",
-                                r.algorithm,
-                                r.decision.remaining,
-                                r.decision.limit,
-                                f"{r.decision.reset_after:.3f}",
-                                r.allowed_total,
-                                r.denied_total,
-                            ]
-                            for r in rows
-                        ],
-                    )
-                )
-        elif args.command == "cleanup":
-            removed = await storage.cleanup(batch_size=args.batch_size)
-            print(json.dumps({"removed": removed}) if args.json else f"removed {removed} rows")
-        else:
-            stats = await storage.stats()
-            if args.json:
-                print(json.dumps([asdict(r) for r in stats], indent=2))
-            else:
-                print(
-                    _table(
-                        ["endpoint", "tier", "keys", "allowed", "denied"],
-                        [
-                            [r.endpoint or "-", r.tier or "-", r.keys, r.allowed, r.denied]
-                            for r in stats
-                        ],
-                    )
-                )
+        await _COMMANDS[args.command](storage, args)
     return 0
 
 
+async def _migrate(storage: PostgresStorage, args: argparse.Namespace) -> None:
+    await storage.migrate()
+    print(f"schema {args.schema!r} is up to date")
+    if args.runtime_role:
+        await storage.grant_runtime(args.runtime_role, create=True)
+        print(f"role {args.runtime_role!r} may decide through the functions only")
+
+
+_STATUS_COLUMNS = [
+    "endpoint",
+    "policy",
+    "tier",
+    "algorithm",
+    "remaining",
+    "limit",
+    "reset_after_s",
+    "allowed",
+    "denied",
+]
+
+
+async def _status(storage: PostgresStorage, args: argparse.Namespace) -> None:
+    rows = await storage.status(args.key)
+    if args.json:
+        print(json.dumps([_status_dict(r) for r in rows], indent=2))
+    elif not rows:
+        print(f"no live state for key {args.key!r}")
+    else:
+        print(_table(_STATUS_COLUMNS, [_status_row(r) for r in rows]))
+
+
+def _status_row(status: KeyStatus) -> list[object]:
+    decision = status.decision
+    return [
+        status.endpoint or "-",
+        status.policy,
+        status.tier or "-",
+        status.algorithm,
+        decision.remaining,
+        decision.limit,
+        f"{decision.reset_after:.3f}",
+        status.allowed_total,
+        status.denied_total,
+    ]
+
+
 def _status_dict(status: KeyStatus) -> dict[str, object]:
-    out: dict[str, object] = {name: getattr(status, name) for name in status.__dataclass_fields__}
+    out = asdict(status)
     out["decision"] = status.decision._asdict()
     return out
+
+
+async def _reset(storage: PostgresStorage, args: argparse.Namespace) -> None:
+    removed = await storage.reset(args.key, endpoint=args.endpoint)
+    print(json.dumps({"removed": removed}) if args.json else f"removed {removed} rows")
+
+
+async def _cleanup(storage: PostgresStorage, args: argparse.Namespace) -> None:
+    removed = await storage.cleanup(batch_size=args.batch_size)
+    print(json.dumps({"removed": removed}) if args.json else f"removed {removed} rows")
+
+
+async def _stats(storage: PostgresStorage, args: argparse.Namespace) -> None:
+    stats = await storage.stats()
+    if args.json:
+        print(json.dumps([asdict(r) for r in stats], indent=2))
+        return
+    rows = [[r.endpoint or "-", r.tier or "-", r.keys, r.allowed, r.denied] for r in stats]
+    print(_table(["endpoint", "tier", "keys", "allowed", "denied"], rows))
+
+
+_COMMANDS: dict[str, Callable[[PostgresStorage, argparse.Namespace], Awaitable[None]]] = {
+    "migrate": _migrate,
+    "status": _status,
+    "reset": _reset,
+    "cleanup": _cleanup,
+    "stats": _stats,
+}
 
 
 def _bench(args: list[str]) -> int:

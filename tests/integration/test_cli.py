@@ -62,5 +62,19 @@ def test_python_dash_m_fineflow_runs() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "fineflow", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("migrate", "status", "cleanup", "stats", "demo"):
+    for command in ("migrate", "status", "reset", "cleanup", "stats", "demo"):
         assert command in out.stdout
+
+
+def test_reset_forgets_one_key(
+    pg_dsn: str, pg_schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--dsn", pg_dsn, "--schema", pg_schema]
+    assert main(["migrate", *base]) == 0
+    _seed(pg_dsn, pg_schema)
+    assert main(["reset", "alice", *base, "--endpoint", "/other", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"removed": 0}
+    assert main(["reset", "alice", *base]) == 0
+    assert "removed 1 rows" in capsys.readouterr().out
+    assert main(["status", "alice", *base]) == 0
+    assert "no live state" in capsys.readouterr().out

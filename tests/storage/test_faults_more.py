@@ -128,10 +128,10 @@ def check_outage_response(response: httpx.Response, policy: str) -> None:
 async def settle(storage: PostgresStorage) -> None:
     """Let the storage's statement tasks finish (yields to the loop; moves no time)."""
     for _ in range(1_000):
-        if not storage._tasks:
+        if not storage._scheduler.snapshot().tasks:
             return
         await asyncio.sleep(0)
-    raise AssertionError(f"statement tasks still running: {storage._tasks}")
+    raise AssertionError(f"statement tasks still running: {storage._scheduler.snapshot()}")
 
 
 async def pool_idle(storage: PostgresStorage) -> dict[str, int]:
@@ -244,10 +244,10 @@ async def test_a_listener_that_never_answers(
             assert 500 not in client.statuses
             # Statements still waiting for a connection are bounded by max_in_flight: callers
             # that gave up left no pile of tasks behind.
-            assert len(storage._tasks) <= storage.max_in_flight
+            assert storage._scheduler.snapshot().tasks <= storage.max_in_flight
             stats = storage.pool.get_stats()
             assert stats.get("pool_size", 0) <= 2
-        assert not storage._tasks
+        assert not storage._scheduler.snapshot().tasks
     assert len(asyncio.all_tasks()) == tasks_before
 
 
@@ -344,7 +344,7 @@ async def test_database_restarted_under_a_running_app(
         assert 1 <= stats_after.get("pool_size", 0) <= 3
         assert stats_before.get("requests_waiting", 0) == 0
         assert len(asyncio.all_tasks()) <= tasks_open
-    assert not storage._tasks
+    assert not storage._scheduler.snapshot().tasks
     assert len(asyncio.all_tasks()) == tasks_before
 
 
@@ -404,7 +404,7 @@ async def test_pool_exhausted_by_long_transactions(
         stats_after = await pool_idle(storage)
         assert stats_after["pool_size"] == stats_before["pool_size"] == 2
         assert stats_after.get("requests_waiting", 0) == 0
-    assert not storage._tasks
+    assert not storage._scheduler.snapshot().tasks
     assert len(asyncio.all_tasks()) == tasks_before
 
 

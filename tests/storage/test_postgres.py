@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from importlib import resources
+from importlib.resources.abc import Traversable
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-import fineflow._storage.postgres.storage
 from fineflow import (
     ConfigurationError,
     Hit,
@@ -25,9 +27,21 @@ from fineflow import (
     StorageClosedError,
     StorageError,
 )
-from fineflow._storage.postgres.sql import LATEST_VERSION
+from fineflow._storage.postgres import sqlfiles
+from fineflow._storage.postgres.deadlines import DeadlinesSnapshot
+from fineflow._storage.postgres.migrations import LATEST_VERSION, MIGRATIONS
+from fineflow._storage.postgres.scheduler import SchedulerSnapshot
+from fineflow._storage.postgres.sqlfiles import FUNCTIONS
 
 pytestmark = pytest.mark.anyio
+
+
+def idle(storage: PostgresStorage) -> bool:
+    """Whether the storage's scheduler holds nothing: no statement, task or deadline."""
+    return storage._scheduler.snapshot() == SchedulerSnapshot(0, 0, 0, 0, NO_DEADLINES)
+
+
+NO_DEADLINES = DeadlinesSnapshot(0, 0, 0)
 
 
 @pytest.fixture
@@ -106,35 +120,19 @@ async def test_concurrent_migrations_are_safe(pg_dsn: str, pg_schema: str) -> No
 
 
 async def test_older_code_accepts_a_schema_with_additive_migrations_only(
-    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+    storage: PostgresStorage,
 ) -> None:
-    """A rolling deploy or a rollback: an instance that knows only v1 runs on a v2 schema."""
-    monkeypatch.setattr(fineflow._storage.postgres.storage, "LATEST_VERSION", 1)
+    """A rolling deploy or a rollback: code that knows fewer versions than were applied runs
+    on the schema as long as its compatibility level is one it knows."""
+    schema = storage.schema
+    async with storage.pool.connection() as conn:
+        await conn.execute(
+            f"INSERT INTO {schema}.schema_migrations (version) VALUES ({LATEST_VERSION + 1})"
+        )
     await storage.migrate()  # does not raise, changes nothing
     hits = [Hit("old", Quota(2, 60.0), 1, "e")]
     results = await asyncio.gather(*(storage.decide("gcra", hits) for _ in range(3)))
     assert sorted(r[0].allowed for r in results) == [False, True, True]
-
-
-async def test_a_schema_from_before_schema_migrations_is_listed_and_levelled(
-    storage: PostgresStorage,
-) -> None:
-    """Code from before schema_migrations wrote every applied version to schema_version (a
-    build of v2 wrote 1 and 2): those become the list, and schema_version the level, so code
-    that knows only v1 accepts the schema again."""
-    schema = storage.schema
-    async with storage.pool.connection() as conn:
-        await conn.execute(f"DROP TABLE {schema}.schema_migrations")
-        await conn.execute(f"INSERT INTO {schema}.schema_version (version) VALUES (2)")
-    await storage.migrate()
-    async with storage.pool.connection() as conn:
-        cur = await conn.execute(f"SELECT version FROM {schema}.schema_version ORDER BY 1")
-        assert await cur.fetchall() == [(1,)]
-        cur = await conn.execute(f"SELECT version FROM {schema}.schema_migrations ORDER BY 1")
-        # 1 and 2 listed as applied, then the later migrations applied
-        assert await cur.fetchall() == [(v,) for v in range(1, LATEST_VERSION + 1)]
-    hits = [Hit("listed", Quota(1, 60.0), 1, "e")]
-    assert (await storage.decide("gcra", hits))[0].allowed
 
 
 async def test_refuses_a_newer_schema(storage: PostgresStorage) -> None:
@@ -239,9 +237,10 @@ async def test_a_statement_task_cancelled_before_it_ran_does_not_jam_the_storage
     """Say a shutdown hook cancels every task: the storage's own statement task may be
     cancelled before its first step. Its slot is given back and the request still goes out."""
     hits = [Hit("jam", Quota(10, 60.0), 1, "e")]
+    before = asyncio.all_tasks()
     caller = asyncio.create_task(storage.decide("gcra", hits))
     await asyncio.sleep(0)  # the caller queued its request and started a statement task
-    owned = list(storage._tasks)
+    owned = asyncio.all_tasks() - before - {caller}
     assert owned
     for task in owned:
         task.cancel()
@@ -251,7 +250,7 @@ async def test_a_statement_task_cancelled_before_it_ran_does_not_jam_the_storage
         asyncio.gather(*(storage.decide("gcra", hits) for _ in range(5))), 10
     )
     assert sorted(d[0].remaining for d in later) == [4, 5, 6, 7, 8]
-    assert (storage._in_flight, storage._starting) == (0, 0)
+    assert idle(storage)
 
 
 async def test_a_request_past_its_timeout_while_waiting_for_a_connection_is_not_charged(
@@ -281,7 +280,7 @@ async def test_answers_within_the_timeout_leave_no_timer_behind(storage: Postgre
     assert all(d.allowed and d.reason is None for d in results)
     assert limiter.metrics().storage_timeouts == 0
     await asyncio.sleep(0.3)  # past every deadline: the queue's timer drained it and stopped
-    assert (storage._timers, storage._deadlines) == ({}, {})
+    assert storage._scheduler.snapshot().deadlines == NO_DEADLINES
     # A peek (charges nothing) takes the same budget.
     (peek,) = await storage.decide("gcra", [Hit("t0", quota, 0)], timeout=0.2)
     assert peek.remaining == 990
@@ -340,16 +339,16 @@ async def test_deadline_queues_hold_neither_answered_requests_nor_spent_timeouts
     for i in range(200):  # a caller passing its remaining budget: a new timeout each time
         await storage.decide("gcra", [Hit(f"k{i % 10}", quota)], timeout=0.3 - i / 10_000)
     await asyncio.sleep(0.35)
-    assert (storage._deadlines, storage._timers) == ({}, {})
+    assert storage._scheduler.snapshot().deadlines == NO_DEADLINES
     limiter = RateLimiter(storage, timeout=math.inf)  # accepted: never due, never queued
     for i in range(100):
         assert (await limiter.hit(f"k{i % 10}", quota)).allowed
-    held = sum(len(queue) for queue in storage._deadlines.values())
+    held = storage._scheduler.snapshot().deadlines.waiting
     assert held == 0
     budget = RateLimiter(storage, timeout=60.0)
     for i in range(100):
         assert (await budget.hit(f"k{i % 10}", quota)).allowed
-    held = sum(len(queue) for queue in storage._deadlines.values())
+    held = storage._scheduler.snapshot().deadlines.waiting
     assert held <= 1  # answered requests leave the queue as the next one arrives
 
 
@@ -378,7 +377,7 @@ async def test_bad_timeouts_are_refused_before_anything_is_charged(
             await storage.decide("gcra", [Hit("k", quota)], timeout=bad)  # type: ignore[arg-type]
     (peek,) = await storage.decide("gcra", [Hit("k", quota, 0)])
     assert peek.remaining == 10
-    assert (storage._deadlines, storage._timers) == ({}, {})
+    assert storage._scheduler.snapshot().deadlines == NO_DEADLINES
     (ok,) = await storage.decide("gcra", [Hit("k", quota)], timeout=1)  # an int is seconds
     assert ok.remaining == 9
 
@@ -457,3 +456,44 @@ async def test_a_failed_decision_is_reported_in_one_line(pg_dsn: str, pg_schema:
     message = str(caught.value)
     assert "statement timeout" in message and "\n" not in message
     assert "CONTEXT" in str(caught.value.__cause__)
+
+
+def test_every_sql_file_is_package_data_and_in_use() -> None:
+    """The files migrations and grants run are all in the package, and every ``.sql`` file
+    of the package is one of them (none forgotten, none missing from the wheel's source)."""
+    root = resources.files("fineflow._storage.postgres").joinpath("sql")
+
+    def walk(folder: Traversable, prefix: str = "") -> Iterator[str]:
+        for item in folder.iterdir():
+            if item.is_dir():
+                yield from walk(item, f"{prefix}{item.name}/")
+            elif item.name.endswith(".sql"):
+                yield prefix + item.name
+
+    shipped = set(walk(root))
+    used = {name for m in MIGRATIONS for name in m.files} | {"versions.sql", "grant_runtime.sql"}
+    assert shipped == used
+    assert {f"functions/{name}.sql" for name in FUNCTIONS} <= used
+    for name in shipped:  # written out in full: no Python-side macros left to fill
+        placeholders = set(re.findall(r"\{(\w*)\}", sqlfiles.text(name)))
+        assert placeholders <= {"schema", "role", "unlogged"}, (name, placeholders)
+
+
+async def test_the_functions_the_database_runs_are_the_files_text(storage: PostgresStorage) -> None:
+    """A fresh schema's function bodies are, character for character, the bodies in the
+    ``sql/functions/`` files (with the schema's name filled in)."""
+    async with storage.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT p.proname, p.prosrc FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s",
+            (storage.schema,),
+        )
+        bodies = dict(await cur.fetchall())
+        assert set(bodies) == set(FUNCTIONS)
+        for name in FUNCTIONS:
+            composed = sqlfiles.compose(
+                f"functions/{name}.sql", schema=sql.Identifier(storage.schema)
+            )
+            text = composed.as_string(conn)
+            _, body, _ = text.split("$fn$")
+            assert bodies[name] == body, name

@@ -13,11 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-import fineflow._storage.postgres.storage
-from fineflow import BucketState, Decision, Hit, PostgresStorage, Quota
+import fineflow._storage.postgres.scheduler
+from fineflow import BucketState, ConfigurationError, Hit, PostgresStorage, Quota
 from fineflow._ratelimit.algorithms import NS, step_all
-from fineflow._storage.postgres.batch import Request, Statements, text_array
-from fineflow._storage.postgres.sql import LATEST_VERSION
+from fineflow._storage.postgres.deadlines import DeadlinesSnapshot
+from fineflow._storage.postgres.scheduler import SchedulerSnapshot
+from fineflow._storage.postgres.statements import Statements, text_array
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +54,7 @@ async def test_a_statement_task_keeps_its_connection_for_the_next_batch(
     """Callers answered by a batch re-arrive and go out as the next batch on the same
     connection, with no pool round trip in between; after ``_HANDOFF_MAX`` batches in a
     row the connection goes back to the pool, and it always does once the load stops."""
-    monkeypatch.setattr(fineflow._storage.postgres.storage, "_HANDOFF_MAX", handoff_max)
+    monkeypatch.setattr(fineflow._storage.postgres.scheduler, "_HANDOFF_MAX", handoff_max)
     storage.max_in_flight = 1
     waves, callers = 5, 16
     before = storage.pool.get_stats().get("requests_num", 0)
@@ -69,7 +70,8 @@ async def test_a_statement_task_keeps_its_connection_for_the_next_batch(
     assert requests == -(-waves // handoff_max)
     for _ in range(10):
         await asyncio.sleep(0)
-    assert (storage._in_flight, storage._starting, storage._tasks) == (0, 0, set())
+    idle = SchedulerSnapshot(0, 0, 0, 0, DeadlinesSnapshot(0, 0, 0))
+    assert storage._scheduler.snapshot() == idle
     stats = storage.pool.get_stats()
     assert stats["pool_available"] == stats["pool_size"]
 
@@ -77,24 +79,15 @@ async def test_a_statement_task_keeps_its_connection_for_the_next_batch(
 async def test_a_lone_statement_shares_its_batch_with_a_second(storage: PostgresStorage) -> None:
     """With nothing else in flight, a batch goes out as two statements of half each, so the
     client handles one's results while the database runs the other."""
-    sizes: list[int] = []
-    run_live = storage._run_live
-
-    async def spy(cur: Any, algorithm: str, live: list[Request]) -> None:
-        sizes.append(len(live))
-        await run_live(cur, algorithm, live)
-
-    storage._run_live = spy  # type: ignore[method-assign]
     out = await asyncio.gather(
         *(storage.decide("gcra", [Hit(f"s{i}", QUOTA, 1, "split")]) for i in range(40))
     )
     assert all(d[0].allowed for d in out)
-    assert sizes == [20, 20]
-    sizes.clear()
+    assert (storage.batches, storage.batched_requests) == (2, 40)
     out = await asyncio.gather(
         *(storage.decide("gcra", [Hit("hot", Quota(7, 60.0), 1, "split")]) for _ in range(30))
     )
-    assert sizes == [15, 15]
+    assert (storage.batches, storage.batched_requests) == (4, 70)
     assert sum(d[0].allowed for d in out) == 7  # one row in two statements: still exact
 
 
@@ -139,7 +132,7 @@ async def test_batches_sharing_one_quota_match_the_model_in_arrival_order(
         *(storage.decide("gcra", [Hit(str(k), quota, cost, endpoint)], now=now) for k in keys)
     )
     assert [g[0] for g in got] == expected
-    assert storage._keys and storage.batches > batches
+    assert storage.batches > batches
 
 
 ODD_KEYS = ["", " ", " x ", "NULL", '"', "\\", '\\"', "{a,b}", ",", "é€😀", "\t\n", "$1", "k"]
@@ -157,7 +150,7 @@ async def test_keys_with_array_literal_syntax_reach_their_own_rows(
     for allowed, left in ((True, 1), (True, 0), (False, 0)):
         out = await asyncio.gather(*(storage.decide("gcra", h) for h in hits))
         assert [(d[0].allowed, d[0].remaining) for d in out] == [(allowed, left)] * len(ODD_KEYS)
-    assert storage._keys and storage.batches > batches
+    assert storage.batches > batches
     for key in ODD_KEYS:
         (status,) = await storage.status(key)
         assert (status.key, status.endpoint, status.decision.remaining) == (key, "odd", 0)
@@ -210,77 +203,34 @@ async def test_a_statement_that_reaches_a_row_late_decides_it_no_earlier_than_it
     assert rows["k"][3] >= rows["a"][3]
 
 
-async def test_a_v1_schema_decides_then_upgrades_to_v2(
-    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An instance of this version on a schema still at v1 falls back to hit_many(); after
-    migrate() the schema is at v2, state carries over, and a runtime role granted under v1
-    may call hit_keys()."""
-    role = f"ff_rt_{secrets.token_hex(4)}"
-    quota = Quota(5, 3600.0)
-
-    async def burst(pg: PostgresStorage, n: int) -> list[Decision]:
-        hits = [Hit("a", quota, 1, "up")]
-        return [d[0] for d in await asyncio.gather(*(pg.decide("gcra", hits) for _ in range(n)))]
-
-    try:
-        async with PostgresStorage(pg_dsn, schema=pg_schema) as old:
-            monkeypatch.setattr(fineflow._storage.postgres.storage, "LATEST_VERSION", 1)
-            await old.migrate()
-            monkeypatch.undo()
-            async with old.pool.connection() as conn:
-                # As fineflow versions that knew only v1 left it: no schema_migrations.
-                await conn.execute(
-                    sql.SQL("DROP TABLE {}.schema_migrations").format(sql.Identifier(pg_schema))
-                )
-                await conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
-                await conn.execute(
-                    sql.SQL(
-                        "GRANT USAGE ON SCHEMA {s} TO {r}; GRANT EXECUTE ON FUNCTION "
-                        "{s}.hit_many(bigint, text[], text[], text[], text[], bigint[], "
-                        "bigint[], bigint[], bigint[], bigint[]) TO {r}"
-                    ).format(s=sql.Identifier(pg_schema), r=sql.Identifier(role))
-                )
-            first = await burst(old, 3)
-            assert all(d.allowed for d in first)
-            assert not old._keys  # hit_keys() is missing: the batch went to hit_many()
-
-        async with PostgresStorage(pg_dsn, schema=pg_schema) as new:
-            await new.migrate()
-            async with new.pool.connection() as conn:
-                cur = await conn.execute(
-                    sql.SQL(
-                        "SELECT (SELECT array_agg(version ORDER BY version) "
-                        "        FROM {s}.schema_version), "
-                        "(SELECT array_agg(version ORDER BY version) FROM {s}.schema_migrations)"
-                    ).format(s=sql.Identifier(pg_schema))
-                )
-                # Every version listed as applied; the level stays 1, so v1 code still runs.
-                assert await cur.fetchone() == ([1], list(range(1, LATEST_VERSION + 1)))
-                cur = await conn.execute(
-                    "SELECT has_function_privilege(%s, %s, 'EXECUTE')",
-                    (
-                        role,
-                        f"{pg_schema}.hit_keys(bigint, text[], bigint[], text, text, text, "
-                        "bigint, bigint, bigint, bigint)",
-                    ),
-                )
-                assert await cur.fetchone() == (True,)
-            second = await burst(new, 4)
-            assert new._keys
-            assert sum(d.allowed for d in second) == 2  # 3 of 5 were taken under v1
-            assert sorted(d.remaining for d in second if d.allowed) == [0, 1]
-            (status,) = await new.status("a")
-            assert (status.allowed_total, status.denied_total) == (5, 2)
-    finally:
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
-
 async def test_the_pool_starts_with_one_connection(pg_dsn: str, pg_schema: str) -> None:
     """Idle connections are handed out in turn, and a lone request is slower on one of two
     alternating connections than on the same one each time: start with one."""
     async with PostgresStorage(pg_dsn, schema=pg_schema) as pg:
         await pg.pool.wait()
         assert pg.pool.get_stats()["pool_size"] == 1
+
+
+@pytest.mark.parametrize("fast_paths", [(), ("hit",), ("hit_many",), ("hit_keys", "hit_many")])
+async def test_fast_paths_change_the_statements_not_the_decisions(
+    pg_dsn: str, pg_schema: str, fast_paths: tuple[str, ...]
+) -> None:
+    """Whatever statements are allowed, a burst on one key admits exactly its quota and a
+    lone request gets the same answer; ``decide()`` takes what they do not."""
+    async with PostgresStorage(pg_dsn, schema=pg_schema, fast_paths=fast_paths) as pg:
+        await pg.migrate()
+        assert pg.fast_paths == frozenset(fast_paths)
+        hits = [Hit("k", Quota(5, 3600.0), 1, "paths")]
+        out = await asyncio.gather(*(pg.decide("gcra", hits) for _ in range(12)))
+        assert sorted(d[0].remaining for d in out if d[0].allowed) == [0, 1, 2, 3, 4]
+        batches = pg.batches
+        (lone,) = await pg.decide("gcra", [Hit("lone", Quota(5, 3600.0), 1, "paths")])
+        assert (lone.allowed, lone.remaining) == (True, 4)
+        # hit() is the one statement not counted as a batch
+        assert pg.batches == batches + ("hit" not in fast_paths)
+
+
+def test_unknown_fast_paths_are_a_configuration_error() -> None:
+    for bad in ("hit", ["hit", "hit_fast"]):
+        with pytest.raises(ConfigurationError, match="fast_paths"):
+            PostgresStorage("", fast_paths=bad)

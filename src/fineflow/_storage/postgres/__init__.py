@@ -1,1 +1,16 @@
-"""The PostgreSQL storage: facade, batching, SQL and migrations."""
+"""The PostgreSQL storage.
+
+Module map (a decision runs top to bottom)::
+
+    storage.py      PostgresStorage: options, open/close, the public methods (the facade)
+    options.py      the checks of its options (no I/O)
+    scheduler.py    coalescing: arrivals become batches, statement tasks, connection hand-off
+    deadlines.py    callers' time budgets: one timer per timeout, not per request
+    statements.py   which function decides a batch, its parameters, and its rows -> decisions
+    errors.py       psycopg errors -> StorageError, in one place
+    migrations.py   versioned migrations under an advisory lock; the runtime role's grants
+    admin.py        status, reset, cleanup, stats
+    sqlfiles.py     reads sql/ (package data) and fills in identifiers with psycopg.sql
+    sql/            schema.sql, functions/<name>.sql, revoke.sql, grant_runtime.sql,
+                    versions.sql: the text the database runs
+"""

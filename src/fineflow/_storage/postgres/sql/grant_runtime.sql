@@ -1,0 +1,16 @@
+-- The runtime role: may decide, peek and read one key's status; no table access.
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.hit(
+    text, text, text, text, bigint, bigint, bigint, bigint, bigint, bigint
+) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.hit_keys(
+    bigint, text[], bigint[], text, text, text, bigint, bigint, bigint, bigint
+) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.hit_many(
+    bigint, text[], text[], text[], text[], bigint[], bigint[], bigint[], bigint[], bigint[]
+) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.decide(
+    text, bigint[], int[], text[], text[], text[], text[], bigint[], bigint[], bigint[], bigint[]
+) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.peek(text[], text[], text[]) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.status(text, bigint) TO {role};

@@ -1,4 +1,4 @@
-"""More storage faults (issue 7), on a throwaway cluster this module owns (never the
+"""More storage faults, on a throwaway cluster this module owns (never the
 machine's own server), through a running app:
 
 (a) a listener that accepts connections and never answers;
@@ -322,7 +322,7 @@ async def test_database_restarted_under_a_running_app(
                 await anyio.sleep(0.05)  # waiting for the pool to reconnect, not moving time
             else:
                 pytest.fail(f"not recovered after {RECOVERY_ATTEMPTS} probes")
-            # Reported, not asserted (wall time on a shared machine): issue 7 asks for < 2 s.
+            # Reported, not asserted (wall time on a shared machine): the aim is under 2 s.
             print(f"recovered {time.monotonic() - back:.2f} s after restart, {attempt + 1} probes")
             assert limiter.breaker.state is CircuitState.CLOSED
             assert limiter.metrics().storage_healthy

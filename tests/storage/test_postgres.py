@@ -7,7 +7,7 @@ import math
 import multiprocessing
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from decimal import Decimal
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from fineflow import (
     ConfigurationError,
+    Decision,
     Hit,
     PostgresStorage,
     Quota,
@@ -286,19 +287,34 @@ async def test_answers_within_the_timeout_leave_no_timer_behind(storage: Postgre
     assert peek.remaining == 990
 
 
-async def test_a_subclass_overriding_decide_gets_the_limiter_budget_as_a_cancel_scope(
+async def test_a_subclass_overriding_decide_gets_the_limiter_budget(
     storage: PostgresStorage,
 ) -> None:
+    # The Storage protocol hands the time budget to decide(): an override that waits on
+    # something of its own keeps it (here with asyncio.timeout), and the limiter applies
+    # on_storage_error when it runs out.
+    budgets: list[float | None] = []
+
     class Delayed(PostgresStorage):
-        async def decide(self, algorithm, hits, *, now=None):  # type: ignore[no-untyped-def,override]
-            await asyncio.sleep(10)
-            return await super().decide(algorithm, hits, now=now)
+        async def decide(
+            self,
+            algorithm: str,
+            hits: Sequence[Hit],
+            *,
+            now: int | None = None,
+            timeout: float | None = None,  # noqa: ASYNC109 - the protocol's budget
+        ) -> list[Decision]:
+            budgets.append(timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.sleep(10)
+            return await super().decide(algorithm, hits, now=now, timeout=timeout)
 
     async with Delayed(storage.dsn, schema=storage.schema) as slow:
         limiter = RateLimiter(slow, timeout=0.05)
         decision = await asyncio.wait_for(limiter.hit("sub", Quota(5, 60.0)), 5)
         assert decision.reason == "storage unavailable"
         assert limiter.metrics().storage_timeouts == 1
+        assert budgets == [0.05]
 
 
 async def _lock_row(conn: psycopg.AsyncConnection[object], schema: str, key: str, ep: str) -> None:
@@ -352,20 +368,26 @@ async def test_deadline_queues_hold_neither_answered_requests_nor_spent_timeouts
     assert held <= 1  # answered requests leave the queue as the next one arrives
 
 
-async def test_a_decide_wrapped_on_the_instance_is_called_without_the_timeout(
+async def test_a_decide_wrapped_on_the_instance_is_called_with_the_budget(
     storage: PostgresStorage,
 ) -> None:
     inner = storage.decide
-    calls: list[int] = []
+    calls: list[tuple[int, float | None]] = []
 
-    async def spy(algorithm, hits, *, now=None):  # type: ignore[no-untyped-def]
-        calls.append(len(hits))
-        return await inner(algorithm, hits, now=now)
+    async def spy(
+        algorithm: str,
+        hits: Sequence[Hit],
+        *,
+        now: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the protocol's budget
+    ) -> list[Decision]:
+        calls.append((len(hits), timeout))
+        return await inner(algorithm, hits, now=now, timeout=timeout)
 
-    storage.decide = spy  # type: ignore[method-assign,assignment]
+    storage.decide = spy  # type: ignore[method-assign]
     decision = await RateLimiter(storage).hit("k", Quota(10, 60.0))
     assert decision.allowed and decision.reason is None
-    assert calls == [1]
+    assert calls == [(1, 0.05)]
 
 
 async def test_bad_timeouts_are_refused_before_anything_is_charged(

@@ -28,6 +28,15 @@ BACKENDS = [
     "postgres-keys",
 ]
 ALGORITHMS = ["gcra", "fixed_window", "sliding_window"]
+# Which statements each PostgreSQL variant may use: lone requests go through the batch
+# statements unless "hit" is there; "hit_keys", "hit_many" or, with neither, decide().
+FAST_PATHS = {
+    "postgres": {"hit", "hit_keys", "hit_many"},
+    "postgres-unlogged": {"hit", "hit_keys", "hit_many"},
+    "postgres-batch": set(),
+    "postgres-grouped": {"hit_many"},
+    "postgres-keys": {"hit_keys", "hit_many"},
+}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -38,11 +47,12 @@ async def storage(request: pytest.FixtureRequest, pg_dsn: str) -> AsyncIterator[
             yield memory
         return
     schema = f"ff_{secrets.token_hex(6)}"
-    pg = PostgresStorage(pg_dsn, schema=schema, unlogged=kind == "postgres-unlogged")
-    if kind in ("postgres-batch", "postgres-grouped", "postgres-keys"):
-        pg._fast_path = False  # lone requests go through the batch statements
-        pg._grouped = kind != "postgres-batch"  # hit_keys() or hit_many() rather than decide()
-        pg._keys = kind == "postgres-keys"
+    pg = PostgresStorage(
+        pg_dsn,
+        schema=schema,
+        unlogged=kind == "postgres-unlogged",
+        fast_paths=FAST_PATHS[kind],
+    )
     async with pg:
         await pg.migrate()
         yield pg

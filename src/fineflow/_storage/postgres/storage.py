@@ -47,11 +47,12 @@ class PostgresStorage:
             lost on a crash and not replicated).
         synchronous_commit: ``False`` runs decisions with ``synchronous_commit = off``: a crash
             may forget the last fraction of a second of counting, never corrupts.
-        min_size, max_size: pool size when the storage owns the pool (default 1 and 10;
-            thanks to coalescing, decisions need only ``max_in_flight`` connections). The
-            pool grows under load and shrinks back after ten idle minutes; it hands out idle
-            connections in turn, and a lone request on one of two alternating connections is
-            measurably slower than on the same one each time, hence one by default.
+        min_size: connections the pool keeps open when the storage owns it (default 1:
+            it hands out idle connections in turn, and a lone request on one of two
+            alternating connections is measurably slower than on the same one each time).
+        max_size: the most connections of that pool (default 10; thanks to coalescing,
+            decisions need only ``max_in_flight`` of them). It grows under load and
+            shrinks back after ten idle minutes.
         coalesce: batch decisions that arrive while others are in flight (default True).
         max_in_flight: statements in flight at once before arrivals are batched (default 2;
             four or more waiting requests with nothing in flight are split between two
@@ -149,37 +150,6 @@ class PostgresStorage:
     def batched_requests(self) -> int:
         """The requests those statements decided."""
         return self._scheduler.batched_requests
-
-    # The switches tests/storage/test_storage_conformance.py still sets (from before
-    # ``fast_paths``): each is a view of ``fast_paths``. Remove them once it passes
-    # ``fast_paths=`` instead.
-
-    @property
-    def _fast_path(self) -> bool:
-        return "hit" in self.fast_paths
-
-    @_fast_path.setter
-    def _fast_path(self, on: bool) -> None:
-        self._use({"hit"} if on else set(), {"hit"})
-
-    @property
-    def _grouped(self) -> bool:
-        return "hit_many" in self.fast_paths
-
-    @_grouped.setter
-    def _grouped(self, on: bool) -> None:
-        self._use({"hit_many"} if on else set(), {"hit_many", "hit_keys"})
-
-    @property
-    def _keys(self) -> bool:
-        return "hit_keys" in self.fast_paths
-
-    @_keys.setter
-    def _keys(self, on: bool) -> None:
-        self._use({"hit_keys"} if on and self._grouped else set(), {"hit_keys"})
-
-    def _use(self, paths: set[str], instead_of: set[str]) -> None:
-        self._decider.fast_paths = (self.fast_paths - instead_of) | paths
 
     # -- lifecycle -------------------------------------------------------------------------
 

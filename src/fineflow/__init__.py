@@ -30,9 +30,11 @@ from ._ratelimit.quota import Quota
 from ._ratelimit.rules import Rule
 from ._storage.base import Hit, KeyStatus, StatsRow, Storage
 from ._storage.memory import MemoryStorage
+from ._storage.url import storage_from_url
 
 if _typing.TYPE_CHECKING:
     from ._storage.postgres.storage import PostgresStorage
+    from ._storage.redis.storage import RedisStorage
 
 __version__ = "0.1.0"
 
@@ -63,6 +65,7 @@ __all__ = [
     "Quota",
     "RateLimitMiddleware",
     "RateLimiter",
+    "RedisStorage",
     "Rule",
     "SchemaVersionError",
     "StatsRow",
@@ -72,6 +75,7 @@ __all__ = [
     "__version__",
     "http_throttle",
     "keys",
+    "storage_from_url",
 ]
 
 
@@ -85,6 +89,11 @@ if not _typing.TYPE_CHECKING:  # (type checkers see the import above, and flag t
 
             globals()[name] = PostgresStorage
             return PostgresStorage
+        if name == "RedisStorage":  # (fineflow[redis]: the same, for redis-py)
+            from ._storage.redis.storage import RedisStorage
+
+            globals()[name] = RedisStorage
+            return RedisStorage
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

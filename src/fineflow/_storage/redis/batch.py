@@ -1,0 +1,136 @@
+"""How a request becomes script calls, and the script's replies become decisions.
+
+A request's quotas are decided by one call of ``decide.lua`` (all or nothing, atomically),
+except on Redis Cluster when they live in several slots: then each slot's quotas are one
+call, and if any call denies, the calls that charged are refunded (see ``refunds``). That
+never admits more than the quotas allow; while a charge awaits its refund it may deny a
+concurrent request that would have fit, as if the denied request had been admitted and
+had then given its cost back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..._errors import StorageError
+from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision
+from ..base import Hit, storage_key
+from .scripts import Names, decide_args, refund_args
+
+__all__ = ["Call", "Request", "answer", "plan", "refunds"]
+
+
+@dataclass(slots=True)
+class Request:
+    """One caller's request waiting for its decisions."""
+
+    hits: Sequence[Hit]
+    now: int | None
+    algorithm: str
+    future: asyncio.Future[None]
+    result: list[Decision] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    """One script call: the quotas (``positions`` in the request's hits) of one slot."""
+
+    request: Request
+    positions: list[int]
+    keys: list[str]
+    args: list[int | str]
+    reply: object = None
+
+
+def plan(request: Request, names: Names, slot_of: Callable[[str], int] | None) -> list[Call]:
+    """The calls deciding ``request``: one, or on a cluster (``slot_of``) one per slot."""
+    algorithm = request.algorithm
+    now = "" if request.now is None else request.now
+    groups: dict[int, Call] = {}
+    for position, hit in enumerate(request.hits):
+        key = storage_key(hit.key)
+        state = names.state(key, storage_key(hit.endpoint), hit.quota.policy)
+        slot = 0 if slot_of is None else slot_of(state)
+        call = groups.get(slot)
+        if call is None:
+            call = groups[slot] = Call(request, [], [], [algorithm, now])
+        call.positions.append(position)
+        call.keys += (state, names.index(key))
+        call.args += decide_args(algorithm, hit)
+    return list(groups.values())
+
+
+def _parse(reply: object) -> tuple[bool, int, list[BucketState | None]]:
+    if not isinstance(reply, list) or len(reply) < 2 or (len(reply) - 2) % 3:
+        raise StorageError(f"unexpected reply from the decision script: {reply!r:.200}")
+    admitted, now, *flat = reply
+    states: list[BucketState | None] = []
+    for i in range(0, len(flat), 3):
+        t = flat[i]
+        states.append(None if not t else BucketState(int(t), int(flat[i + 1]), int(flat[i + 2])))
+    return admitted == 1, int(now), states
+
+
+def answer(calls: list[Call]) -> list[Call]:
+    """Set the decisions of the request whose ``calls`` have replied; return the calls to
+    refund (cluster, several slots, one denied). A failed call fails the request."""
+    request = calls[0].request
+    algorithm = request.algorithm
+    step = ALGORITHMS[algorithm]
+    hits = request.hits
+    failed = next((c.reply for c in calls if isinstance(c.reply, BaseException)), None)
+    parsed = [None if isinstance(c.reply, BaseException) else _parse(c.reply) for c in calls]
+    charged = [c for c, p in zip(calls, parsed, strict=True) if p is not None and p[0]]
+    if failed is not None:
+        request.future.set_exception(
+            failed if isinstance(failed, StorageError) else StorageError(repr(failed))
+        )
+        return charged
+    admitted = all(p is not None and p[0] for p in parsed)
+    out: list[Decision | None] = [None] * len(hits)
+    for call, reply in zip(calls, parsed, strict=True):
+        assert reply is not None
+        ok, now, states = reply
+        verdict = True
+        for position, state in zip(call.positions, states, strict=True):
+            hit = hits[position]
+            decision = step(state, now, hit.quota, hit.cost)[0]
+            verdict = verdict and decision.allowed
+            if not admitted and decision.allowed:
+                decision = step(state, now, hit.quota, 0)[0]  # uncharged: a peek
+            out[position] = decision
+        if verdict != ok:
+            request.future.set_exception(
+                StorageError(
+                    "the Redis decision script and the reference algorithm disagree "
+                    f"({algorithm}); please report this as a fineflow bug"
+                )
+            )
+            return charged if not admitted else []
+    request.result = out  # type: ignore[assignment]
+    return [] if admitted else charged
+
+
+def refunds(calls: list[Call]) -> list[tuple[list[str], list[int | str]]]:
+    """The refund calls (keys, arguments) for ``calls`` that charged and must give back."""
+    out = []
+    for call in calls:
+        request = call.request
+        _, now, states = _parse(call.reply)
+        keys: list[str] = []
+        args: list[int | str] = ["refund", request.algorithm]
+        step = ALGORITHMS[request.algorithm]
+        for position, state, name in zip(call.positions, states, call.keys[::2], strict=True):
+            hit = request.hits[position]
+            if hit.cost == 0:
+                continue
+            new_state = step(state, now, hit.quota, hit.cost)[1]
+            assert new_state is not None
+            keys.append(name)
+            args += refund_args(request.algorithm, hit, new_state)
+        if keys:
+            out.append((keys, args))
+    return out

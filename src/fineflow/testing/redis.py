@@ -94,6 +94,21 @@ def _binary(name: str) -> str:
     return path
 
 
+def _cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, its bus port (+10000) free too."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RedisNotFoundError("no free port pair for a cluster node")
+
+
 class RedisProcess:
     """One ``redis-server`` process on 127.0.0.1 and a free port, in a temporary directory.
 
@@ -102,7 +117,7 @@ class RedisProcess:
     """
 
     def __init__(self, *, cluster: bool = False, directory: Path | None = None) -> None:
-        self.port = free_port()
+        self.port = _cluster_port() if cluster else free_port()
         self.directory = directory or Path(tempfile.mkdtemp(prefix="fineflow-redis-"))
         self.cluster = cluster
         self._process: subprocess.Popen[bytes] | None = None

@@ -83,8 +83,7 @@ def _raw_evalsha(url: str, prefix: str) -> Opener:
         args = decide_args("gcra", Hit("", quota, 1, "bench"))
 
         async def decide(key: str) -> Any:
-            state = names.state(key, "bench", quota.policy)
-            return await client.evalsha(DECIDE.sha, 2, state, names.index(key), "gcra", "", *args)  # type: ignore[no-untyped-call]
+            return await client.evalsha(DECIDE.sha, 1, names.key(key), "gcra", "", 1, *args)  # type: ignore[no-untyped-call]
 
         try:
             yield decide

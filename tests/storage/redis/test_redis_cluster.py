@@ -15,6 +15,8 @@ from redis_fixtures import (  # noqa: F401 - the fixtures cluster_storage, redis
 
 from fineflow import Hit, Quota, RedisStorage
 from fineflow._ratelimit.algorithms import NS
+from fineflow._storage.redis.batch import Request, plan
+from fineflow._storage.redis.storage import _slot
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +34,7 @@ def apart(storage: RedisStorage, endpoint: str, policy: str, count: int) -> list
     slots: set[int] = set()
     for i in range(1000):
         key = f"k{i}"
-        slot = key_slot(storage.names.state(key, endpoint, policy).encode())
+        slot = key_slot(storage.names.key(key).encode())
         if slot not in slots:
             keys.append(key)
             slots.add(slot)
@@ -41,14 +43,15 @@ def apart(storage: RedisStorage, endpoint: str, policy: str, count: int) -> list
     raise AssertionError("no keys in different slots")
 
 
-async def test_a_key_quotas_share_a_slot(cluster_storage: RedisStorage) -> None:
-    names = cluster_storage.names
-    slots = {
-        key_slot(names.state("user-7", endpoint, policy).encode())
-        for endpoint in ("a", "b", "{c}")
-        for policy in ("1-per-1s", "100-per-86400s")
-    }
-    assert slots == {key_slot(names.index("user-7").encode())}
+async def test_the_quotas_of_one_key_are_one_call(cluster_storage: RedisStorage) -> None:
+    endpoint, one, two = ep(), Quota(1, 1.0), Quota(100, 86400.0)
+    hits = [Hit("user-7", one, 1, endpoint), Hit("user-7", two, 1, endpoint, "pro")]
+    request = Request(hits, None, "gcra", asyncio.get_running_loop().create_future())
+    (call,) = plan(request, cluster_storage.names, _slot)
+    assert call.keys == [cluster_storage.names.key("user-7")] and call.hashes == [1, 1]
+    assert [d.allowed for d in await cluster_storage.decide("gcra", hits, now=T0)] == [True] * 2
+    assert [d.allowed for d in await cluster_storage.decide("gcra", hits, now=T0)] == [False, True]
+    assert len(await cluster_storage.status("user-7", now=T0)) == 2
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

@@ -66,7 +66,7 @@ async def test_a_killed_master_fails_its_keys_until_it_is_back(cluster: Throwawa
     async with RedisStorage(cluster.url) as storage:
         limiter = RateLimiter(storage, failure_threshold=100)
         assert (await limiter.hit("victim", QUOTA)).allowed
-        slot = key_slot(storage.names.state("victim", "", QUOTA.policy).encode())
+        slot = key_slot(storage.names.key("victim").encode())
         port, _ = owner(cluster, slot)
         node = next(n for n in cluster.nodes if n.port == port)
         node.stop()
@@ -91,22 +91,26 @@ async def test_a_moved_slot_is_followed_and_a_half_moved_one_is_a_storage_error(
     cluster: ThrowawayCluster,
 ) -> None:
     async with RedisStorage(cluster.url) as storage:
-        hit = Hit("mover", QUOTA)
-        assert (await storage.decide("gcra", [hit]))[0].remaining == 99
-        state = storage.names.state("mover", "", QUOTA.policy)
-        slot = key_slot(state.encode())
+        # Two keys whose hashes share a slot: one request on both is one script call.
+        first = storage.names.key("mover")
+        slot = key_slot(first.encode())
+        other = next(
+            f"m{i}" for i in range(10**6) if key_slot(storage.names.key(f"m{i}").encode()) == slot
+        )
+        hits = [Hit("mover", QUOTA), Hit(other, QUOTA)]
+        assert [d.remaining for d in await storage.decide("gcra", hits)] == [99, 99]
         source, source_id = owner(cluster, slot)
         target = next(n.port for n in cluster.nodes if n.port != source)
         target_id = _cli(target, "cluster", "myid").strip()
         _cli(target, "cluster", "setslot", str(slot), "importing", source_id)
         _cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
-        # Half moved: the state hash is on the target, its index still on the source. The
-        # script needs both: the server answers TRYAGAIN, the caller a StorageError.
-        _cli(source, "migrate", "127.0.0.1", str(target), state, "0", "5000")
+        # Half moved: one hash on the target, the other still on the source. The script
+        # needs both: the server answers TRYAGAIN, the caller a StorageError.
+        _cli(source, "migrate", "127.0.0.1", str(target), first, "0", "5000")
         with pytest.raises(StorageError):
-            await storage.decide("gcra", [hit])
-        _cli(source, "migrate", "127.0.0.1", str(target), storage.names.index("mover"), "0", "5000")
+            await storage.decide("gcra", hits)
+        _cli(source, "migrate", "127.0.0.1", str(target), storage.names.key(other), "0", "5000")
         for node in cluster.nodes:
             _cli(node.port, "cluster", "setslot", str(slot), "node", target_id)
         # Moved: the client follows MOVED to the new owner, where the state went.
-        assert (await storage.decide("gcra", [hit]))[0].remaining == 98
+        assert [d.remaining for d in await storage.decide("gcra", hits)] == [98, 98]

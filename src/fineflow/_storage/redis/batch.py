@@ -36,11 +36,16 @@ class Request:
 
 @dataclass(slots=True)
 class Call:
-    """One script call: the quotas (``positions`` in the request's hits) of one slot."""
+    """One script call: the quotas (``positions`` in the request's hits) of one slot.
+
+    ``keys`` are their hashes; ``hashes[i]`` is the 1-based index in ``keys`` of the hash
+    of the quota at ``positions[i]``.
+    """
 
     request: Request
     positions: list[int]
     keys: list[str]
+    hashes: list[int]
     args: list[int | str]
     reply: object = None
 
@@ -51,27 +56,37 @@ def plan(request: Request, names: Names, slot_of: Callable[[str], int] | None) -
     now = "" if request.now is None else request.now
     groups: dict[int, Call] = {}
     for position, hit in enumerate(request.hits):
-        key = storage_key(hit.key)
-        state = names.state(key, storage_key(hit.endpoint), hit.quota.policy)
-        slot = 0 if slot_of is None else slot_of(state)
+        name = names.key(storage_key(hit.key))
+        slot = 0 if slot_of is None else slot_of(name)
         call = groups.get(slot)
         if call is None:
-            call = groups[slot] = Call(request, [], [], [algorithm, now])
+            call = groups[slot] = Call(request, [], [], [], [algorithm, now])
+        if name in call.keys:
+            index = call.keys.index(name) + 1
+        else:
+            call.keys.append(name)
+            index = len(call.keys)
         call.positions.append(position)
-        call.keys += (state, names.index(key))
+        call.hashes.append(index)
+        call.args.append(index)
         call.args += decide_args(algorithm, hit)
     return list(groups.values())
 
 
 def _parse(reply: object) -> tuple[bool, int, list[BucketState | None]]:
-    if not isinstance(reply, list) or len(reply) < 2 or (len(reply) - 2) % 3:
+    """The script's reply: ``b"<admitted> <now>"``, then ``b" <t> <used> <prev>"`` per quota."""
+    if isinstance(reply, str):  # (a client of yours that decodes responses)
+        reply = reply.encode()
+    parts = reply.split() if isinstance(reply, bytes) else []
+    if len(parts) < 2 or (len(parts) - 2) % 3:
         raise StorageError(f"unexpected reply from the decision script: {reply!r:.200}")
-    admitted, now, *flat = reply
     states: list[BucketState | None] = []
-    for i in range(0, len(flat), 3):
-        t = flat[i]
-        states.append(None if not t else BucketState(int(t), int(flat[i + 1]), int(flat[i + 2])))
-    return admitted == 1, int(now), states
+    for i in range(2, len(parts), 3):
+        t = parts[i]
+        states.append(
+            None if t == b"-" else BucketState(int(t), int(parts[i + 1]), int(parts[i + 2]))
+        )
+    return parts[0] == b"1", int(parts[1]), states
 
 
 def answer(calls: list[Call]) -> list[Call]:
@@ -120,17 +135,16 @@ def refunds(calls: list[Call]) -> list[tuple[list[str], list[int | str]]]:
     for call in calls:
         request = call.request
         _, now, states = _parse(call.reply)
-        keys: list[str] = []
         args: list[int | str] = ["refund", request.algorithm]
         step = ALGORITHMS[request.algorithm]
-        for position, state, name in zip(call.positions, states, call.keys[::2], strict=True):
+        for position, state, index in zip(call.positions, states, call.hashes, strict=True):
             hit = request.hits[position]
             if hit.cost == 0:
                 continue
             new_state = step(state, now, hit.quota, hit.cost)[1]
             assert new_state is not None
-            keys.append(name)
+            args.append(index)
             args += refund_args(request.algorithm, hit, new_state)
-        if keys:
-            out.append((keys, args))
+        if len(args) > 2:
+            out.append((call.keys, args))
     return out

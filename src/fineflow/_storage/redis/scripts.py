@@ -1,9 +1,9 @@
 """The Lua script, the names of what it stores, and the arguments it takes.
 
-State of one (key, endpoint, policy) lives in a hash named
-``{prefix}:s:{<key>}:<len(endpoint)>:<endpoint>:<policy>``; the hash tag ``{<key>}`` puts
-every quota of one key in one Cluster slot, so they are decided in one script. The index
-``{prefix}:i:{<key>}`` (same slot) lists a key's states for ``status`` and ``reset``.
+The state of one limited key lives in one hash, ``{prefix}:k:{<key>}``, one field per
+(endpoint, policy): ``<endpoint>\0<policy>`` (see ``lua/decide.lua`` for the values). So every
+quota of one key is in one Cluster slot (the key is the hash tag) and decided in one script,
+and ``status``/``reset`` of a key read one hash.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from ..._ratelimit.algorithms import BucketState
 from ..._ratelimit.quota import Quota
 from ..base import Hit, storage_key
 
-__all__ = ["DECIDE", "Meta", "Names", "Script", "decide_args", "refund_args", "tier_text"]
+__all__ = [
+    "DECIDE",
+    "Names",
+    "Script",
+    "Stored",
+    "decide_args",
+    "field",
+    "refund_args",
+    "tier_text",
+]
 
 _TIER_MAX = 64
 _SEP = "\x00"  # storage keys never hold NUL (see storage_key)
@@ -55,45 +64,50 @@ class Names:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._state = f"{prefix}:s:{{"
-        self._index = f"{prefix}:i:{{"
-        # A SCAN pattern for every state name (glob characters in the prefix escaped).
+        self._key = f"{prefix}:k:{{"
+        # A SCAN pattern for every hash (glob characters in the prefix escaped).
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
-        self.state_pattern = f"{escaped}:s:*"
+        self.pattern = f"{escaped}:k:*"
 
-    def state(self, key: str, endpoint: str, policy: str) -> str:
-        """The name of one state hash (``key`` and ``endpoint`` already storage keys)."""
-        return f"{self._state}{_tag(key)}}}:{len(endpoint)}:{endpoint}:{policy}"
+    def key(self, key: str) -> str:
+        """The name of ``key``'s hash (``key`` already a storage key)."""
+        return f"{self._key}{_tag(key)}}}"
 
-    def index(self, key: str) -> str:
-        """The name of ``key``'s index set (``key`` already a storage key)."""
-        return f"{self._index}{_tag(key)}}}"
+
+def field(endpoint: str, policy: str) -> str:
+    """The field of one (endpoint, policy) in a key's hash (``endpoint`` a storage key)."""
+    return f"{endpoint}{_SEP}{policy}"
 
 
 @dataclass(frozen=True, slots=True)
-class Meta:
-    """What a state hash records about its quota, for ``status`` and ``stats``."""
+class Stored:
+    """One state as a key's hash holds it."""
 
     endpoint: str
     tier: str
+    algorithm: str
     quota: Quota
-
-    def encode(self) -> str:
-        quota = self.quota
-        burst = "" if quota.burst is None else str(quota.burst)
-        return _SEP.join(
-            (str(quota.limit), repr(quota.period), burst, self.endpoint, self.tier, quota.policy)
-        )
+    state: BucketState
+    allowed: int
+    denied: int
 
     @classmethod
-    def decode(cls, raw: bytes) -> Meta:
-        limit, period, burst, endpoint, tier, policy = raw.decode("utf-8", "replace").split(_SEP, 5)
+    def decode(cls, name: bytes, value: bytes) -> Stored:
+        endpoint, _, policy = name.decode("utf-8", "replace").partition(_SEP)
+        alg, t, used, prev, allowed, denied, meta = value.split(b" ", 6)
+        limit, period, burst, tier = meta.decode("utf-8", "replace").split(_SEP, 3)
         quota = Quota(int(limit), float(period), int(burst) if burst else None, name=policy)
-        return cls(endpoint, tier, quota)
+        state = BucketState(int(t), int(used), int(prev))
+        return cls(endpoint, tier, alg.decode(), quota, state, int(allowed), int(denied))
 
 
-def decide_args(algorithm: str, hit: Hit) -> tuple[int, int, int, int, str]:
-    """The script's five arguments for one quota (see ``decide.lua``)."""
+def _meta(quota: Quota, tier: str) -> str:
+    burst = "" if quota.burst is None else str(quota.burst)
+    return _SEP.join((str(quota.limit), repr(quota.period), burst, tier))
+
+
+def decide_args(algorithm: str, hit: Hit) -> tuple[str, str, str]:
+    """The script's arguments for one quota after its hash's index (see ``decide.lua``)."""
     quota = hit.quota
     if algorithm == "gcra":
         cap = quota.capacity
@@ -103,14 +117,16 @@ def decide_args(algorithm: str, hit: Hit) -> tuple[int, int, int, int, str]:
         cap = quota.limit
         cost = min(hit.cost, cap + 1)
         span, tau = quota.period_ns, 0
-    meta = Meta(storage_key(hit.endpoint), tier_text(hit.tier), quota).encode()
-    return cost, cap, span, tau, meta
+    name = field(storage_key(hit.endpoint), quota.policy)
+    return name, f"{cost} {cap} {span} {tau}", _meta(quota, tier_text(hit.tier))
 
 
-def refund_args(algorithm: str, hit: Hit, charged: BucketState) -> tuple[int, int, int | str]:
-    """The refund's three arguments for one quota charged into the state ``charged``."""
+def refund_args(algorithm: str, hit: Hit, charged: BucketState) -> tuple[str, int, int, int | str]:
+    """The refund's arguments for one quota charged into the state ``charged``, after its
+    hash's index."""
     quota = hit.quota
     cost = min(hit.cost, (quota.capacity if algorithm == "gcra" else quota.limit) + 1)
+    name = field(storage_key(hit.endpoint), quota.policy)
     if algorithm == "gcra":
-        return cost, cost * quota.emission_interval_ns, ""
-    return cost, charged.t, charged.t + quota.period_ns
+        return name, cost, cost * quota.emission_interval_ns, ""
+    return name, cost, charged.t, charged.t + quota.period_ns

@@ -25,15 +25,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._errors import ConfigurationError, StorageClosedError, StorageError
-from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, expires_at
+from ..._ratelimit.algorithms import ALGORITHMS, Decision, expires_at
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
 from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
 from .batch import Call, Request, answer, plan, refunds
-from .scripts import DECIDE, Meta, Names
+from .scripts import DECIDE, Names, Stored
+from .wire import evalsha_all, pack_evalsha
 
 __all__ = ["RedisStorage"]
 
@@ -351,39 +352,40 @@ class RedisStorage:
                 request.future.set_result(None)
 
     async def _execute(self, calls: list[Call]) -> None:
-        """Run ``calls`` (one EVALSHA each, one pipeline) and set each ``reply``: the
+        """Run ``calls`` (one EVALSHA each, one round trip) and set each ``reply``: the
         script's reply or the error for that call. A lost connection raises."""
         client = self.client
-        if len(calls) == 1:
-            call = calls[0]
-            try:
-                call.reply = await self._evalsha(client, call.keys, call.args)
-            except NoScriptError:
-                await self._load()
-                call.reply = await self._evalsha(client, call.keys, call.args)
-            except (RedisError, OSError) as exc:
-                if _lost(exc):
-                    raise
-                call.reply = storage_error("rate-limit decision", exc)
-            return
-        pipe = client.pipeline(transaction=False)
-        for call in calls:
-            pipe.evalsha(DECIDE.sha, len(call.keys), *call.keys, *call.args)
-        replies = await pipe.execute(raise_on_error=False)
+        replies: list[object]
+        if isinstance(client, RedisCluster):
+            if len(calls) == 1:
+                call = calls[0]
+                try:
+                    replies = [
+                        await client.evalsha(DECIDE.sha, len(call.keys), *call.keys, *call.args)
+                    ]
+                except ResponseError as exc:
+                    replies = [exc]
+            else:
+                pipe = client.pipeline(transaction=False)
+                for call in calls:
+                    pipe.evalsha(DECIDE.sha, len(call.keys), *call.keys, *call.args)
+                replies = await pipe.execute(raise_on_error=False)
+        else:
+            sha = DECIDE.sha.encode()
+            packed = [pack_evalsha(sha, c.keys, c.args) for c in calls]
+            replies = await evalsha_all(client.connection_pool, packed)
         missing = [c for c, r in zip(calls, replies, strict=True) if isinstance(r, NoScriptError)]
         for call, reply in zip(calls, replies, strict=True):
-            call.reply = (
-                storage_error("rate-limit decision", reply)
-                if isinstance(reply, BaseException)
-                else reply
-            )
+            if isinstance(reply, BaseException):
+                if _lost(reply):  # (the cluster pipeline returns them too)
+                    raise reply
+                call.reply = storage_error("rate-limit decision", reply)
+            else:
+                call.reply = reply
         if missing:
             # Not run (the server had no script): load it and send those calls again.
             await self._load()
             await self._execute(missing)
-
-    async def _evalsha(self, client: Client, keys: list[str], args: list[int | str]) -> Any:
-        return await client.evalsha(DECIDE.sha, len(keys), *keys, *args)
 
     async def _load(self) -> None:
         logger.info("loading the rate-limit script into Redis (NOSCRIPT)")
@@ -412,71 +414,52 @@ class RedisStorage:
         stored = storage_key(key)
         client = self.client
         with _translated("status query"):
-            members = sorted(await client.smembers(self.names.index(stored)))
-            if not members:
-                return []
-            pipe = client.pipeline(transaction=False)
-            for name in members:
-                pipe.hmget(name, ["t", "u", "p", "a", "m", "ok", "no"])
-            rows = await pipe.execute()
-            if now is None:
+            fields: dict[bytes, bytes] = await client.hgetall(self.names.key(stored))  # type: ignore[assignment]
+            if fields and now is None:
                 seconds, micros = await client.time()
                 now = seconds * 1_000_000_000 + micros * 1000
         out = []
-        for row in rows:
-            t, used, prev, algorithm, meta, allowed, denied = row
-            if t is None or meta is None:
+        for name, value in sorted(fields.items()):
+            if name.startswith(b"~"):
                 continue
-            info = Meta.decode(meta)
-            alg = algorithm.decode()
-            state = BucketState(int(t), int(used or 0), int(prev or 0))
-            if expires_at(alg, state, info.quota) <= now:
+            row = Stored.decode(name, value)
+            assert now is not None
+            if expires_at(row.algorithm, row.state, row.quota) <= now:
                 continue
-            decision = ALGORITHMS[alg](state, now, info.quota, 0)[0]
+            decision = ALGORITHMS[row.algorithm](row.state, now, row.quota, 0)[0]
             out.append(
                 KeyStatus(
                     stored,
-                    info.endpoint,
-                    info.quota.policy,
-                    info.tier,
-                    alg,
+                    row.endpoint,
+                    row.quota.policy,
+                    row.tier,
+                    row.algorithm,
                     decision,
-                    int(allowed or 0),
-                    int(denied or 0),
+                    row.allowed,
+                    row.denied,
                 )
             )
         return out
 
     async def reset(self, key: str, *, endpoint: str | None = None) -> int:
         """Forget ``key``'s state (of one endpoint, or all); return how many were removed."""
-        stored = storage_key(key)
-        index = self.names.index(stored)
+        name = self.names.key(storage_key(key))
         client = self.client
         with _translated("reset"):
-            members = list(await client.smembers(index))
-            if endpoint is not None:
-                wanted = storage_key(endpoint)
-                pipe = client.pipeline(transaction=False)
-                for name in members:
-                    pipe.hget(name, "m")
-                metas = await pipe.execute()
-                members = [
-                    n
-                    for n, m in zip(members, metas, strict=True)
-                    if m is not None and Meta.decode(m).endpoint == wanted
-                ]
-            if not members:
-                return 0
-            pipe = client.pipeline(transaction=False)
-            for name in members:
-                pipe.delete(name)  # (one by one: on a cluster a multi-key DEL is per slot)
-            pipe.srem(index, *members)
-            removed = await pipe.execute()
-        return sum(int(n) for n in removed[:-1])
+            names: list[bytes] = await client.hkeys(name)  # type: ignore[assignment]
+            fields = [f for f in names if not f.startswith(b"~")]
+            if endpoint is None:
+                await client.delete(name)
+                return len(fields)
+            wanted = storage_key(endpoint).encode("utf-8", "surrogatepass") + b"\x00"
+            doomed = [f for f in fields if f.startswith(wanted)]
+            if doomed:
+                await client.hdel(name, *doomed)
+            return len(doomed)
 
     async def cleanup(self, *, batch_size: int = 1000, now: int | None = None) -> int:
-        """Nothing to do: Redis expires state by itself (each state has a PEXPIRE at the
-        moment it becomes equivalent to no state). Returns 0."""
+        """Nothing to do: Redis expires state by itself (each key's hash has a PEXPIRE at the
+        moment its last state becomes equivalent to no state). Returns 0."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         logger.debug("RedisStorage.cleanup(): nothing to do, Redis expires state by itself")
@@ -485,7 +468,7 @@ class RedisStorage:
     async def stats(self) -> list[StatsRow]:
         """Allowed and denied counts grouped by endpoint and tier, over live state.
 
-        Sums the per-state counters of every state hash (SCAN on each server, then one
+        Sums the per-state counters of every key's hash (SCAN on each server, then one
         pipeline per page): proportional to the number of live keys, an administrative
         query rather than one for every request.
         """
@@ -495,21 +478,22 @@ class RedisStorage:
             async for names in self._scan(client):
                 pipe = client.pipeline(transaction=False)
                 for name in names:
-                    pipe.hmget(name, ["m", "ok", "no"])
-                for meta, allowed, denied in await pipe.execute():
-                    if meta is None:
-                        continue
-                    info = Meta.decode(meta)
-                    group = groups.setdefault((info.endpoint, info.tier), [0, 0, 0])
-                    group[0] += 1
-                    group[1] += int(allowed or 0)
-                    group[2] += int(denied or 0)
+                    pipe.hgetall(name)
+                for fields in await pipe.execute():
+                    for field, value in fields.items():
+                        if field.startswith(b"~"):
+                            continue
+                        row = Stored.decode(field, value)
+                        group = groups.setdefault((row.endpoint, row.tier), [0, 0, 0])
+                        group[0] += 1
+                        group[1] += row.allowed
+                        group[2] += row.denied
         return [StatsRow(ep, tier, k, a, d) for (ep, tier), (k, a, d) in sorted(groups.items())]
 
     async def _scan(self, client: Client) -> AsyncIterator[list[bytes]]:
-        """Every state name, in pages (SCAN on every primary of a cluster)."""
+        """Every key's hash, in pages (SCAN on every primary of a cluster)."""
         page: list[bytes] = []
-        async for name in client.scan_iter(match=self.names.state_pattern, count=1000):
+        async for name in client.scan_iter(match=self.names.pattern, count=1000):
             page.append(name)
             if len(page) == 1000:
                 yield page

@@ -2,31 +2,34 @@
 --
 -- The same arithmetic as the reference functions in fineflow/_ratelimit/algorithms.py, on
 -- exact integers: Lua's numbers are doubles, exact only below 2^53, and nanoseconds since
--- the epoch (about 1.7e18) are past that, so times and the products of the sliding window
--- are decimal strings computed with the small bignum helpers below.
+-- the epoch (about 1.7e18) are past that. GCRA (the default, and the hot path) only adds and
+-- compares times: it keeps each as two numbers, whole seconds and nanoseconds. The window
+-- algorithms need remainders and products: they use the small bignum helpers below.
 --
--- KEYS: per quota, its state hash then its key's index set (2 per quota).
--- ARGV[1]: "gcra", "fixed_window" or "sliding_window".
--- ARGV[2]: now in nanoseconds since the epoch, or "" for the server's TIME.
--- ARGV[3..]: per quota, 5 values:
---   cost (clamped to capacity + 1 by the client, so it fits a double),
---   cap (gcra: the capacity; windows: the limit),
---   span (gcra: cost * T; windows: the period in ns),
---   tau (gcra: the tolerance in ns; windows: unused),
---   meta (what status() needs to rebuild the quota; stored as it is).
--- Returns {admitted (1 or 0), now, then per quota the state it found: t ("" for none), used,
--- prev}. The client computes the decisions from these with the reference functions.
+-- Layout: one hash per limited key (KEYS), one field per (endpoint, policy) of that key,
+-- its value "<algorithm> <t> <used> <prev> <allowed> <denied> <meta>": the BucketState,
+-- the allowed and denied cost (for status and stats), then what status() needs to rebuild
+-- the quota (written as the client sends it). The field "~x" holds the latest time at which
+-- a state of the hash ends (ns); the hash expires then (PEXPIRE), each state being
+-- equivalent to no state from its own end on.
 --
--- ARGV[1] == "refund" gives back what an earlier call charged (Redis Cluster: the quotas of
--- a request on several slots are charged slot by slot, and refunded when one denies):
--- ARGV[2]: the algorithm; KEYS: the state hashes; ARGV[3..]: per quota, 3 values:
---   cost, then gcra: cost * T and ""; windows: the window start charged and the next
---   window's start (where the charge has become the previous window's count).
--- Returns the number of states refunded.
+-- Decide: ARGV[1] is "gcra", "fixed_window" or "sliding_window"; ARGV[2] now in
+-- nanoseconds since the epoch, or "" for the server's TIME; then per quota 4 values:
+--   the index of its hash in KEYS, its field,
+--   "<cost> <cap> <span> <tau>": cost (clamped to capacity + 1 by the client, so it fits a
+--   double); cap (gcra: the capacity; windows: the limit); span (gcra: cost * T; windows:
+--   the period in ns); tau (gcra: the tolerance in ns; windows: 0),
+--   meta.
+-- Returns one string, "<admitted: 1 or 0> <now>" then per quota the state it found,
+-- " <t> <used> <prev>" (t "-" for none): the client computes the decisions from these with
+-- the reference functions. (One string: a client parses it much faster than an array.)
 --
--- A state hash has fields t, u, p (the BucketState), a (its algorithm), m (meta), ok and no
--- (allowed and denied cost, for status and stats). It expires (PEXPIRE) when it becomes
--- equivalent to no state; the index set lives as long as its longest-lived state.
+-- Refund: ARGV[1] is "refund", ARGV[2] the algorithm, then per quota 5 values: the index of
+-- its hash, its field, cost, then gcra: cost * T and ""; windows: the window start charged
+-- and the next window's start (where the charge has become the previous window's count).
+-- Gives back what a decision charged (Redis Cluster: the quotas of a request on several
+-- slots are charged slot by slot, and refunded when one denies). Returns how many states
+-- it refunded.
 
 local B = 10000000 -- limb base: a limb product plus carries stays exact in a double
 
@@ -123,34 +126,60 @@ local function mod(a, b) -- a % b, by long division with estimated quotient limb
   return r
 end
 
-local function server_now()
-  local t = redis.call('TIME')
-  return t[1] .. string.format('%06d', tonumber(t[2])) .. '000'
+local STATE = '^(%S+) (%d+) (%d+) (%d+) (%-?%d+) (%d+) '
+local G = 1000000000
+
+local function split(s) -- a decimal string -> (whole seconds, nanoseconds)
+  local n = #s
+  if n <= 9 then return 0, tonumber(s) end
+  return tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8))
 end
 
-if redis.replicate_commands then redis.replicate_commands() end -- (Redis < 5: TIME, then writes)
+local function join(h, l)
+  if h == 0 then return string.format('%d', l) end
+  return string.format('%d%09d', h, l)
+end
+
+local function plus(ah, al, bh, bl)
+  local h, l = ah + bh, al + bl
+  if l >= G then return h + 1, l - G end
+  return h, l
+end
+
+local function before(ah, al, bh, bl) -- a < b
+  return ah < bh or (ah == bh and al < bl)
+end
+
+local function longer(a, b) -- decimal strings: a > b
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+
 
 local function refund()
   local algorithm = ARGV[2]
   local done = 0
-  for i = 1, #KEYS do
-    local a = 3 + (i - 1) * 3
-    local cost, charged, later = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
-    local key = KEYS[i]
-    local raw = redis.call('HMGET', key, 't', 'u', 'p', 'a')
-    local t = raw[1]
-    if t and raw[4] == algorithm then
-      if algorithm == 'gcra' then
-        local st, span = parse(t), parse(charged)
-        redis.call('HSET', key, 't', cmp(st, span) >= 0 and str(sub(st, span)) or '0')
-      elseif t == charged then
-        redis.call('HSET', key, 'u', math.max((tonumber(raw[2]) or 0) - cost, 0))
-      elseif t == later and algorithm == 'sliding_window' then
-        redis.call('HSET', key, 'p', math.max((tonumber(raw[3]) or 0) - cost, 0))
+  for a = 3, #ARGV, 5 do
+    local key, field = KEYS[tonumber(ARGV[a])], ARGV[a + 1]
+    local cost, charged, later = tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4]
+    local value = redis.call('HGET', key, field)
+    if value then
+      local _, stop, alg, t, used, prev, ok, no = string.find(value, STATE)
+      if alg == algorithm then
+        used, prev = tonumber(used), tonumber(prev)
+        if algorithm == 'gcra' then
+          local st, span = parse(t), parse(charged)
+          t = cmp(st, span) >= 0 and str(sub(st, span)) or '0'
+        elseif t == charged then
+          used = math.max(used - cost, 0)
+        elseif t == later and algorithm == 'sliding_window' then
+          prev = math.max(prev - cost, 0)
+        end
+        -- (.. rather than %s: string.format would cut the meta at its first NUL)
+        redis.call('HSET', key, field, alg .. ' ' .. t .. string.format(' %d %d %d %d ', used,
+          prev, tonumber(ok) - cost, tonumber(no) + cost) .. string.sub(value, stop + 1))
+        done = done + 1
       end
-      redis.call('HINCRBY', key, 'ok', -cost)
-      redis.call('HINCRBY', key, 'no', cost)
-      done = done + 1
     end
   end
   return done
@@ -159,80 +188,102 @@ end
 if ARGV[1] == 'refund' then return refund() end
 
 local algorithm = ARGV[1]
-local now_s = ARGV[2]
-if now_s == '' then now_s = server_now() end
-local now = parse(now_s)
-local n = #KEYS / 2
+local now_s, nh, nl = ARGV[2], nil, nil
+if now_s == '' then
+  if redis.replicate_commands then redis.replicate_commands() end -- (Redis < 5: TIME, writes)
+  local time = redis.call('TIME')
+  nh, nl = tonumber(time[1]), tonumber(time[2]) * 1000
+  now_s = join(nh, nl)
+else
+  nh, nl = split(now_s)
+end
+local now = algorithm ~= 'gcra' and parse(now_s) -- (bignum: the window algorithms only)
 
-local found, new, admitted = {}, {}, true
-local out = { 0, now_s }
-for i = 1, n do
-  local a = 3 + (i - 1) * 5
-  local cost, cap = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local span = parse(ARGV[a + 2])
-  local raw = redis.call('HMGET', KEYS[2 * i - 1], 't', 'u', 'p', 'a')
-  local t, used, prev = raw[1], tonumber(raw[2]) or 0, tonumber(raw[3]) or 0
-  if t and raw[4] ~= algorithm then t = false end -- another algorithm's state: none
-  found[i] = raw[1] and true or false
-  if t then
-    out[#out + 1], out[#out + 2], out[#out + 3] = t, used, prev
-  else
-    out[#out + 1], out[#out + 2], out[#out + 3] = '', 0, 0
-  end
-  local ok, state
+local quotas, hashes, admitted = {}, {}, true
+local out = { '0', now_s }
+
+for a = 3, #ARGV, 4 do
+  local k = tonumber(ARGV[a])
+  local cost, cap, span_s, tau_s = string.match(ARGV[a + 2], '^(%d+) (%d+) (%d+) (%d+)$')
+  cost, cap = tonumber(cost), tonumber(cap)
+  local raw = redis.call('HMGET', KEYS[k], ARGV[a + 1], '~x')
+  if not hashes[k] then hashes[k] = { ends = raw[2] or '', fields = {} } end
+  local alg, t, used, prev, ok, no
+  if raw[1] then alg, t, used, prev, ok, no = string.match(raw[1], STATE) end
+  local found = alg == algorithm
+  used, prev = found and tonumber(used) or 0, found and tonumber(prev) or 0
+  out[#out + 1] = found and (t .. string.format(' %d %d', used, prev)) or '- 0 0'
+  local allowed, state
   if algorithm == 'gcra' then
-    local tat = now
-    if t then
-      local st = parse(t)
-      if cmp(st, now) > 0 then tat = st end
+    local th, tl = nh, nl -- the TAT: max(t, now)
+    if found then
+      local sh, sl = split(t)
+      if before(th, tl, sh, sl) then th, tl = sh, sl end
     end
-    local after = add(tat, span) -- the new TAT
-    ok = cost <= cap and cmp(after, add(now, parse(ARGV[a + 3]))) <= 0
-    state = { after, 0, 0, after } -- t, used, prev, expiry
+    local sh, sl = split(span_s)
+    local ah, al = plus(th, tl, sh, sl) -- the new TAT
+    local uh, ul = plus(nh, nl, split(tau_s)) -- now + tau
+    allowed = cost <= cap and not before(uh, ul, ah, al)
+    local after = join(ah, al)
+    -- t, used, prev, end (a string), milliseconds to the end (a double: the TTL only)
+    state = { after, 0, 0, after, ((ah - nh) * G + (al - nl)) / 1000000 }
   else
-    local period = span
+    local period = parse(span_s)
     local st = sub(now, mod(now, period))
     local st_s = str(st)
-    local count, before = 0, 0
-    if t == st_s then
-      count, before = used, prev
-    elseif t and algorithm == 'sliding_window' and t == str(sub(st, period)) then
-      before = used
+    local count, prev_count = 0, 0
+    if t == st_s and found then
+      count, prev_count = used, prev
+    elseif found and algorithm == 'sliding_window' and t == str(sub(st, period)) then
+      prev_count = used
     end
     if algorithm == 'fixed_window' then
-      ok = cost <= cap and count + cost <= cap
-      state = { st, count + cost, 0, add(st, period) }
+      allowed = cost <= cap and count + cost <= cap
+      local ends = add(st, period)
+      state = { str(st), count + cost, 0, str(ends), approx(sub(ends, now)) / 1000000 }
     else
-      local weighted = mul(parse(string.format('%d', before)), sub(period, sub(now, st)))
+      local weighted = mul(parse(string.format('%d', prev_count)), sub(period, sub(now, st)))
       local total = add(weighted, mul(parse(string.format('%d', count + cost)), period))
-      ok = cost <= cap and cmp(total, mul(parse(string.format('%d', cap)), period)) <= 0
-      state = { st, count + cost, before, add(st, add(period, period)) }
+      allowed = cost <= cap and cmp(total, mul(parse(string.format('%d', cap)), period)) <= 0
+      local ends = add(st, add(period, period))
+      state = { str(st), count + cost, prev_count, str(ends), approx(sub(ends, now)) / 1000000 }
     end
   end
-  new[i] = state
-  if not ok then admitted = false end
+  if not allowed then admitted = false end
+  quotas[#quotas + 1] = { k = k, field = ARGV[a + 1], cost = cost, meta = ARGV[a + 3],
+    state = state, raw = raw[1], ok = tonumber(ok) or 0, no = tonumber(no) or 0 }
 end
 
-for i = 1, n do
-  local a = 3 + (i - 1) * 5
-  local cost = tonumber(ARGV[a])
-  local key = KEYS[2 * i - 1]
-  if cost > 0 then
+for _, q in ipairs(quotas) do
+  if q.cost > 0 then
+    local hash = hashes[q.k]
+    local fields = hash.fields
     if admitted then
-      local state = new[i]
-      local ms = math.floor(approx(sub(state[4], now)) / 1000000) + 2 -- (never early)
-      redis.call('HSET', key, 't', str(state[1]), 'u', state[2], 'p', state[3],
-        'a', algorithm, 'm', ARGV[a + 4])
-      redis.call('HINCRBY', key, 'ok', cost)
-      redis.call('PEXPIRE', key, ms)
-      local index = KEYS[2 * i]
-      redis.call('SADD', index, key)
-      if redis.call('PTTL', index) < ms then redis.call('PEXPIRE', index, ms) end
-    elseif found[i] then
-      redis.call('HINCRBY', key, 'no', cost)
+      local st = q.state
+      fields[#fields + 1] = q.field
+      fields[#fields + 1] = algorithm .. ' ' .. st[1] .. string.format(' %d %d %d %d ',
+        st[2], st[3], q.ok + q.cost, q.no) .. q.meta
+      if longer(st[4], hash.ends) then hash.ends, hash.ms = st[4], st[5] end
+    elseif q.raw then -- denied: counted on the state there is (of any algorithm)
+      local alg, t, used, prev, ok, no = string.match(q.raw, STATE)
+      fields[#fields + 1] = q.field
+      fields[#fields + 1] = alg .. ' ' .. t .. ' ' .. used .. ' ' .. prev .. ' ' .. ok .. ' '
+        .. string.format('%d ', tonumber(no) + q.cost) .. q.meta
     end
   end
 end
 
-if admitted then out[1] = 1 end
-return out
+for k, hash in pairs(hashes) do
+  local fields = hash.fields
+  if hash.ms then
+    fields[#fields + 1] = '~x'
+    fields[#fields + 1] = hash.ends
+  end
+  if #fields > 0 then redis.call('HSET', KEYS[k], unpack(fields)) end
+  if hash.ms then -- (never early: the milliseconds rounded down, plus two)
+    redis.call('PEXPIRE', KEYS[k], math.floor(hash.ms) + 2)
+  end
+end
+
+if admitted then out[1] = '1' end
+return table.concat(out, ' ')

@@ -24,7 +24,7 @@ from fineflow import (
     StorageError,
 )
 from fineflow._ratelimit.algorithms import NS
-from fineflow._storage.redis.storage import DecisionTimeout
+from fineflow._storage.redis.errors import DecisionTimeout
 from fineflow.testing.redis import RedisServer
 
 pytestmark = pytest.mark.anyio

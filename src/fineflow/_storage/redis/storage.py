@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,16 +24,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..._errors import ConfigurationError, StorageClosedError, StorageError
-from ..._ratelimit.algorithms import ALGORITHMS, Decision, expires_at
+from ..._errors import ConfigurationError, StorageClosedError
+from ..._ratelimit.algorithms import ALGORITHMS, Decision
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
-from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
+from ..base import Hit, KeyStatus, StatsRow, check_hits
+from . import admin
+from .admin import Client
 from .batch import Call, Request, answer, plan, refunds
-from .scripts import DECIDE, Names, Stored
+from .errors import DecisionTimeout, lost, storage_error, translated
+from .scripts import DECIDE, Names
 from .wire import evalsha_all, pack_evalsha
 
 __all__ = ["RedisStorage"]
@@ -43,31 +44,6 @@ logger = logging.getLogger("fineflow.storage")
 _SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
-
-Client = aioredis.Redis | RedisCluster
-
-
-class DecisionTimeout(StorageError, TimeoutError):
-    """The decision ran out of its time budget (a ``StorageError`` and a ``TimeoutError``)."""
-
-
-def storage_error(what: str, exc: BaseException) -> StorageError:
-    """The one translation of a driver error (connection lost, timeout, MOVED/ASK, a cluster
-    that is down, a script error) into :class:`StorageError`."""
-    if isinstance(exc, StorageError):
-        return exc
-    brief = str(exc).partition("\n")[0] or type(exc).__name__
-    error = StorageError(f"{what} failed: {type(exc).__name__}: {brief}")
-    error.__cause__ = exc
-    return error
-
-
-@contextlib.contextmanager
-def _translated(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise storage_error(what, exc) from exc
 
 
 class RedisStorage:
@@ -236,7 +212,7 @@ class RedisStorage:
         Raises:
             StorageError: the server could not be reached or refused.
         """
-        with _translated("loading the decision script"):
+        with translated("loading the decision script"):
             await self.client.script_load(DECIDE.text)
 
     # -- decisions -------------------------------------------------------------------------
@@ -377,7 +353,7 @@ class RedisStorage:
         missing = [c for c, r in zip(calls, replies, strict=True) if isinstance(r, NoScriptError)]
         for call, reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):
-                if _lost(reply):  # (the cluster pipeline returns them too)
+                if lost(reply):  # (the cluster pipeline returns them too)
                     raise reply
                 call.reply = storage_error("rate-limit decision", reply)
             else:
@@ -411,51 +387,11 @@ class RedisStorage:
 
     async def status(self, key: str, *, now: int | None = None) -> list[KeyStatus]:
         """The live state of every (endpoint, quota) of ``key``, decided as a peek."""
-        stored = storage_key(key)
-        client = self.client
-        with _translated("status query"):
-            fields: dict[bytes, bytes] = await client.hgetall(self.names.key(stored))  # type: ignore[assignment]
-            if fields and now is None:
-                seconds, micros = await client.time()
-                now = seconds * 1_000_000_000 + micros * 1000
-        out = []
-        for name, value in sorted(fields.items()):
-            if name.startswith(b"~"):
-                continue
-            row = Stored.decode(name, value)
-            assert now is not None
-            if expires_at(row.algorithm, row.state, row.quota) <= now:
-                continue
-            decision = ALGORITHMS[row.algorithm](row.state, now, row.quota, 0)[0]
-            out.append(
-                KeyStatus(
-                    stored,
-                    row.endpoint,
-                    row.quota.policy,
-                    row.tier,
-                    row.algorithm,
-                    decision,
-                    row.allowed,
-                    row.denied,
-                )
-            )
-        return out
+        return await admin.status(self.client, self.names, key, now)
 
     async def reset(self, key: str, *, endpoint: str | None = None) -> int:
         """Forget ``key``'s state (of one endpoint, or all); return how many were removed."""
-        name = self.names.key(storage_key(key))
-        client = self.client
-        with _translated("reset"):
-            names: list[bytes] = await client.hkeys(name)  # type: ignore[assignment]
-            fields = [f for f in names if not f.startswith(b"~")]
-            if endpoint is None:
-                await client.delete(name)
-                return len(fields)
-            wanted = storage_key(endpoint).encode("utf-8", "surrogatepass") + b"\x00"
-            doomed = [f for f in fields if f.startswith(wanted)]
-            if doomed:
-                await client.hdel(name, *doomed)
-            return len(doomed)
+        return await admin.reset(self.client, self.names, key, endpoint)
 
     async def cleanup(self, *, batch_size: int = 1000, now: int | None = None) -> int:
         """Nothing to do: Redis expires state by itself (each key's hash has a PEXPIRE at the
@@ -472,43 +408,11 @@ class RedisStorage:
         pipeline per page): proportional to the number of live keys, an administrative
         query rather than one for every request.
         """
-        client = self.client
-        groups: dict[tuple[str, str], list[int]] = {}
-        with _translated("stats query"):
-            async for names in self._scan(client):
-                pipe = client.pipeline(transaction=False)
-                for name in names:
-                    pipe.hgetall(name)
-                for fields in await pipe.execute():
-                    for field, value in fields.items():
-                        if field.startswith(b"~"):
-                            continue
-                        row = Stored.decode(field, value)
-                        group = groups.setdefault((row.endpoint, row.tier), [0, 0, 0])
-                        group[0] += 1
-                        group[1] += row.allowed
-                        group[2] += row.denied
-        return [StatsRow(ep, tier, k, a, d) for (ep, tier), (k, a, d) in sorted(groups.items())]
-
-    async def _scan(self, client: Client) -> AsyncIterator[list[bytes]]:
-        """Every key's hash, in pages (SCAN on every primary of a cluster)."""
-        page: list[bytes] = []
-        async for name in client.scan_iter(match=self.names.pattern, count=1000):
-            page.append(name)
-            if len(page) == 1000:
-                yield page
-                page = []
-        if page:
-            yield page
+        return await admin.stats(self.client, self.names)
 
 
 def _slot(name: str) -> int:
     return key_slot(name.encode("utf-8", "surrogatepass"))
-
-
-def _lost(exc: BaseException) -> bool:
-    """Whether ``exc`` lost the connection (fails the whole batch) rather than one call."""
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
 
 
 def _expire(future: asyncio.Future[None]) -> None:

@@ -70,7 +70,7 @@ def _raw_evalsha(url: str, prefix: str) -> Opener:
     """The floor of a lone decision: the same script call, straight through redis-py."""
     from redis.asyncio import Redis
 
-    from fineflow import Hit, Quota
+    from fineflow import Quota
     from fineflow._storage.redis.scripts import DECIDE, Names, decide_args
 
     quota = Quota.parse(QUOTA)
@@ -80,7 +80,7 @@ def _raw_evalsha(url: str, prefix: str) -> Opener:
     async def open_() -> AsyncIterator[Decide]:
         client = Redis.from_url(url)
         await client.script_load(DECIDE.text)
-        args = decide_args("gcra", Hit("", quota, 1, "bench"))
+        args = decide_args("gcra", "bench", "", quota, 1)[0]
 
         async def decide(key: str) -> Any:
             return await client.evalsha(DECIDE.sha, 1, names.key(key), "gcra", "", 1, *args)  # type: ignore[no-untyped-call]

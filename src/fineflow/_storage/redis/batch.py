@@ -18,6 +18,7 @@ from ..._errors import StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision
 from ..base import Hit, storage_key
 from .scripts import Names, decide_args, refund_args
+from .wire import resp
 
 __all__ = ["Call", "Request", "answer", "plan", "refunds"]
 
@@ -46,8 +47,12 @@ class Call:
     positions: list[int]
     keys: list[str]
     hashes: list[int]
-    args: list[int | str]
+    args: list[int | str | bytes]
+    wire: list[bytes]  # ``args`` encoded (see wire.resp)
     reply: object = None
+
+
+_INDEXES = [resp(i) for i in range(16)]
 
 
 def plan(request: Request, names: Names, slot_of: Callable[[str], int] | None) -> list[Call]:
@@ -60,7 +65,8 @@ def plan(request: Request, names: Names, slot_of: Callable[[str], int] | None) -
         slot = 0 if slot_of is None else slot_of(name)
         call = groups.get(slot)
         if call is None:
-            call = groups[slot] = Call(request, [], [], [], [algorithm, now])
+            call = Call(request, [], [], [], [algorithm, now], [resp(algorithm, now)])
+            groups[slot] = call
         if name in call.keys:
             index = call.keys.index(name) + 1
         else:
@@ -68,8 +74,10 @@ def plan(request: Request, names: Names, slot_of: Callable[[str], int] | None) -
             index = len(call.keys)
         call.positions.append(position)
         call.hashes.append(index)
+        args, encoded = decide_args(algorithm, hit.endpoint, hit.tier, hit.quota, hit.cost)
         call.args.append(index)
-        call.args += decide_args(algorithm, hit)
+        call.args += args
+        call.wire += (_INDEXES[index] if index < len(_INDEXES) else resp(index), encoded)
     return list(groups.values())
 
 

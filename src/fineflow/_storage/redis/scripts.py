@@ -8,6 +8,7 @@ and ``status``/``reset`` of a key read one hash.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from importlib import resources
@@ -15,6 +16,7 @@ from importlib import resources
 from ..._ratelimit.algorithms import BucketState
 from ..._ratelimit.quota import Quota
 from ..base import Hit, storage_key
+from .wire import resp
 
 __all__ = [
     "DECIDE",
@@ -106,19 +108,27 @@ def _meta(quota: Quota, tier: str) -> str:
     return _SEP.join((str(quota.limit), repr(quota.period), burst, tier))
 
 
-def decide_args(algorithm: str, hit: Hit) -> tuple[str, str, str]:
-    """The script's arguments for one quota after its hash's index (see ``decide.lua``)."""
-    quota = hit.quota
+@functools.lru_cache(maxsize=4096)
+def decide_args(
+    algorithm: str, endpoint: str, tier: str, quota: Quota, cost: int
+) -> tuple[tuple[bytes, bytes, bytes], bytes]:
+    """The script's arguments for one quota after its hash's index (see ``decide.lua``),
+    and the same encoded for the wire. (Cached: a service has few endpoints, tiers, quotas
+    and costs, and the same few are asked for on every request.)"""
     if algorithm == "gcra":
         cap = quota.capacity
-        cost = min(hit.cost, cap + 1)  # (a cost that can never fit stays small)
+        cost = min(cost, cap + 1)  # (a cost that can never fit stays small)
         span, tau = cost * quota.emission_interval_ns, quota.tolerance_ns
     else:
         cap = quota.limit
-        cost = min(hit.cost, cap + 1)
+        cost = min(cost, cap + 1)
         span, tau = quota.period_ns, 0
-    name = field(storage_key(hit.endpoint), quota.policy)
-    return name, f"{cost} {cap} {span} {tau}", _meta(quota, tier_text(hit.tier))
+    args = (
+        field(storage_key(endpoint), quota.policy).encode(),
+        b"%d %d %d %d" % (cost, cap, span, tau),
+        _meta(quota, tier_text(tier)).encode(),
+    )
+    return args, resp(*args)
 
 
 def refund_args(algorithm: str, hit: Hit, charged: BucketState) -> tuple[str, int, int, int | str]:

@@ -16,27 +16,31 @@ import redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ResponseError
 
-__all__ = ["evalsha_all", "pack_evalsha"]
+__all__ = ["evalsha_all", "pack_evalsha", "resp"]
 
 # redis-py before 5.3 wants a command name for get_connection(); later versions warn on it.
 _NAMED = tuple(int(p) for p in redis.__version__.split(".")[:2] if p.isdigit()) < (5, 3)
 
 
-def _bytes(value: str | int | bytes) -> bytes:
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, int):
-        return b"%d" % value
-    return value
-
-
-def pack_evalsha(sha: bytes, keys: Sequence[str], args: Sequence[str | int]) -> bytes:
-    """One ``EVALSHA sha numkeys keys... args...`` in RESP."""
-    items = [sha, b"%d" % len(keys), *map(_bytes, keys), *map(_bytes, args)]
-    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(items) + 1)]
+def resp(*items: str | int | bytes) -> bytes:
+    """``items`` as RESP bulk strings (the arguments of a command, without its header)."""
+    parts = []
     for item in items:
-        parts.append(b"$%d\r\n%s\r\n" % (len(item), item))
+        raw = (
+            item.encode()
+            if isinstance(item, str)
+            else b"%d" % item
+            if isinstance(item, int)
+            else item
+        )
+        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
     return b"".join(parts)
+
+
+def pack_evalsha(sha: bytes, keys: Sequence[str], args: bytes, nargs: int) -> bytes:
+    """``EVALSHA sha numkeys keys... args...`` in RESP, ``args`` already encoded (``resp``)."""
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + nargs)
+    return head + resp(sha, len(keys), *keys) + args
 
 
 async def evalsha_all(pool: ConnectionPool, commands: Sequence[bytes]) -> list[object]:

@@ -83,7 +83,7 @@ def _raw_evalsha(url: str, prefix: str) -> Opener:
         args = decide_args("gcra", "bench", "", quota, 1)[0]
 
         async def decide(key: str) -> Any:
-            return await client.evalsha(DECIDE.sha, 1, names.key(key), "gcra", "", 1, *args)  # type: ignore[no-untyped-call]
+            return await client.evalsha(DECIDE.sha, 1, names.key(key), "gcra", "", 1, 1, *args)  # type: ignore[no-untyped-call]
 
         try:
             yield decide

@@ -18,9 +18,9 @@ from ..._errors import StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision
 from ..base import Hit, storage_key
 from .scripts import Names, decide_args, refund_args
-from .wire import resp
+from .wire import pack_evalsha, resp
 
-__all__ = ["Call", "Request", "answer", "plan", "refunds"]
+__all__ = ["Call", "Request", "answer", "pack", "plan", "refunds"]
 
 
 @dataclass(slots=True)
@@ -47,12 +47,12 @@ class Call:
     positions: list[int]
     keys: list[str]
     hashes: list[int]
-    args: list[int | str | bytes]
-    wire: list[bytes]  # ``args`` encoded (see wire.resp)
+    encoded: list[bytes]  # per quota, its arguments after the index, encoded (wire.resp)
+    args: list[int | str | bytes]  # the script's arguments (see ``decide.lua``)
     reply: object = None
 
 
-_INDEXES = [resp(i) for i in range(16)]
+_INDEXES = [resp(i) for i in range(256)]
 
 
 def plan(request: Request, names: Names, slot_of: Callable[[str], int] | None) -> list[Call]:
@@ -65,8 +65,7 @@ def plan(request: Request, names: Names, slot_of: Callable[[str], int] | None) -
         slot = 0 if slot_of is None else slot_of(name)
         call = groups.get(slot)
         if call is None:
-            call = Call(request, [], [], [], [algorithm, now], [resp(algorithm, now)])
-            groups[slot] = call
+            call = groups[slot] = Call(request, [], [], [], [], [algorithm, now, 0])
         if name in call.keys:
             index = call.keys.index(name) + 1
         else:
@@ -75,10 +74,30 @@ def plan(request: Request, names: Names, slot_of: Callable[[str], int] | None) -
         call.positions.append(position)
         call.hashes.append(index)
         args, encoded = decide_args(algorithm, hit.endpoint, hit.tier, hit.quota, hit.cost)
+        call.args[2] = len(call.positions)
         call.args.append(index)
         call.args += args
-        call.wire += (_INDEXES[index] if index < len(_INDEXES) else resp(index), encoded)
+        call.encoded.append(encoded)
     return list(groups.values())
+
+
+def pack(calls: Sequence[Call], sha: bytes) -> bytes:
+    """One EVALSHA deciding ``calls`` one after the other (one server), in RESP."""
+    keys: list[str] = []
+    parts: list[bytes] = []
+    count = 0
+    for call in calls:
+        offset = len(keys)
+        keys += call.keys
+        request = call.request
+        now = "" if request.now is None else request.now
+        parts.append(resp(request.algorithm, now, len(call.positions)))
+        for index, encoded in zip(call.hashes, call.encoded, strict=True):
+            index += offset
+            parts.append(_INDEXES[index] if index < len(_INDEXES) else resp(index))
+            parts.append(encoded)
+        count += 3 + 4 * len(call.positions)
+    return pack_evalsha(sha, keys, b"".join(parts), count)
 
 
 def _parse(reply: object) -> tuple[bool, int, list[BucketState | None]]:

@@ -13,16 +13,20 @@
 -- a state of the hash ends (ns); the hash expires then (PEXPIRE), each state being
 -- equivalent to no state from its own end on.
 --
--- Decide: ARGV[1] is "gcra", "fixed_window" or "sliding_window"; ARGV[2] now in
--- nanoseconds since the epoch, or "" for the server's TIME; then per quota 4 values:
+-- Decide several requests, one after the other, each all or nothing: per request, ARGV
+-- holds its algorithm ("gcra", "fixed_window" or "sliding_window"), now in nanoseconds
+-- since the epoch or "" for the server's TIME (read once per call), its number of quotas,
+-- then per quota 4 values:
 --   the index of its hash in KEYS, its field,
 --   "<cost> <cap> <span> <tau>": cost (clamped to capacity + 1 by the client, so it fits a
 --   double); cap (gcra: the capacity; windows: the limit); span (gcra: cost * T; windows:
 --   the period in ns); tau (gcra: the tolerance in ns; windows: 0),
 --   meta.
--- Returns one string, "<admitted: 1 or 0> <now>" then per quota the state it found,
--- " <t> <used> <prev>" (t "-" for none): the client computes the decisions from these with
--- the reference functions. (One string: a client parses it much faster than an array.)
+-- Returns one string, a line per request: "<admitted: 1 or 0> <now>" then per quota the
+-- state it found, " <t> <used> <prev>" (t "-" for none); the client computes the decisions
+-- from these with the reference functions. (One string: a client parses it much faster
+-- than an array; one call for many requests: the server runs this chunk, and the client
+-- writes and reads a command, once per batch instead of once per request.)
 --
 -- Refund: ARGV[1] is "refund", ARGV[2] the algorithm, then per quota 5 values: the index of
 -- its hash, its field, cost, then gcra: cost * T and ""; windows: the window start charged
@@ -187,103 +191,117 @@ end
 
 if ARGV[1] == 'refund' then return refund() end
 
-local algorithm = ARGV[1]
-local now_s, nh, nl = ARGV[2], nil, nil
-if now_s == '' then
-  if redis.replicate_commands then redis.replicate_commands() end -- (Redis < 5: TIME, writes)
-  local time = redis.call('TIME')
-  nh, nl = tonumber(time[1]), tonumber(time[2]) * 1000
-  now_s = join(nh, nl)
-else
-  nh, nl = split(now_s)
-end
-local now = algorithm ~= 'gcra' and parse(now_s) -- (bignum: the window algorithms only)
+local clock -- the server's TIME, read once per call: {seconds, nanoseconds, string}
 
-local quotas, hashes, admitted = {}, {}, true
-local out = { '0', now_s }
-
-for a = 3, #ARGV, 4 do
-  local k = tonumber(ARGV[a])
-  local cost, cap, span_s, tau_s = string.match(ARGV[a + 2], '^(%d+) (%d+) (%d+) (%d+)$')
-  cost, cap = tonumber(cost), tonumber(cap)
-  local raw = redis.call('HMGET', KEYS[k], ARGV[a + 1], '~x')
-  if not hashes[k] then hashes[k] = { ends = raw[2] or '', fields = {} } end
-  local alg, t, used, prev, ok, no
-  if raw[1] then alg, t, used, prev, ok, no = string.match(raw[1], STATE) end
-  local found = alg == algorithm
-  used, prev = found and tonumber(used) or 0, found and tonumber(prev) or 0
-  out[#out + 1] = found and (t .. string.format(' %d %d', used, prev)) or '- 0 0'
-  local allowed, state
-  if algorithm == 'gcra' then
-    local th, tl = nh, nl -- the TAT: max(t, now)
-    if found then
-      local sh, sl = split(t)
-      if before(th, tl, sh, sl) then th, tl = sh, sl end
+local function decide(algorithm, now_s, first, last)
+  local nh, nl
+  if now_s == '' then
+    if not clock then
+      if redis.replicate_commands then redis.replicate_commands() end -- (Redis < 5)
+      local time = redis.call('TIME')
+      local h, l = tonumber(time[1]), tonumber(time[2]) * 1000
+      clock = { h, l, join(h, l) }
     end
-    local sh, sl = split(span_s)
-    local ah, al = plus(th, tl, sh, sl) -- the new TAT
-    local uh, ul = plus(nh, nl, split(tau_s)) -- now + tau
-    allowed = cost <= cap and not before(uh, ul, ah, al)
-    local after = join(ah, al)
-    -- t, used, prev, end (a string), milliseconds to the end (a double: the TTL only)
-    state = { after, 0, 0, after, ((ah - nh) * G + (al - nl)) / 1000000 }
+    nh, nl, now_s = clock[1], clock[2], clock[3]
   else
-    local period = parse(span_s)
-    local st = sub(now, mod(now, period))
-    local st_s = str(st)
-    local count, prev_count = 0, 0
-    if t == st_s and found then
-      count, prev_count = used, prev
-    elseif found and algorithm == 'sliding_window' and t == str(sub(st, period)) then
-      prev_count = used
-    end
-    if algorithm == 'fixed_window' then
-      allowed = cost <= cap and count + cost <= cap
-      local ends = add(st, period)
-      state = { str(st), count + cost, 0, str(ends), approx(sub(ends, now)) / 1000000 }
+    nh, nl = split(now_s)
+  end
+  local now = algorithm ~= 'gcra' and parse(now_s) -- (bignum: the window algorithms only)
+
+  local quotas, hashes, admitted = {}, {}, true
+  local out = { '0', now_s }
+
+  for a = first, last, 4 do
+    local k = tonumber(ARGV[a])
+    local cost, cap, span_s, tau_s = string.match(ARGV[a + 2], '^(%d+) (%d+) (%d+) (%d+)$')
+    cost, cap = tonumber(cost), tonumber(cap)
+    local raw = redis.call('HMGET', KEYS[k], ARGV[a + 1], '~x')
+    if not hashes[k] then hashes[k] = { ends = raw[2] or '', fields = {} } end
+    local alg, t, used, prev, ok, no
+    if raw[1] then alg, t, used, prev, ok, no = string.match(raw[1], STATE) end
+    local found = alg == algorithm
+    used, prev = found and tonumber(used) or 0, found and tonumber(prev) or 0
+    out[#out + 1] = found and (t .. string.format(' %d %d', used, prev)) or '- 0 0'
+    local allowed, state
+    if algorithm == 'gcra' then
+      local th, tl = nh, nl -- the TAT: max(t, now)
+      if found then
+        local sh, sl = split(t)
+        if before(th, tl, sh, sl) then th, tl = sh, sl end
+      end
+      local sh, sl = split(span_s)
+      local ah, al = plus(th, tl, sh, sl) -- the new TAT
+      local uh, ul = plus(nh, nl, split(tau_s)) -- now + tau
+      allowed = cost <= cap and not before(uh, ul, ah, al)
+      local after = join(ah, al)
+      -- t, used, prev, end (a string), milliseconds to the end (a double: the TTL only)
+      state = { after, 0, 0, after, ((ah - nh) * G + (al - nl)) / 1000000 }
     else
-      local weighted = mul(parse(string.format('%d', prev_count)), sub(period, sub(now, st)))
-      local total = add(weighted, mul(parse(string.format('%d', count + cost)), period))
-      allowed = cost <= cap and cmp(total, mul(parse(string.format('%d', cap)), period)) <= 0
-      local ends = add(st, add(period, period))
-      state = { str(st), count + cost, prev_count, str(ends), approx(sub(ends, now)) / 1000000 }
+      local period = parse(span_s)
+      local st = sub(now, mod(now, period))
+      local st_s = str(st)
+      local count, prev_count = 0, 0
+      if t == st_s and found then
+        count, prev_count = used, prev
+      elseif found and algorithm == 'sliding_window' and t == str(sub(st, period)) then
+        prev_count = used
+      end
+      if algorithm == 'fixed_window' then
+        allowed = cost <= cap and count + cost <= cap
+        local ends = add(st, period)
+        state = { str(st), count + cost, 0, str(ends), approx(sub(ends, now)) / 1000000 }
+      else
+        local weighted = mul(parse(string.format('%d', prev_count)), sub(period, sub(now, st)))
+        local total = add(weighted, mul(parse(string.format('%d', count + cost)), period))
+        allowed = cost <= cap and cmp(total, mul(parse(string.format('%d', cap)), period)) <= 0
+        local ends = add(st, add(period, period))
+        state = { str(st), count + cost, prev_count, str(ends), approx(sub(ends, now)) / 1000000 }
+      end
+    end
+    if not allowed then admitted = false end
+    quotas[#quotas + 1] = { k = k, field = ARGV[a + 1], cost = cost, meta = ARGV[a + 3],
+      state = state, raw = raw[1], ok = tonumber(ok) or 0, no = tonumber(no) or 0 }
+  end
+
+  for _, q in ipairs(quotas) do
+    if q.cost > 0 then
+      local hash = hashes[q.k]
+      local fields = hash.fields
+      if admitted then
+        local st = q.state
+        fields[#fields + 1] = q.field
+        fields[#fields + 1] = algorithm .. ' ' .. st[1] .. string.format(' %d %d %d %d ',
+          st[2], st[3], q.ok + q.cost, q.no) .. q.meta
+        if longer(st[4], hash.ends) then hash.ends, hash.ms = st[4], st[5] end
+      elseif q.raw then -- denied: counted on the state there is (of any algorithm)
+        local alg, t, used, prev, ok, no = string.match(q.raw, STATE)
+        fields[#fields + 1] = q.field
+        fields[#fields + 1] = alg .. ' ' .. t .. ' ' .. used .. ' ' .. prev .. ' ' .. ok .. ' '
+          .. string.format('%d ', tonumber(no) + q.cost) .. q.meta
+      end
     end
   end
-  if not allowed then admitted = false end
-  quotas[#quotas + 1] = { k = k, field = ARGV[a + 1], cost = cost, meta = ARGV[a + 3],
-    state = state, raw = raw[1], ok = tonumber(ok) or 0, no = tonumber(no) or 0 }
-end
 
-for _, q in ipairs(quotas) do
-  if q.cost > 0 then
-    local hash = hashes[q.k]
+  for k, hash in pairs(hashes) do
     local fields = hash.fields
-    if admitted then
-      local st = q.state
-      fields[#fields + 1] = q.field
-      fields[#fields + 1] = algorithm .. ' ' .. st[1] .. string.format(' %d %d %d %d ',
-        st[2], st[3], q.ok + q.cost, q.no) .. q.meta
-      if longer(st[4], hash.ends) then hash.ends, hash.ms = st[4], st[5] end
-    elseif q.raw then -- denied: counted on the state there is (of any algorithm)
-      local alg, t, used, prev, ok, no = string.match(q.raw, STATE)
-      fields[#fields + 1] = q.field
-      fields[#fields + 1] = alg .. ' ' .. t .. ' ' .. used .. ' ' .. prev .. ' ' .. ok .. ' '
-        .. string.format('%d ', tonumber(no) + q.cost) .. q.meta
+    if hash.ms then
+      fields[#fields + 1] = '~x'
+      fields[#fields + 1] = hash.ends
+    end
+    if #fields > 0 then redis.call('HSET', KEYS[k], unpack(fields)) end
+    if hash.ms then -- (never early: the milliseconds rounded down, plus two)
+      redis.call('PEXPIRE', KEYS[k], math.floor(hash.ms) + 2)
     end
   end
+
+  if admitted then out[1] = '1' end
+  return table.concat(out, ' ')
 end
 
-for k, hash in pairs(hashes) do
-  local fields = hash.fields
-  if hash.ms then
-    fields[#fields + 1] = '~x'
-    fields[#fields + 1] = hash.ends
-  end
-  if #fields > 0 then redis.call('HSET', KEYS[k], unpack(fields)) end
-  if hash.ms then -- (never early: the milliseconds rounded down, plus two)
-    redis.call('PEXPIRE', KEYS[k], math.floor(hash.ms) + 2)
-  end
+local replies, a = {}, 1
+while a <= #ARGV do
+  local count = tonumber(ARGV[a + 2])
+  replies[#replies + 1] = decide(ARGV[a], ARGV[a + 1], a + 3, a + 2 + 4 * count)
+  a = a + 3 + 4 * count
 end
-
-if admitted then out[1] = '1' end
-return table.concat(out, ' ')
+return table.concat(replies, '\n')

@@ -33,10 +33,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from .._errors import FineflowError
 from . import free_port
@@ -270,31 +270,30 @@ def throwaway_cluster(masters: int = 3) -> Iterator[ThrowawayCluster]:
         cluster.close()
 
 
-_shared: dict[str, object] = {}
+_T = TypeVar("_T")
+_shared: dict[Callable[[], contextlib.AbstractContextManager[Any]], Any] = {}
+
+
+def _once(factory: Callable[[], contextlib.AbstractContextManager[_T]]) -> _T:
+    """``factory()`` entered once per process and exited at exit."""
+    if factory not in _shared:
+        stack = contextlib.ExitStack()
+        _shared[factory] = stack.enter_context(factory())
+        atexit.register(stack.close)
+    value: _T = _shared[factory]
+    return value
 
 
 def shared_redis() -> RedisServer:
     """The Redis server of this process (``find_redis()`` once; closed at exit): what test
     fixtures in several folders share."""
-    server = _shared.get("server")
-    if server is None:
-        stack = contextlib.ExitStack()
-        server = _shared["server"] = stack.enter_context(find_redis())
-        atexit.register(stack.close)
-    assert isinstance(server, RedisServer)
-    return server
+    return _once(find_redis)
 
 
 def shared_cluster() -> ThrowawayCluster:
     """The throwaway three-master Redis Cluster of this process (started once, removed at
     exit)."""
-    cluster = _shared.get("cluster")
-    if cluster is None:
-        stack = contextlib.ExitStack()
-        cluster = _shared["cluster"] = stack.enter_context(throwaway_cluster())
-        atexit.register(stack.close)
-    assert isinstance(cluster, ThrowawayCluster)
-    return cluster
+    return _once(throwaway_cluster)
 
 
 def unique_prefix(base: str = "fftest") -> str:

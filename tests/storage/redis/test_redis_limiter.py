@@ -26,11 +26,11 @@ async def test_the_limiter_over_redis(redis_storage: ff.RedisStorage) -> None:
     got = [await limiter.hit("alice", "2/minute", endpoint="e") for _ in range(3)]
     assert [d.allowed for d in got] == [True, True, False]
     assert (await limiter.peek("alice", "2/minute", endpoint="e")).remaining == 0
-    both = await limiter.hit_all("bob", ["1/second", "10/day"], endpoint="e")
+    both = await limiter.hit_all("bob", ["1/minute", "10/day"], endpoint="e")
     assert both.allowed and [d.remaining for d in both] == [0, 9]
-    again = await limiter.hit_all("bob", ["1/second", "10/day"], endpoint="e")
+    again = await limiter.hit_all("bob", ["1/minute", "10/day"], endpoint="e")
     assert not again.allowed and again[1].remaining == 9  # the day quota was not charged
-    assert {s.policy for s in await limiter.status("bob")} == {"1-per-1s", "10-per-86400s"}
+    assert {s.policy for s in await limiter.status("bob")} == {"1-per-60s", "10-per-86400s"}
     assert await limiter.reset("alice") == 1
     assert (await limiter.hit("alice", "2/minute", endpoint="e")).allowed
     assert limiter.metrics().storage_errors == 0

@@ -152,7 +152,7 @@ async def test_the_servers_clock_decides(redis_storage: RedisStorage) -> None:
 
 
 async def test_concurrent_decisions_share_pipelines(redis_storage: RedisStorage) -> None:
-    quota, endpoint = Quota(10, 60.0), ep()
+    quota, endpoint = Quota(10, 86400.0), ep()
     before = redis_storage.batches
     got = await asyncio.gather(
         *(redis_storage.decide("gcra", [Hit("hot", quota, 1, endpoint)]) for _ in range(50))
@@ -167,7 +167,7 @@ async def test_without_coalescing_each_request_is_its_own_call(
     async with RedisStorage(
         redis_server.url, prefix=f"fftest-{secrets.token_hex(4)}", coalesce=False
     ) as storage:
-        quota, endpoint = Quota(10, 60.0), ep()
+        quota, endpoint = Quota(10, 86400.0), ep()
         got = await asyncio.gather(
             *(storage.decide("gcra", [Hit("hot", quota, 1, endpoint)]) for _ in range(20))
         )

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 
-from ..._ratelimit.algorithms import BucketState
+from ..._ratelimit.algorithms import NS, BucketState
 from ..._ratelimit.quota import Quota
 from ..base import Hit, storage_key
 from .wire import resp
@@ -122,7 +122,8 @@ def decide_args(
     else:
         cap = quota.limit
         cost = min(cost, cap + 1)
-        span, tau = quota.period_ns, 0
+        # (tau: the period in whole seconds if it is some, which spares the script bignums)
+        span, tau = quota.period_ns, quota.period_ns // NS if quota.period_ns % NS == 0 else 0
     args = (
         field(storage_key(endpoint), quota.policy).encode(),
         b"%d %d %d %d" % (cost, cap, span, tau),

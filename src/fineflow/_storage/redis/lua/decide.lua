@@ -20,7 +20,8 @@
 --   the index of its hash in KEYS, its field,
 --   "<cost> <cap> <span> <tau>": cost (clamped to capacity + 1 by the client, so it fits a
 --   double); cap (gcra: the capacity; windows: the limit); span (gcra: cost * T; windows:
---   the period in ns); tau (gcra: the tolerance in ns; windows: 0),
+--   the period in ns); tau (gcra: the tolerance in ns; windows: the period in whole
+--   seconds when it is some, else 0),
 --   meta.
 -- Returns one string, a line per request: "<admitted: 1 or 0> <now>" then per quota the
 -- state it found, " <t> <used> <prev>" (t "-" for none); the client computes the decisions
@@ -132,6 +133,7 @@ end
 
 local STATE = '^(%S+) (%d+) (%d+) (%d+) (%-?%d+) (%d+) '
 local G = 1000000000
+local EXACT = 9007199254740992 -- 2^53: doubles hold every integer below
 
 local function split(s) -- a decimal string -> (whole seconds, nanoseconds)
   local n = #s
@@ -206,7 +208,7 @@ local function decide(algorithm, now_s, first, last)
   else
     nh, nl = split(now_s)
   end
-  local now = algorithm ~= 'gcra' and parse(now_s) -- (bignum: the window algorithms only)
+  local now -- as a bignum, when a window algorithm needs it
 
   local quotas, hashes, admitted = {}, {}, true
   local out = { '0', now_s }
@@ -237,26 +239,49 @@ local function decide(algorithm, now_s, first, last)
       -- t, used, prev, end (a string), milliseconds to the end (a double: the TTL only)
       state = { after, 0, 0, after, ((ah - nh) * G + (al - nl)) / 1000000 }
     else
-      local period = parse(span_s)
-      local st = sub(now, mod(now, period))
-      local st_s = str(st)
+      -- A period of whole seconds (tau carries it, else 0: the usual case) needs no
+      -- bignum: the window's start is whole seconds, and for the sliding window the
+      -- products stay exact in doubles unless the limit is huge.
+      local whole = tonumber(tau_s)
+      local sliding = algorithm == 'sliding_window'
+      local sh, st_s, before_s, ends_s, ms, period, st
+      if whole > 0 then
+        sh = nh - nh % whole
+        st_s, before_s = join(sh, 0), join(sh - whole, 0)
+        local span = sliding and 2 * whole or whole
+        ends_s = join(sh + span, 0)
+        ms = ((sh + span - nh) * G - nl) / 1000000
+      else
+        now = now or parse(now_s)
+        period = parse(span_s)
+        st = sub(now, mod(now, period))
+        st_s = str(st)
+        before_s = cmp(st, period) >= 0 and str(sub(st, period))
+        local ends = add(st, sliding and add(period, period) or period)
+        ends_s = str(ends)
+        ms = approx(sub(ends, now)) / 1000000
+      end
       local count, prev_count = 0, 0
-      if t == st_s and found then
+      if found and t == st_s then
         count, prev_count = used, prev
-      elseif found and algorithm == 'sliding_window' and t == str(sub(st, period)) then
+      elseif found and sliding and t == before_s then
         prev_count = used
       end
-      if algorithm == 'fixed_window' then
+      if not sliding then
         allowed = cost <= cap and count + cost <= cap
-        local ends = add(st, period)
-        state = { str(st), count + cost, 0, str(ends), approx(sub(ends, now)) / 1000000 }
+      elseif whole > 0 and (3 * cap + 2) * whole * G < EXACT then
+        local p = whole * G
+        local rest = (whole - (nh - sh)) * G - nl -- the period minus the time elapsed
+        allowed = cost <= cap and prev_count * rest + (count + cost) * p <= cap * p
       else
+        now = now or parse(now_s)
+        period = period or parse(span_s)
+        st = st or parse(st_s)
         local weighted = mul(parse(string.format('%d', prev_count)), sub(period, sub(now, st)))
         local total = add(weighted, mul(parse(string.format('%d', count + cost)), period))
         allowed = cost <= cap and cmp(total, mul(parse(string.format('%d', cap)), period)) <= 0
-        local ends = add(st, add(period, period))
-        state = { str(st), count + cost, prev_count, str(ends), approx(sub(ends, now)) / 1000000 }
       end
+      state = { st_s, count + cost, sliding and prev_count or 0, ends_s, ms }
     end
     if not allowed then admitted = false end
     quotas[#quotas + 1] = { k = k, field = ARGV[a + 1], cost = cost, meta = ARGV[a + 3],

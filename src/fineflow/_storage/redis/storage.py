@@ -1,10 +1,11 @@
 """RedisStorage: rate-limit state in Redis or Valkey, on one server or a Redis Cluster.
 
-Each decision is one call of one Lua script (``lua/decide.lua``) on the server's clock,
-by EVALSHA (the script is loaded again when the server answers NOSCRIPT, say after a
-restart or SCRIPT FLUSH). While calls are in flight, decisions that arrive are coalesced
-and sent together as one pipeline: one round trip per batch. A lone request goes out at
-once and never waits for a timer.
+Decisions are made by one Lua script (``lua/decide.lua``) on the server's clock, by
+EVALSHA (the script is loaded again when the server answers NOSCRIPT, say after a restart
+or SCRIPT FLUSH). While a batch is in flight, decisions that arrive are coalesced and sent
+together: one round trip per batch (on one server, one script call per ``_PER_CALL``
+requests; on a Cluster, one call per request and slot). A lone request goes out at once
+and never waits for a timer.
 """
 
 from __future__ import annotations
@@ -67,15 +68,16 @@ class RedisStorage:
         url: ``redis://[user:pass@]host:port/db``, ``rediss://…`` (TLS), ``unix:///path``, or
             ``redis+cluster://host:port`` (a Cluster; any node). ``None`` takes
             ``FINEFLOW_REDIS_URL``, else ``redis://127.0.0.1:6379/0``.
-        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` you own (opened and closed by
-            you; it must not decode responses, and its retries should be off, or a retried
-            call may charge twice). Mutually exclusive with ``url``.
+        client: a ``redis.asyncio.Redis`` (Sentinel's ``master_for()`` gives one) or
+            ``RedisCluster`` you own, opened and closed by you. A cluster client's retries
+            should be off (``retry=Retry(NoBackoff(), 0)``), or a retried call may charge
+            twice. Mutually exclusive with ``url``.
         cluster: ``True`` to use ``RedisCluster`` for ``url``.
         prefix: the prefix of every name this storage writes (default ``"fineflow"``);
             no braces.
         coalesce: batch decisions that arrive while others are in flight (default True).
-        max_in_flight: pipelines in flight at once before arrivals are batched (default 2).
-        max_batch: the most requests in one pipeline (default 512).
+        max_in_flight: batches in flight at once before arrivals wait (default 2).
+        max_batch: the most requests in one batch (default 512).
         connect_timeout: seconds to wait for a new connection (default 5).
         socket_timeout: seconds to wait for any reply (default 5); the limiter's own time
             budget per decision is usually far shorter.

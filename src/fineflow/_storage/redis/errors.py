@@ -12,13 +12,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._errors import StorageError
 
-__all__ = ["DecisionTimeout", "lost", "storage_error", "translated"]
+__all__ = ["DecisionTimeout", "storage_error", "translated"]
 
 
 class DecisionTimeout(StorageError, TimeoutError):
@@ -42,8 +40,3 @@ def translated(what: str) -> Iterator[None]:
         yield
     except (RedisError, OSError) as exc:
         raise storage_error(what, exc) from exc
-
-
-def lost(exc: BaseException) -> bool:
-    """Whether ``exc`` lost the connection (fails the whole batch) rather than one call."""
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)

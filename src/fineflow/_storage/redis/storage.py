@@ -4,8 +4,8 @@ Decisions are made by one Lua script (``lua/decide.lua``) on the server's clock,
 EVALSHA (the script is loaded again when the server answers NOSCRIPT, say after a restart
 or SCRIPT FLUSH). While a batch is in flight, decisions that arrive are coalesced and sent
 together: one round trip per batch (on one server, one script call per ``_PER_CALL``
-requests; on a Cluster, one call per request and slot). A lone request goes out at once
-and never waits for a timer.
+requests; on a Cluster, one call per request and slot, each node's calls in one write).
+A lone request goes out at once and never waits for a timer.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
 from ..._errors import ConfigurationError, StorageClosedError
 from ..._ratelimit.algorithms import ALGORITHMS, Decision
@@ -34,9 +34,9 @@ from ..base import Hit, KeyStatus, StatsRow, check_hits
 from . import admin
 from .admin import Client
 from .batch import Call, Request, answer, pack, plan, refunds
-from .errors import DecisionTimeout, lost, storage_error, translated
+from .errors import DecisionTimeout, storage_error, translated
 from .scripts import DECIDE, Names
-from .wire import evalsha_all
+from .wire import evalsha_all, evalsha_on_nodes
 
 __all__ = ["RedisStorage"]
 
@@ -334,23 +334,12 @@ class RedisStorage:
 
     async def _execute(self, calls: list[Call]) -> None:
         """Run ``calls`` (one EVALSHA each, one round trip) and set each ``reply``: the
-        script's reply or the error for that call. A lost connection raises."""
+        script's reply or the error for that call. On one server a lost connection raises
+        (the batch fails); on a cluster a node that fails fails its own calls."""
         client = self.client
         replies: list[object]
         if isinstance(client, RedisCluster):
-            if len(calls) == 1:
-                call = calls[0]
-                try:
-                    replies = [
-                        await client.evalsha(DECIDE.sha, len(call.keys), *call.keys, *call.args)
-                    ]
-                except ResponseError as exc:
-                    replies = [exc]
-            else:
-                pipe = client.pipeline(transaction=False)
-                for call in calls:
-                    pipe.evalsha(DECIDE.sha, len(call.keys), *call.keys, *call.args)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._on_cluster(client, calls)
         else:
             # One script call per _PER_CALL requests, all in one write.
             sha = DECIDE.sha.encode()
@@ -368,8 +357,6 @@ class RedisStorage:
         missing = [c for c, r in zip(calls, replies, strict=True) if isinstance(r, NoScriptError)]
         for call, reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):
-                if lost(reply):  # (the cluster pipeline returns them too)
-                    raise reply
                 call.reply = storage_error("rate-limit decision", reply)
             else:
                 call.reply = reply
@@ -377,6 +364,22 @@ class RedisStorage:
             # Not run (the server had no script): load it and send those calls again.
             await self._load()
             await self._execute(missing)
+
+    async def _on_cluster(self, client: RedisCluster, calls: list[Call]) -> list[object]:
+        """The replies of ``calls`` on a cluster: each to its slot's node (see wire.py)."""
+        sha = DECIDE.sha.encode()
+        replies = await evalsha_on_nodes(client, [(c.keys[0], pack([c], sha)) for c in calls])
+        redirected = [i for i, r in enumerate(replies) if isinstance(r, MovedError | AskError)]
+        if redirected:
+            # Not run (the slot moved, or is moving): redis-py's cluster pipeline follows
+            # the redirection and updates the client's map of slots.
+            pipe = client.pipeline(transaction=False)
+            for i in redirected:
+                call = calls[i]
+                pipe.evalsha(DECIDE.sha, len(call.keys), *call.keys, *call.args)
+            for i, reply in zip(redirected, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        return replies
 
     async def _load(self) -> None:
         logger.info("loading the rate-limit script into Redis (NOSCRIPT)")

@@ -4,19 +4,23 @@ redis-py's pipeline builds each command through several layers of Python and par
 reply through more; for a batch of script calls that is most of this process's work per
 decision. Here a batch is packed into one bytes object, sent in one write, and its replies
 are read one by one: the same RESP protocol, the same connection pool (and its limits,
-TLS, authentication), about half the client CPU per call. Redis Cluster keeps redis-py's
-cluster pipeline, which routes each call to its slot's node.
+TLS, authentication), about half the client CPU per call. On Redis Cluster the
+calls go the same way to each slot's node (all of a node's calls in one write, the nodes
+at once); a call a node redirects (MOVED, ASK) was not run, and goes again through
+redis-py's cluster pipeline, which follows the redirection and updates its map of slots.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-__all__ = ["evalsha_all", "pack_evalsha", "resp"]
+__all__ = ["evalsha_all", "evalsha_on_nodes", "pack_evalsha", "resp"]
 
 # redis-py before 5.3 wants a command name for get_connection(); later versions warn on it.
 _NAMED = tuple(int(p) for p in redis.__version__.split(".")[:2] if p.isdigit()) < (5, 3)
@@ -69,3 +73,54 @@ async def evalsha_all(pool: ConnectionPool, commands: Sequence[bytes]) -> list[o
         raise
     finally:
         await pool.release(connection)
+
+
+async def evalsha_on_nodes(
+    client: RedisCluster, commands: Sequence[tuple[str, bytes]]
+) -> list[object]:
+    """Send packed ``commands``, each ``(a key of its slot, command)``, to their nodes: one
+    write per node, the nodes at once. Return each reply, or the error for it (a node that
+    fails fails only its own commands)."""
+    await client.initialize()  # (once: the map of slots, on first use)
+    replies: list[object] = [None] * len(commands)
+    nodes: dict[str, tuple[ClusterNode, list[int]]] = {}
+    for i, (key, _) in enumerate(commands):
+        try:
+            node = client.get_node_from_key(key)
+        except RedisError as exc:  # (a slot no node serves: a cluster that is down)
+            replies[i] = exc
+            continue
+        if node is None:
+            replies[i] = RedisError(f"no node serves the slot of {key!r}")
+            continue
+        nodes.setdefault(node.name, (node, []))[1].append(i)
+
+    async def send(node: ClusterNode, indexes: list[int]) -> None:
+        try:
+            connection = node.acquire_connection()
+        except RedisError as exc:  # (too many connections)
+            for i in indexes:
+                replies[i] = exc
+            return
+        try:
+            await connection.send_packed_command(
+                b"".join(commands[i][1] for i in indexes), check_health=False
+            )
+            for i in indexes:
+                try:
+                    replies[i] = await connection.read_response(disable_decoding=True)
+                except ResponseError as exc:
+                    replies[i] = exc
+        except (RedisError, OSError) as exc:
+            await connection.disconnect(nowait=True)
+            for i in indexes:
+                if replies[i] is None:
+                    replies[i] = exc
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            node.release(connection)
+
+    await asyncio.gather(*(send(node, indexes) for node, indexes in nodes.values()))
+    return replies

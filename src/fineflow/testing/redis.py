@@ -116,10 +116,13 @@ class RedisProcess:
     same port and directory (a cluster node keeps its identity in ``nodes.conf``).
     """
 
-    def __init__(self, *, cluster: bool = False, directory: Path | None = None) -> None:
+    def __init__(
+        self, *, cluster: bool = False, directory: Path | None = None, node_timeout: float = 2.0
+    ) -> None:
         self.port = _cluster_port() if cluster else free_port()
         self.directory = directory or Path(tempfile.mkdtemp(prefix="fineflow-redis-"))
         self.cluster = cluster
+        self.node_timeout = node_timeout
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -140,7 +143,7 @@ class RedisProcess:
         ]  # fmt: skip
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-            args += ["--cluster-node-timeout", "2000"]
+            args += ["--cluster-node-timeout", str(int(self.node_timeout * 1000))]
         self._process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -247,13 +250,15 @@ class ThrowawayCluster:
 
 
 @contextlib.contextmanager
-def throwaway_cluster(masters: int = 3) -> Iterator[ThrowawayCluster]:
-    """Start a Redis Cluster of ``masters`` masters; stop and delete it afterwards."""
+def throwaway_cluster(masters: int = 3, *, node_timeout: float = 2.0) -> Iterator[ThrowawayCluster]:
+    """Start a Redis Cluster of ``masters`` masters; stop and delete it afterwards.
+    ``node_timeout``: seconds before the others take a silent master for failed (and, with
+    no replicas, the cluster for down)."""
     cluster = ThrowawayCluster()
     atexit.register(cluster.close)
     try:
         for _ in range(masters):
-            node = RedisProcess(cluster=True)
+            node = RedisProcess(cluster=True, node_timeout=node_timeout)
             cluster.nodes.append(node)
             node.start()
         _cli(

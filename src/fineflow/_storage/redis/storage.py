@@ -332,10 +332,11 @@ class RedisStorage:
             if not request.future.done():
                 request.future.set_result(None)
 
-    async def _execute(self, calls: list[Call]) -> None:
+    async def _execute(self, calls: list[Call], *, reload: bool = True) -> None:
         """Run ``calls`` (one EVALSHA each, one round trip) and set each ``reply``: the
         script's reply or the error for that call. On one server a lost connection raises
-        (the batch fails); on a cluster a node that fails fails its own calls."""
+        (the batch fails); on a cluster a node that fails fails its own calls. Calls a
+        server answers NOSCRIPT (not run) go again once the script is loaded."""
         client = self.client
         replies: list[object]
         if isinstance(client, RedisCluster):
@@ -360,10 +361,10 @@ class RedisStorage:
                 call.reply = storage_error("rate-limit decision", reply)
             else:
                 call.reply = reply
-        if missing:
+        if missing and reload:
             # Not run (the server had no script): load it and send those calls again.
             await self._load()
-            await self._execute(missing)
+            await self._execute(missing, reload=False)
 
     async def _on_cluster(self, client: RedisCluster, calls: list[Call]) -> list[object]:
         """The replies of ``calls`` on a cluster: each to its slot's node (see wire.py)."""
@@ -383,7 +384,19 @@ class RedisStorage:
 
     async def _load(self) -> None:
         logger.info("loading the rate-limit script into Redis (NOSCRIPT)")
-        await self.client.script_load(DECIDE.text)
+        client = self.client
+        if isinstance(client, RedisCluster):
+            # Master by master: one that is down must not keep the others from the script
+            # (it gets it when it is back and answers NOSCRIPT).
+            await asyncio.gather(
+                *(
+                    client.execute_command("SCRIPT LOAD", DECIDE.text, target_nodes=node)
+                    for node in client.get_primaries()
+                ),
+                return_exceptions=True,
+            )
+        else:
+            await client.script_load(DECIDE.text)
 
     async def _refund(self, charged: list[Call]) -> None:
         """Give back what ``charged`` calls took (a request on several cluster slots that

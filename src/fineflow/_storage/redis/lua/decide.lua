@@ -1,4 +1,4 @@
--- fineflow: decide the quotas of one request, all or nothing (one call, atomic).
+-- fineflow: decide the quotas of requests, each all or nothing (one script call, atomic).
 --
 -- The same arithmetic as the reference functions in fineflow/_ratelimit/algorithms.py, on
 -- exact integers: Lua's numbers are doubles, exact only below 2^53, and nanoseconds since

@@ -49,8 +49,9 @@ async def storage(request: pytest.FixtureRequest, pg_dsn: str) -> AsyncIterator[
         )
 
         if request.node.originalname == "test_window_slides_and_state_expires":
-            # Redis expires state by itself: cleanup() has nothing to remove, returns 0.
-            request.applymarker(pytest.mark.xfail(reason="cleanup() is a no-op", strict=True))
+            # Redis expires state by itself: cleanup() has nothing to remove and returns 0,
+            # where this test wants >= 1. (Not strict: it passes once the test accepts 0.)
+            request.applymarker(pytest.mark.xfail(reason="cleanup() is a no-op", strict=False))
         url = shared_cluster().url if kind == "redis-cluster" else shared_redis().url
         prefix = unique_prefix()
         async with RedisStorage(url, prefix=prefix) as redis_storage:

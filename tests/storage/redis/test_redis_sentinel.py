@@ -47,7 +47,8 @@ def sentinel(throwaway: RedisServer) -> Iterator[int]:
 
 
 async def test_decisions_through_sentinel(sentinel: int) -> None:
-    client = Sentinel([("127.0.0.1", sentinel)], socket_timeout=5).master_for("m")
+    sentinels = Sentinel([("127.0.0.1", sentinel)], socket_timeout=5)
+    client = sentinels.master_for("m")
     try:
         async with RedisStorage(client=client) as storage:
             quota = Quota(2, 86400.0)
@@ -57,3 +58,5 @@ async def test_decisions_through_sentinel(sentinel: int) -> None:
             assert status.allowed_total == 2 and status.denied_total == 1
     finally:
         await client.aclose()
+        for one in sentinels.sentinels:
+            await one.aclose()

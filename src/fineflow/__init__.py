@@ -30,9 +30,11 @@ from ._ratelimit.quota import Quota
 from ._ratelimit.rules import Rule
 from ._storage.base import Hit, KeyStatus, LocalStorage, StatsRow, Storage
 from ._storage.memory import MemoryStorage
+from ._storage.url import storage_from_url
 
 if _typing.TYPE_CHECKING:
     from ._storage.postgres.storage import PostgresStorage
+    from ._storage.redis.storage import RedisStorage
 
 __version__ = "0.1.0"
 
@@ -64,6 +66,7 @@ __all__ = [
     "Quota",
     "RateLimitMiddleware",
     "RateLimiter",
+    "RedisStorage",
     "Rule",
     "SchemaVersionError",
     "StatsRow",
@@ -73,6 +76,7 @@ __all__ = [
     "__version__",
     "http_throttle",
     "keys",
+    "storage_from_url",
 ]
 
 
@@ -86,6 +90,11 @@ if not _typing.TYPE_CHECKING:  # (type checkers see the import above, and flag t
 
             globals()[name] = PostgresStorage
             return PostgresStorage
+        if name == "RedisStorage":  # (fineflow[redis]: the same, for redis-py)
+            from ._storage.redis.storage import RedisStorage
+
+            globals()[name] = RedisStorage
+            return RedisStorage
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

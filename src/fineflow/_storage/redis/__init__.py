@@ -1,0 +1,1 @@
+"""RedisStorage: rate-limit state in Redis or Valkey, standalone or Cluster."""

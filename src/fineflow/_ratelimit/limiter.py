@@ -12,7 +12,7 @@ from .._breaker.breaker import CircuitBreaker
 from .._breaker.config import CircuitState
 from .._errors import ConfigurationError, StorageError
 from .._storage.base import Hit, KeyStatus, LocalStorage, Storage
-from .algorithms import Decision, validate_algorithm
+from .algorithms import Decision, new_record, validate_algorithm
 from .quota import Quota
 
 __all__ = ["Decisions", "LimiterMetrics", "RateLimiter"]
@@ -20,9 +20,6 @@ __all__ = ["Decisions", "LimiterMetrics", "RateLimiter"]
 logger = logging.getLogger("fineflow.limiter")
 
 STORAGE_UNAVAILABLE = "storage unavailable"
-# Builds the per-request tuples (a Hit, the Decisions) without a Python-level call through
-# type(): NamedTuple's generated __new__ costs about twice the whole tuple.
-_new = tuple.__new__
 
 
 class Decisions(tuple[Decision, ...]):
@@ -195,7 +192,7 @@ class RateLimiter:
         """Charge ``cost`` against ``quota`` for ``key`` if it fits; return the decision."""
         if quota.__class__ is not Quota:
             quota = Quota.parse(quota)
-        hits = (_new(Hit, (key, quota, cost, endpoint, tier)),)
+        hits = (new_record(Hit, (key, quota, cost, endpoint, tier)),)
         decisions = self.decide_nowait(hits)
         if decisions is None:
             decisions = await self.decide(hits)
@@ -285,7 +282,7 @@ class RateLimiter:
                 break
         else:
             self._allowed += 1
-        return _new(Decisions, decisions)
+        return Decisions(decisions)
 
     def _fallback(self, hits: Sequence[Hit], exc: BaseException | None) -> Decisions:
         """What ``on_storage_error`` decides for ``hits`` when the storage cannot."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from .._asgi.types import Scope
 from .._storage.base import Hit
+from .algorithms import new_record
 from .headers import AppliedPolicy
 from .quota import Quota
 from .rules import CostFunc, Rule
@@ -21,7 +22,6 @@ __all__ = ["CompiledRule", "RuleSet", "finish_key"]
 
 logger = logging.getLogger("fineflow.middleware")
 
-_new_hit = tuple.__new__  # a Hit per request, without NamedTuple's Python-level __new__
 _MAX_WARNED_TIERS = 256
 _MAX_TIER_LEN = 64
 _Plan = tuple[tuple[Quota, AppliedPolicy], ...]
@@ -155,7 +155,7 @@ class RuleSet:
                 else await _cost_of(rule.cost, rule.name, scope)
             )
             for quota, policy in plan:
-                hits.append(_new_hit(Hit, (subject, quota, cost, rule.name, tier_name)))
+                hits.append(new_record(Hit, (subject, quota, cost, rule.name, tier_name)))
                 applied.append(policy)
         return hits, applied, matched
 

@@ -71,17 +71,6 @@ async def finish_key(value: object) -> str | None:
     return str(value)
 
 
-async def _tier_of(fn: Callable[[Scope], Any], scope: Scope) -> str | None:
-    """The caller's tier: the tier function's result, awaited, as text of bounded length."""
-    value = fn(scope)
-    if isawaitable(value):
-        value = await value
-    if value is None:
-        return None
-    value = value if isinstance(value, str) else str(value)
-    return value[:_MAX_TIER_LEN]
-
-
 async def _cost_of(fn: CostFunc, rule: str, scope: Scope) -> int:
     value = fn(scope)
     if isawaitable(value):
@@ -144,7 +133,12 @@ class RuleSet:
             if subject is None:
                 continue
             if not tier_done:
-                tier = None if self.tier is None else await _tier_of(self.tier, scope)
+                # The caller's tier, finished as a key is, as text of bounded length.
+                tier = None if self.tier is None else self.tier(scope)
+                if tier is not None and tier.__class__ is not str:
+                    tier = await finish_key(tier)
+                if tier is not None:
+                    tier = tier[:_MAX_TIER_LEN]
                 tier_done = True
             plan, tier_name = (
                 (rule.plan, tier or "") if not rule.tiers else self._tiered(rule, tier)

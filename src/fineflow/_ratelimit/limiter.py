@@ -41,12 +41,15 @@ class Decisions(tuple[Decision, ...]):
     @property
     def retry_after(self) -> float | None:
         """0.0 if allowed; else the longest wait among denying quotas (``None``: never)."""
-        waits = [d.retry_after for d in self if not d.allowed]
-        if not waits:
-            return 0.0
-        if any(w is None for w in waits):
-            return None
-        return max(w for w in waits if w is not None)
+        longest: float | None = None
+        for decision in self:
+            if not decision.allowed:
+                wait = decision.retry_after
+                if wait is None:
+                    return None
+                if longest is None or wait > longest:
+                    longest = wait
+        return 0.0 if longest is None else longest
 
     @property
     def denied(self) -> list[Decision]:

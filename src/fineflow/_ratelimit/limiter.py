@@ -12,7 +12,7 @@ from .._breaker.breaker import CircuitBreaker
 from .._breaker.config import CircuitState
 from .._errors import ConfigurationError, StorageError
 from .._storage.base import Hit, KeyStatus, LocalStorage, Storage
-from .algorithms import Decision, validate_algorithm
+from .algorithms import Decision, new_record, validate_algorithm
 from .quota import Quota
 
 __all__ = ["Decisions", "LimiterMetrics", "RateLimiter"]
@@ -20,9 +20,6 @@ __all__ = ["Decisions", "LimiterMetrics", "RateLimiter"]
 logger = logging.getLogger("fineflow.limiter")
 
 STORAGE_UNAVAILABLE = "storage unavailable"
-# Builds the per-request tuples (a Hit, the Decisions) without a Python-level call through
-# type(): NamedTuple's generated __new__ costs about twice the whole tuple.
-_new = tuple.__new__
 
 
 class Decisions(tuple[Decision, ...]):
@@ -44,12 +41,15 @@ class Decisions(tuple[Decision, ...]):
     @property
     def retry_after(self) -> float | None:
         """0.0 if allowed; else the longest wait among denying quotas (``None``: never)."""
-        waits = [d.retry_after for d in self if not d.allowed]
-        if not waits:
-            return 0.0
-        if any(w is None for w in waits):
-            return None
-        return max(w for w in waits if w is not None)
+        longest: float | None = None
+        for decision in self:
+            if not decision.allowed:
+                wait = decision.retry_after
+                if wait is None:
+                    return None
+                if longest is None or wait > longest:
+                    longest = wait
+        return 0.0 if longest is None else longest
 
     @property
     def denied(self) -> list[Decision]:
@@ -195,7 +195,7 @@ class RateLimiter:
         """Charge ``cost`` against ``quota`` for ``key`` if it fits; return the decision."""
         if quota.__class__ is not Quota:
             quota = Quota.parse(quota)
-        hits = (_new(Hit, (key, quota, cost, endpoint, tier)),)
+        hits = (new_record(Hit, (key, quota, cost, endpoint, tier)),)
         decisions = self.decide_nowait(hits)
         if decisions is None:
             decisions = await self.decide(hits)
@@ -285,7 +285,7 @@ class RateLimiter:
                 break
         else:
             self._allowed += 1
-        return _new(Decisions, decisions)
+        return Decisions(decisions)
 
     def _fallback(self, hits: Sequence[Hit], exc: BaseException | None) -> Decisions:
         """What ``on_storage_error`` decides for ``hits`` when the storage cannot."""

@@ -279,7 +279,10 @@ class RateLimitMiddleware:
         style = self._style
         show = style is not None and (self._headers_for is None or self._headers_for(scope))
         headers = render_headers(style, applied, decisions) if style and show else ()
-        violated = [a for a, d in zip(applied, decisions, strict=True) if not d.allowed]
+        violated = []
+        for policy, decision in zip(applied, decisions, strict=True):
+            if not decision.allowed:
+                violated.append(policy)
         return quota_exceeded(violated, decisions.retry_after, headers)
 
 

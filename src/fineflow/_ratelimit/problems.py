@@ -39,7 +39,7 @@ def quota_exceeded(
     Returns:
         An ASGI app sending the response.
     """
-    names = b"[" + b",".join(a.json_name for a in violated) + b"]"
+    names = b"[" + b",".join([a.json_name for a in violated]) + b"]"
     if retry_after is None:
         detail = b"This request costs more than the quota can ever admit."
         extra = list(headers)

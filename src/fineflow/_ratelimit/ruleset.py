@@ -13,6 +13,7 @@ from typing import Any
 
 from .._asgi.types import Scope
 from .._storage.base import Hit
+from .algorithms import new_record
 from .headers import AppliedPolicy
 from .quota import Quota
 from .rules import CostFunc, Rule
@@ -21,7 +22,6 @@ __all__ = ["CompiledRule", "RuleSet", "finish_key"]
 
 logger = logging.getLogger("fineflow.middleware")
 
-_new_hit = tuple.__new__  # a Hit per request, without NamedTuple's Python-level __new__
 _MAX_WARNED_TIERS = 256
 _MAX_TIER_LEN = 64
 _Plan = tuple[tuple[Quota, AppliedPolicy], ...]
@@ -69,17 +69,6 @@ async def finish_key(value: object) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return str(value)
-
-
-async def _tier_of(fn: Callable[[Scope], Any], scope: Scope) -> str | None:
-    """The caller's tier: the tier function's result, awaited, as text of bounded length."""
-    value = fn(scope)
-    if isawaitable(value):
-        value = await value
-    if value is None:
-        return None
-    value = value if isinstance(value, str) else str(value)
-    return value[:_MAX_TIER_LEN]
 
 
 async def _cost_of(fn: CostFunc, rule: str, scope: Scope) -> int:
@@ -144,7 +133,12 @@ class RuleSet:
             if subject is None:
                 continue
             if not tier_done:
-                tier = None if self.tier is None else await _tier_of(self.tier, scope)
+                # The caller's tier, finished as a key is, as text of bounded length.
+                tier = None if self.tier is None else self.tier(scope)
+                if tier is not None and tier.__class__ is not str:
+                    tier = await finish_key(tier)
+                if tier is not None:
+                    tier = tier[:_MAX_TIER_LEN]
                 tier_done = True
             plan, tier_name = (
                 (rule.plan, tier or "") if not rule.tiers else self._tiered(rule, tier)
@@ -155,7 +149,7 @@ class RuleSet:
                 else await _cost_of(rule.cost, rule.name, scope)
             )
             for quota, policy in plan:
-                hits.append(_new_hit(Hit, (subject, quota, cost, rule.name, tier_name)))
+                hits.append(new_record(Hit, (subject, quota, cost, rule.name, tier_name)))
                 applied.append(policy)
         return hits, applied, matched
 

@@ -168,9 +168,13 @@ class LocalStorage(Storage, Protocol):
         ...
 
 
+def check_cost(cost: object) -> None:
+    """Validate a cost: a non-negative int (bool rejected). Raise ``ValueError`` otherwise."""
+    if type(cost) is not int or cost < 0:
+        raise ValueError(f"cost must be a non-negative int, got {cost!r}")
+
+
 def check_hits(hits: Sequence[Hit]) -> None:
-    """Validate costs: non-negative ints (bool rejected). Raise ``ValueError`` otherwise."""
+    """Validate every hit's cost (see :func:`check_cost`)."""
     for hit in hits:
-        cost = hit.cost
-        if type(cost) is not int or cost < 0:
-            raise ValueError(f"cost must be a non-negative int, got {cost!r}")
+        check_cost(hit.cost)

@@ -28,7 +28,7 @@ from .._ratelimit.algorithms import (
     validate_algorithm,
 )
 from .._ratelimit.quota import Quota
-from .base import MAX_KEY_BYTES, Hit, KeyStatus, StatsRow, check_hits, storage_key
+from .base import MAX_KEY_BYTES, Hit, KeyStatus, StatsRow, check_cost, storage_key
 
 __all__ = ["MemoryStorage"]
 
@@ -141,7 +141,6 @@ class MemoryStorage:
         if self._closed:
             raise StorageClosedError("this MemoryStorage was closed; create a new one")
         step = ALGORITHMS.get(algorithm) or ALGORITHMS[validate_algorithm(algorithm)]
-        check_hits(hits)
         if now is None:
             now = self.clock()
         if len(hits) != 1:
@@ -172,6 +171,9 @@ class MemoryStorage:
         return decisions
 
     def _find(self, hit: Hit) -> _Entry | None:
+        """The entry of ``hit`` (``None`` if it has none), once its cost is checked: every
+        hit of a request is found before any is decided, so a bad cost changes nothing."""
+        check_cost(hit.cost)
         # The index holds storable names only, so an entry found under the names as given
         # is the one; else the names may be long or odd ones stored as a digest.
         try:

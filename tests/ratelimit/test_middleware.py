@@ -30,14 +30,14 @@ from fineflow import (
     MemoryStorage,
     Quota,
     RateLimiter,
+    RateLimitMiddleware,
+    Rule,
     keys,
 )
 from fineflow._asgi.types import Message, Receive, Scope, Send
 from fineflow._ratelimit import headers as _headers
 from fineflow._ratelimit.headers import AppliedPolicy, render_headers
-from fineflow._ratelimit.middleware import RateLimitMiddleware
 from fineflow._ratelimit.problems import QUOTA_EXCEEDED
-from fineflow._ratelimit.rules import Rule
 from fineflow._storage import lifespan as _lifecycle
 
 pytestmark = pytest.mark.anyio

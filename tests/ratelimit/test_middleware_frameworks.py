@@ -24,9 +24,7 @@ from asgi_helpers import (
     WebSocketDenialResponse,
     sf,
 )
-from fineflow import MemoryStorage
-from fineflow._ratelimit.middleware import RateLimitMiddleware
-from fineflow._ratelimit.rules import Rule
+from fineflow import MemoryStorage, RateLimitMiddleware, Rule
 
 
 async def user(request: Request) -> Response:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fineflow import ConfigurationError, Quota
-from fineflow._ratelimit.rules import PathPattern, Rule
+from fineflow import ConfigurationError, Quota, Rule
+from fineflow._ratelimit.rules import PathPattern
 
 MATCHES = [
     ("/users/{id}", "/users/1", True),

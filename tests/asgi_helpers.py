@@ -1,4 +1,4 @@
-"""Helpers for the middleware tests: a fake clock, raw ASGI apps and a raw ASGI driver."""
+"""Helpers for the middleware tests: raw ASGI apps, a raw ASGI driver, storage doubles."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from fineflow import (
     StorageError,
 )
 from fineflow._asgi.types import Message, Receive, Scope, Send
+from fineflow.testing import FakeClock
 
 with warnings.catch_warnings():
     # starlette.testclient prefers the httpx2 fork and warns when it runs on httpx.
@@ -27,7 +28,6 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient, WebSocketDenialResponse
 
 __all__ = [
-    "Clock",
     "FailingStorage",
     "RecordingStorage",
     "Response",
@@ -40,19 +40,6 @@ __all__ = [
 ]
 
 START = 1_700_000_000 * 10**9
-
-
-class Clock:
-    """A fake nanosecond clock for MemoryStorage."""
-
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += round(seconds * 1e9)
 
 
 @dataclass
@@ -125,8 +112,8 @@ class RecordingStorage(MemoryStorage):
     """MemoryStorage that records open / migrate / close calls and, like a database
     storage, refuses decisions until it is opened."""
 
-    def __init__(self, clock: Clock | None = None, *, fail_open: bool = False) -> None:
-        super().__init__(clock=clock or Clock())
+    def __init__(self, clock: FakeClock | None = None, *, fail_open: bool = False) -> None:
+        super().__init__(clock=(clock or FakeClock()).time_ns)
         self.calls: list[str] = []
         self.fail_open = fail_open
         self.is_open = False

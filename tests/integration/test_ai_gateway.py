@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from asgi_helpers import Clock
 from fineflow import MemoryStorage
+from fineflow.testing import FakeClock
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ai_gateway.py"
 PRO = {"x-api-key": "pro-key"}
@@ -38,20 +38,10 @@ def memory_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FINEFLOW_DSN", raising=False)
 
 
-class FakeClock:
-    """The breaker's monotonic clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @contextlib.asynccontextmanager
 async def running(upstream: Any, **options: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """The gateway app with its lifespan run, and a client for it."""
-    options.setdefault("storage", MemoryStorage(clock=Clock()))
+    options.setdefault("storage", MemoryStorage(clock=FakeClock().time_ns))
     app = gateway.create_app(upstream.url, **options)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -70,7 +60,7 @@ async def chat(http: httpx.AsyncClient, headers: dict[str, str] = PRO) -> httpx.
 
 
 async def test_full_circuit_lifecycle_with_fallback(upstream: Any) -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     async with running(upstream, clock=clock, reset_timeout=30.0) as (_, http):
         healthy = await chat(http)
         assert healthy.status_code == 200
@@ -99,11 +89,11 @@ async def test_full_circuit_lifecycle_with_fallback(upstream: Any) -> None:
         assert upstream.requests == calls_before  # rejected without reaching the upstream
 
         upstream.mode = "ok"  # recovered, but the breaker waits out its reset timeout
-        clock.now += 29.0
+        clock.advance(29.0)
         assert (await chat(http)).json()["from_fallback"] is True
         assert upstream.requests == calls_before
 
-        clock.now += 1.0  # the reset timeout elapsed: three trial requests close it
+        clock.advance(1.0)  # the reset timeout elapsed: three trial requests close it
         states = [(await chat(http)).json()["circuit_state"] for _ in range(3)]
         assert states == ["half_open", "half_open", "closed"]
         assert upstream.requests == calls_before + 3
@@ -116,13 +106,13 @@ async def test_full_circuit_lifecycle_with_fallback(upstream: Any) -> None:
 
 
 async def test_a_failing_trial_reopens_the_circuit(upstream: Any) -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     async with running(upstream, clock=clock, failure_threshold=2) as (app, http):
         upstream.mode = "fail"
         for _ in range(2):
             assert (await chat(http)).status_code == 502
         assert app.state.breaker.state.value == "open"
-        clock.now += 30.0
+        clock.advance(30.0)
         trial = await chat(http)
         assert (trial.status_code, trial.json()["circuit_state"]) == (502, "open")
         assert (await chat(http)).json()["from_fallback"] is True

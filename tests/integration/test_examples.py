@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 import fineflow
-from asgi_helpers import Clock, TestClient, sf
+from asgi_helpers import TestClient, sf
 from fineflow import MemoryStorage
-from fineflow.testing import free_port
+from fineflow.testing import FakeClock, free_port
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NAMES = ["raw_asgi", "starlette_app", "fastapi_app", "quart_app"]
@@ -62,7 +62,7 @@ def test_raw_asgi_example() -> None:
         assert response.status_code == 200
         assert response.json() == {"path": "/users/1", "remaining": 4}
         assert http.get("/health").headers.get("ratelimit") is None
-    app = module.create_app(storage=MemoryStorage(clock=Clock()))
+    app = module.create_app(storage=MemoryStorage(clock=FakeClock().time_ns))
     with TestClient(app) as http:
         statuses = [http.get(f"/users/{i}").status_code for i in range(6)]
         assert statuses == [200] * 5 + [429]
@@ -78,7 +78,7 @@ async def test_starlette_example() -> None:
         first = await http.get("/api/users/1")
         assert first.status_code == 200
         assert first.json() == {"user": "1", "remaining": 9}
-    async with client(module.create_app(storage=MemoryStorage(clock=Clock()))) as http:
+    async with client(module.create_app(storage=MemoryStorage(clock=FakeClock().time_ns))) as http:
         pro = {"x-api-key": "pro-key"}
         policy = sf((await http.get("/api/users/1", headers=pro)).headers["ratelimit-policy"])
         assert policy == [("api", {"q": 100, "w": 60})]
@@ -98,7 +98,7 @@ async def test_fastapi_example() -> None:
     module = load("fastapi_app")
     async with client(module.app) as http:
         assert (await http.get("/v1/items/3")).json() == {"item": 3}
-    async with client(module.create_app(storage=MemoryStorage(clock=Clock()))) as http:
+    async with client(module.create_app(storage=MemoryStorage(clock=FakeClock().time_ns))) as http:
         first = await http.post("/v1/chat?tokens=40")
         assert first.status_code == 200
         assert first.json()["tokens"] == 40
@@ -117,7 +117,7 @@ async def test_quart_example() -> None:
     response = await module.app.test_client().get("/hello/world")
     assert response.status_code == 200
     assert (await response.get_json()) == {"hello": "world", "remaining": 4}
-    quart_app = module.create_app(storage=MemoryStorage(clock=Clock()))
+    quart_app = module.create_app(storage=MemoryStorage(clock=FakeClock().time_ns))
     test_client = quart_app.test_client()
     statuses = [(await test_client.get(f"/hello/{i}")).status_code for i in range(6)]
     assert statuses == [200] * 5 + [429]

@@ -24,7 +24,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asgi_helpers import Clock
 from fineflow import (
     BreakerRegistry,
     CircuitBreaker,
@@ -42,6 +41,7 @@ from fineflow import (
 )
 from fineflow._asgi.types import ASGIApp, Message, Receive, Scope, Send
 from fineflow._storage.base import MAX_KEY_BYTES, storage_key
+from fineflow.testing import FakeClock
 
 TRUSTED = ["10.0.0.0/8", "::1", "192.168.0.0/16"]
 MISSING = object()  # a scope entry left out altogether
@@ -66,7 +66,7 @@ def rate_limited(app: ASGIApp, **options: Any) -> RateLimitMiddleware:
     options.setdefault("tier", keys.header("x-tier"))
     return RateLimitMiddleware(
         app,
-        storage=MemoryStorage(clock=Clock(), max_keys=500),
+        storage=MemoryStorage(clock=FakeClock().time_ns, max_keys=500),
         rules=[
             Rule("/{p:path}", quota="2/minute"),
             Rule("/api/*", tiers={"free": "1/minute", "pro": ["5/minute", "50/hour"]}),
@@ -319,7 +319,7 @@ def test_the_breaker_registry_stays_bounded_under_distinct_hostile_paths() -> No
 
 
 def test_memory_storage_stays_within_max_keys_under_a_flood() -> None:
-    storage = MemoryStorage(clock=Clock(), max_keys=1_000)
+    storage = MemoryStorage(clock=FakeClock().time_ns, max_keys=1_000)
     limiter = RateLimiter(storage)
     quota = Quota(1, 3600.0)
 

@@ -23,16 +23,9 @@ from fineflow import (
 )
 from fineflow._ratelimit.algorithms import NS
 from fineflow._ratelimit.limiter import STORAGE_UNAVAILABLE
+from fineflow.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.ns = 1_700_000_000 * NS
-
-    def __call__(self) -> int:
-        return self.ns
 
 
 @pytest.fixture
@@ -42,7 +35,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def limiter(clock: FakeClock) -> RateLimiter:
-    return RateLimiter(MemoryStorage(clock=clock))
+    return RateLimiter(MemoryStorage(clock=clock.time_ns))
 
 
 async def test_hit_counts_down_and_recovers(limiter: RateLimiter, clock: FakeClock) -> None:
@@ -50,7 +43,7 @@ async def test_hit_counts_down_and_recovers(limiter: RateLimiter, clock: FakeClo
     assert [d.allowed for d in got] == [True, True, True, False]
     assert [d.remaining for d in got] == [2, 1, 0, 0]
     assert got[3].retry_after == pytest.approx(1 / 3, abs=1e-6)
-    clock.ns += NS // 3 + 1
+    clock.advance_ns(NS // 3 + 1)
     assert (await limiter.hit("alice", "3/second")).allowed
     metrics = limiter.metrics()
     assert (metrics.decisions, metrics.allowed, metrics.denied) == (5, 4, 1)
@@ -92,7 +85,7 @@ async def test_decide_takes_several_keys_of_one_request(limiter: RateLimiter) ->
 
 @pytest.mark.parametrize("algorithm", ["gcra", "fixed_window", "sliding_window"])
 async def test_every_algorithm_limits(clock: FakeClock, algorithm: str) -> None:
-    limiter = RateLimiter(MemoryStorage(clock=clock), algorithm=algorithm)
+    limiter = RateLimiter(MemoryStorage(clock=clock.time_ns), algorithm=algorithm)
     got = [(await limiter.hit("k", "3/minute")).allowed for _ in range(5)]
     assert got == [True, True, True, False, False]
     metrics = limiter.metrics()
@@ -118,7 +111,7 @@ async def test_a_storage_subclass_and_a_limiter_subclass_keep_their_overrides(
             seen.append("limiter")
             return await super().hit(key, quota, cost, endpoint=endpoint, tier=tier)
 
-    limiter = Logged(Audited(clock=clock))
+    limiter = Logged(Audited(clock=clock.time_ns))
     got = [(await limiter.hit("k", "1/minute")).allowed for _ in range(2)]
     assert got == [True, False]
     assert seen == ["limiter", "storage"] * 2
@@ -180,7 +173,7 @@ async def test_storage_breaker_opens_and_probes(clock: FakeClock) -> None:
             return super().decide_local(algorithm, hits, now=now)
 
     now = [0.0]
-    storage = Outage(clock=clock)
+    storage = Outage(clock=clock.time_ns)
     limiter = RateLimiter(storage, failure_threshold=2, recovery_time=1.0, clock=lambda: now[0])
     hits = [Hit("k", Quota(1, 1.0)), Hit("k", Quota(2, 1.0))]  # the general (async) path
     for _ in range(5):

@@ -11,7 +11,7 @@ import pytest
 
 from fineflow import PostgresStorage, Quota, RateLimiter
 from fineflow._ratelimit.limiter import STORAGE_UNAVAILABLE
-from fineflow.testing import ThrowawayCluster, find_postgres_bindir
+from fineflow.testing import FakeClock, ThrowawayCluster, find_postgres_bindir
 
 pytestmark = pytest.mark.anyio
 
@@ -31,14 +31,6 @@ async def storage(cluster: ThrowawayCluster, pg_schema: str) -> AsyncIterator[Po
         yield pg
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.mark.parametrize("policy", ["allow", "deny"])
 async def test_server_stopped_then_back(
     cluster: ThrowawayCluster,
@@ -46,7 +38,7 @@ async def test_server_stopped_then_back(
     policy: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     limiter = RateLimiter(storage, on_storage_error=policy, timeout=0.5, clock=clock)  # type: ignore[arg-type]
     quota = Quota(2, 3600.0)
     assert (await limiter.hit("k", quota)).allowed
@@ -66,14 +58,14 @@ async def test_server_stopped_then_back(
         assert len(failing) == 1  # one line per burst, not per request
     finally:
         cluster.start()
-    clock.now += 5.0  # past the recovery time: the next request probes the store
+    clock.advance(5.0)  # past the recovery time: the next request probes the store
     with caplog.at_level(logging.WARNING, logger="fineflow.limiter"):
         recovered = None
         for _ in range(20):  # the pool may need a moment to reconnect
             recovered = await limiter.hit("k", quota)
             if recovered.reason is None:
                 break
-            clock.now += 5.0
+            clock.advance(5.0)
     assert recovered is not None
     assert recovered.reason is None
     assert recovered.allowed  # the second of two: state survived the crash

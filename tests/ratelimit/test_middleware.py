@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asgi_helpers import (
-    Clock,
     FailingStorage,
     RecordingStorage,
     Response,
@@ -39,14 +38,17 @@ from fineflow._ratelimit import headers as _headers
 from fineflow._ratelimit.headers import AppliedPolicy, render_headers
 from fineflow._ratelimit.problems import QUOTA_EXCEEDED
 from fineflow._storage import lifespan as _lifecycle
+from fineflow.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
 
 
-def limited(rules: list[Rule], clock: Clock | None = None, **options: Any) -> RateLimitMiddleware:
+def limited(
+    rules: list[Rule], clock: FakeClock | None = None, **options: Any
+) -> RateLimitMiddleware:
     app = options.pop("app", echo_app)
     return RateLimitMiddleware(
-        app, storage=MemoryStorage(clock=clock or Clock()), rules=rules, **options
+        app, storage=MemoryStorage(clock=(clock or FakeClock()).time_ns), rules=rules, **options
     )
 
 
@@ -75,7 +77,7 @@ async def test_allowed_requests_carry_ietf_headers_and_denied_get_429_problem() 
 
 
 async def test_time_moves_with_the_injected_clock() -> None:
-    clock = Clock()
+    clock = FakeClock()
     mw = limited([Rule("/x", quota="1/second")], clock)
     assert (await call(mw, http_scope("/x"))).status == 200
     assert (await call(mw, http_scope("/x"))).status == 429
@@ -622,7 +624,7 @@ def test_cached_ratelimit_headers_match_freshly_rendered_ones(
     """Requests with one decision reuse rendered RateLimit headers: under any mix of
     callers and clock moves (same remaining with another reset, a cache cleared when
     full) they equal headers rendered afresh, with one rule or several."""
-    clock = Clock()
+    clock = FakeClock()
     rule = Rule("/{path:path}", quota="5/minute", name="api")
     fast = limited([rule], clock)
     general = limited([rule, Rule("/never", quota="1/minute", name="never")], clock)
@@ -646,7 +648,7 @@ def test_tiered_rules_cache_headers_per_tier(
 ) -> None:
     """Each tier's policy keeps its own rendered headers: a caller's headers name their
     tier's quota, as rendered afresh (unknown and missing tiers take the default)."""
-    clock = Clock()
+    clock = FakeClock()
     rule = Rule("/{path:path}", tiers={"free": "3/minute", "pro": "5/minute"}, name="api")
     quotas = {"free": 3, "pro": 5}
 
@@ -669,7 +671,7 @@ def test_tiered_rules_cache_headers_per_tier(
 
 
 async def test_cached_ratelimit_headers_name_their_own_rule_and_follow_remaining() -> None:
-    clock = Clock()
+    clock = FakeClock()
     a = limited([Rule("/{path:path}", quota="3/minute", name="a")], clock)
     b = limited([Rule("/{path:path}", quota="3/minute", name="b")], clock)
     seen = []

@@ -61,3 +61,11 @@ async def test_drives_memory_storage_and_breaker() -> None:
         return "ok"
 
     assert await breaker.call(ok) == "ok"  # the reset timeout passed on the fake clock
+
+
+def test_advance_ns_moves_exactly() -> None:
+    clock = FakeClock(start=0.0)
+    clock.advance_ns(333_333_334)
+    assert clock.time_ns() == 333_333_334
+    with pytest.raises(ValueError, match="only moves forward"):
+        clock.advance_ns(-1)

@@ -67,6 +67,16 @@ class FakeClock:
             raise ValueError(f"a clock only moves forward; got advance({seconds!r})")
         self._ns += _to_ns(seconds)
 
+    def advance_ns(self, nanoseconds: int) -> None:
+        """Move the time forward by exactly ``nanoseconds``.
+
+        Raises:
+            ValueError: ``nanoseconds`` is negative.
+        """
+        if nanoseconds < 0:
+            raise ValueError(f"a clock only moves forward; got advance_ns({nanoseconds!r})")
+        self._ns += nanoseconds
+
     def __repr__(self) -> str:
         return f"FakeClock(now={self.now!r})"
 

@@ -92,6 +92,10 @@ async def test_migrate_loads_the_script(redis_storage: RedisStorage) -> None:
     assert await redis_storage.client.script_exists(DECIDE.sha) == [True]
 
 
+# decide.lua: how much longer a hash lives when the caller passes its own now.
+EXPLICIT_NOW_GRACE_MS = 60_000
+
+
 @pytest.mark.parametrize(
     ("algorithm", "period_ns"),
     [("gcra", 20 * NS), ("fixed_window", 60 * NS), ("sliding_window", 120 * NS)],
@@ -105,8 +109,18 @@ async def test_state_expires_when_it_is_equivalent_to_none(
     await redis_storage.decide(algorithm, [Hit("x", quota, 1, endpoint)], now=at)
     name = redis_storage.names.key("x")
     ttl = await redis_storage.client.pttl(name)
-    # (PTTL counts down as the test runs: a generous margin below, none above)
-    assert period_ns // 1_000_000 - 5000 < ttl <= period_ns // 1_000_000 + 2
+    # With an explicit now the hash lives a minute longer than the state (its timeline is
+    # not the server's). PTTL counts down as the test runs: a generous margin below.
+    expected = period_ns // 1_000_000 + EXPLICIT_NOW_GRACE_MS
+    assert expected - 5000 < ttl <= expected
+
+
+async def test_state_on_the_server_clock_expires_at_its_end(redis_storage: RedisStorage) -> None:
+    # GCRA 3/60s: one request leaves a state that ends one emission interval (20 s) later.
+    quota, endpoint = Quota(3, 60.0), ep()
+    await redis_storage.decide("gcra", [Hit("y", quota, 1, endpoint)])
+    ttl = await redis_storage.client.pttl(redis_storage.names.key("y"))
+    assert 20_000 - 5000 < ttl <= 20_000 + 2
 
 
 async def test_cleanup_does_nothing(redis_storage: RedisStorage) -> None:

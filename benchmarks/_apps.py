@@ -120,7 +120,8 @@ def build(variant: str, **options: Any) -> Starlette | None:
     Variants: ``bare``, ``passthrough``, ``floor`` (the least middleware with fineflow's
     contract: :class:`benchmarks._floors.MinimalRateLimit`), ``fineflow-memory``,
     ``fineflow-memory-429``, ``fineflow-tiers`` (three tiers, a tier function),
-    ``fineflow-postgres`` (``limiter=`` or ``dsn=``/``schema=``), ``asgi-ratelimit``,
+    ``fineflow-postgres`` (``limiter=`` or ``dsn=``/``schema=``), ``fineflow-redis``
+    (``redis_url=``/``prefix=``), ``asgi-ratelimit``,
     ``slowapi`` (decorator + ``SlowAPIMiddleware``), ``slowapi-decorator``, ``breaker``.
     """
     endpoint: Callable[..., Any] = hello
@@ -166,6 +167,14 @@ def build(variant: str, **options: Any) -> Starlette | None:
 
             storage = PostgresStorage(options["dsn"], schema=options.get("schema", "bench_http"))
             mw = _fineflow_middleware(storage=storage)
+        if mw is None:
+            return None
+        middleware.append(mw)
+    elif variant == "fineflow-redis":
+        from fineflow import RedisStorage
+
+        redis_storage = RedisStorage(options["redis_url"], prefix=options.get("prefix", "bench"))
+        mw = _fineflow_middleware(storage=redis_storage)
         if mw is None:
             return None
         middleware.append(mw)
@@ -228,6 +237,8 @@ def http_app() -> Starlette:
         variant,
         dsn=os.environ.get("BENCH_DSN", ""),
         schema=os.environ.get("BENCH_SCHEMA", "bench_http"),
+        redis_url=os.environ.get("BENCH_REDIS_URL", ""),
+        prefix=os.environ.get("BENCH_REDIS_PREFIX", "bench"),
     )
     if app is None:
         raise SystemExit(f"benchmark variant {variant!r} is not available")

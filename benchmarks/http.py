@@ -1,6 +1,6 @@
 """Suite 2: real HTTP through uvicorn on 127.0.0.1, requests/s and latency.
 
-One uvicorn process per contender (bare Starlette, fineflow with memory and with PostgreSQL
+One uvicorn process per contender (bare Starlette, fineflow with memory, PostgreSQL and Redis
 storage, slowapi, asgi-ratelimit), all started up front on free ports with the same uvicorn
 options (``UvicornProcess``: one worker, no access log, the same loop and HTTP
 implementation) and stopped in a ``finally``. Each round drives each server in turn with a
@@ -53,6 +53,7 @@ _CONTENDERS = [
     ("bare-aa", "bare Starlette, 2nd server (A/A control)"),
     ("fineflow-memory", "fineflow memory"),
     ("fineflow-postgres", "fineflow PostgreSQL"),
+    ("fineflow-redis", "fineflow Redis"),
     ("slowapi", "slowapi (decorator + middleware)"),
     ("asgi-ratelimit", "asgi-ratelimit (memory)"),
 ]
@@ -264,6 +265,14 @@ async def run(ctx: Context) -> list[Table]:
             else:
                 env["BENCH_DSN"] = stack.enter_context(ctx.database())
                 env["BENCH_SCHEMA"] = "bench_http"
+        if "fineflow-redis" in variants:
+            redis_url = _redis_url(stack)
+            if redis_url is None:
+                variants.remove("fineflow-redis")
+                table.notes.append("no Redis server (or no redis-py): fineflow-redis skipped")
+            else:
+                env["BENCH_REDIS_URL"] = redis_url
+                env["BENCH_REDIS_PREFIX"] = _REDIS_PREFIX
         servers = stack.enter_context(_servers(variants, env))
         for server in servers.values():
             await server.ready()
@@ -327,7 +336,11 @@ async def run(ctx: Context) -> list[Table]:
             "server, not the client, set the pace"
         )
     targets = Table(SUITE, "HTTP targets (per-round ratios)")
-    for variant, bound in (("fineflow-memory", 0.9), ("fineflow-postgres", 0.6)):
+    for variant, bound in (
+        ("fineflow-memory", 0.9),
+        ("fineflow-postgres", 0.6),
+        ("fineflow-redis", 0.6),  # at least PostgreSQL's share
+    ):
         if variant in results:
             r = stat(ratios(results[variant], bare))
             targets.add(
@@ -346,6 +359,25 @@ async def run(ctx: Context) -> list[Table]:
     if extra is not None:
         targets.add(Row("fineflow memory: server CPU per request over bare", extra, "us"))
     return [table, targets]
+
+
+_REDIS_PREFIX = "bench-http"
+
+
+def _redis_url(stack: contextlib.AsyncExitStack) -> str | None:
+    """The URL of a Redis server for the fineflow-redis contender (``None``: none found).
+
+    Its keys live under a prefix of their own, deleted when the suite ends."""
+    try:
+        from fineflow.testing.redis import delete_prefix, find_redis
+    except ImportError:  # redis-py not installed
+        return None
+    try:
+        url: str = stack.enter_context(find_redis()).url
+    except Exception:
+        return None
+    stack.push_async_callback(delete_prefix, url, _REDIS_PREFIX)
+    return url
 
 
 def _server_us(per: list[dict[str, Any]]) -> str:

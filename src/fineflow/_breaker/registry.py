@@ -112,8 +112,8 @@ class BreakerRegistry:
         return f"<BreakerRegistry {len(self._breakers)} breakers>"
 
 
-#: The process-wide registry behind ``get_circuit_breaker`` (unbounded, no defaults).
 default_registry = BreakerRegistry()
+"""The process-wide registry behind ``get_circuit_breaker`` (unbounded, no defaults)."""
 
 
 def get_circuit_breaker(name: str, **options: Any) -> CircuitBreaker:

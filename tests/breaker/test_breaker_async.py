@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Coroutine
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, assert_type
 
 import anyio
 import anyio.lowlevel
@@ -15,6 +16,7 @@ from fineflow._breaker.breaker import CircuitBreaker
 from fineflow._breaker.config import CircuitState
 from fineflow._breaker.events import BreakerEvent
 from fineflow._breaker.http import http_throttle
+from fineflow._breaker.result import BreakerResult
 from fineflow._errors import CircuitOpenError, ConfigurationError
 
 pytestmark = pytest.mark.anyio
@@ -669,3 +671,25 @@ async def test_a_type_error_from_the_call_is_its_failure_not_a_plain_result() ->
     await breaker.call(nothing)  # a plain None is a result too
     m = breaker.metrics()
     assert (m.total_failures, m.total_successes) == (4, 1)
+
+
+async def test_the_types_users_see_for_plain_and_async_functions() -> None:
+    # Checked by mypy (the test suite is type-checked): the overloads give the result type
+    # of the function, whether it is a coroutine function or a plain one.
+    breaker = CircuitBreaker("svc")
+    assert_type(await breaker.call(ok, 1), int)
+    assert_type(await breaker.call(sync_ok, 1, plus=2), int)
+    assert_type(await breaker.execute(ok, 1), BreakerResult[int])
+    assert_type(await breaker.execute(sync_ok, 1), BreakerResult[int])
+
+    @breaker
+    def plain(x: int) -> str:
+        return str(x)
+
+    @breaker
+    async def coroutine(x: int) -> str:
+        return str(x)
+
+    guarded: list[Callable[[int], Coroutine[Any, Any, str]]] = [plain, coroutine]
+    assert_type(await plain(1), str)
+    assert [await fn(1) for fn in guarded] == ["1", "1"]

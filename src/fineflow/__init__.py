@@ -12,7 +12,7 @@ from ._breaker.config import BreakerConfig, BreakerMetrics, CircuitState
 from ._breaker.events import BreakerEvent
 from ._breaker.http import http_throttle
 from ._breaker.middleware import CircuitBreakerMiddleware
-from ._breaker.registry import BreakerRegistry
+from ._breaker.registry import BreakerRegistry, default_registry, get_circuit_breaker
 from ._breaker.result import BreakerResult
 from ._errors import (
     CircuitOpenError,
@@ -74,6 +74,8 @@ __all__ = [
     "StorageClosedError",
     "StorageError",
     "__version__",
+    "default_registry",
+    "get_circuit_breaker",
     "http_throttle",
     "keys",
     "storage_from_url",

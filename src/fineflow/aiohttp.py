@@ -33,9 +33,9 @@ import aiohttp
 from aiohttp import ClientHandlerType, ClientMiddlewareType, ClientRequest, ClientResponse
 
 from ._breaker.breaker import CircuitBreaker, Permit
-from ._breaker.http import parse_retry_after
+from ._breaker.client import ClientGuard
 from ._breaker.registry import BreakerRegistry
-from ._errors import CircuitOpenError, ConfigurationError
+from ._errors import CircuitOpenError
 
 __all__ = ["CircuitOpenClientError", "circuit_breaker_middleware", "host_key"]
 
@@ -129,37 +129,30 @@ def circuit_breaker_middleware(
     Raises:
         ConfigurationError: conflicting options.
     """
-    if breaker is not None and (registry is not None or key is not None):
-        raise ConfigurationError("pass breaker=... or registry=/key=, not both")
-    if registry is None:
-        registry = BreakerRegistry(max_size=max_hosts)
-    key_of = key if key is not None else host_key
-    get_or_create = registry.get_or_create
+    guard: ClientGuard[ClientRequest] = ClientGuard(
+        registry,
+        breaker=breaker,
+        key=key,
+        default_key=host_key,
+        failure_statuses=failure_statuses,
+        max_hosts=max_hosts,
+    )
 
     async def middleware(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        guard = breaker if breaker is not None else get_or_create(key_of(request))
-        permit = guard.try_acquire()
-        if permit is None:
-            if guard.events_pending:
-                await guard.flush_events()
-            raise CircuitOpenClientError(guard.name, guard.retry_after())
+        breaker = guard.breaker_for(request)
+        permit = await guard.acquire(breaker, CircuitOpenClientError)
         try:
             response = await handler(request)
         except BaseException as exc:
             _settle_exception(permit, request, exc)
             # not while a cancellation unwinds
-            if isinstance(exc, Exception) and guard.events_pending:
-                await guard.flush_events()
+            if isinstance(exc, Exception) and breaker.events_pending:
+                await breaker.flush_events()
             raise
-        status = response.status
-        if status in failure_statuses:
-            permit.failure()
-        elif status == 429:
-            permit.throttled(parse_retry_after(response.headers.get("Retry-After")))
-        else:
+        if not guard.settle_status(permit, response.status, response.headers.get("Retry-After")):
             _settle_on_body(response, permit, request)
-        if guard.events_pending:
-            await guard.flush_events()
+        if breaker.events_pending:
+            await breaker.flush_events()
         return response
 
     return middleware

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Coroutine
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, assert_type
 
 import anyio
 import anyio.lowlevel
@@ -14,6 +16,7 @@ from fineflow._breaker.breaker import CircuitBreaker
 from fineflow._breaker.config import CircuitState
 from fineflow._breaker.events import BreakerEvent
 from fineflow._breaker.http import http_throttle
+from fineflow._breaker.result import BreakerResult
 from fineflow._errors import CircuitOpenError, ConfigurationError
 
 pytestmark = pytest.mark.anyio
@@ -528,3 +531,165 @@ async def test_events_pending_until_flushed() -> None:
     await breaker.flush_events()
     assert not pending(breaker)
     assert seen == ["failure"]
+
+
+# -- synchronous callables ------------------------------------------------------------------
+
+
+def sync_ok(value: int = 1, *, plus: int = 0) -> int:
+    return value + plus
+
+
+def sync_boom() -> None:
+    raise Boom
+
+
+@pytest.mark.parametrize("to_thread", [False, True])
+async def test_sync_callables_are_classified_like_async_ones(to_thread: bool) -> None:
+    clock = FakeClock()
+    seen: list[str] = []
+    breaker = CircuitBreaker(
+        "svc",
+        failure_threshold=2,
+        ignore_exceptions=(KeyError,),
+        failure_if=lambda r: r == 500,
+        to_thread=to_thread,
+        clock=clock,
+    )
+    breaker.add_listener("success", lambda e: seen.append(e.kind))
+    breaker.add_listener("failure", lambda e: seen.append(e.kind))
+    assert await breaker.call(sync_ok, 2, plus=3) == 5
+    assert (await breaker.execute(sync_ok, 4, fallback=lambda: -1)).value == 4
+
+    def missing() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        await breaker.call(missing)  # ignored: neither success nor failure
+    assert await breaker.call(sync_ok, 500) == 500  # a failure by failure_if
+    with pytest.raises(Boom):
+        await breaker.call(sync_boom)
+    assert state_of(breaker) is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(sync_ok)
+    rejected = await breaker.execute(sync_ok, fallback=lambda: -1)
+    assert (rejected.value, rejected.from_fallback) == (-1, True)
+    m = breaker.metrics()
+    assert (m.total_successes, m.total_failures, m.total_ignored) == (2, 2, 1)
+    assert (m.total_rejections, m.total_fallbacks, m.in_flight) == (2, 1, 0)
+    assert seen == ["success", "success", "failure", "failure"]
+
+
+async def test_to_thread_runs_plain_functions_off_the_event_loop_thread() -> None:
+    import threading
+
+    loop_thread = threading.get_ident()
+    inline = CircuitBreaker("inline")
+    threaded = CircuitBreaker("threaded", to_thread=True)
+    assert await inline.call(threading.get_ident) == loop_thread
+    assert await threaded.call(threading.get_ident) != loop_thread
+    assert (await threaded.execute(threading.get_ident)).value != loop_thread
+
+    async def where() -> int:
+        return threading.get_ident()
+
+    assert await threaded.call(where) == loop_thread  # coroutine functions stay on the loop
+    assert await threaded.call(functools.partial(where)) == loop_thread
+    assert threaded.metrics().total_successes == 4
+
+
+async def test_a_plain_function_returning_an_awaitable_is_awaited() -> None:
+    breaker = CircuitBreaker("svc")
+    assert await breaker.call(lambda: ok(7)) == 7  # e.g. aiohttp's session.get(url)
+    assert (await breaker.execute(lambda: ok(8))).value == 8
+    assert breaker.metrics().total_successes == 2
+
+
+async def test_the_decorator_accepts_plain_functions() -> None:
+    breaker = CircuitBreaker("svc", failure_threshold=1, to_thread=True)
+
+    @breaker
+    def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    @breaker
+    def fails() -> None:
+        raise Boom
+
+    assert add.__name__ == "add"
+    assert await add(1, b=2) == 3
+    with pytest.raises(Boom):
+        await fails()
+    with pytest.raises(CircuitOpenError):
+        await add(1)
+
+
+async def test_a_threaded_call_cancelled_while_running_counts_as_what_it_did() -> None:
+    # A worker thread cannot be interrupted: anyio waits for it, so the call finishes and
+    # its outcome is known (a cancellation that stops a call before it ends never counts).
+    import threading
+
+    release = threading.Event()
+    breaker = CircuitBreaker("svc", to_thread=True)
+
+    def blocked() -> None:
+        release.wait(10)
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(breaker.call, blocked)
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+            release.set()  # the worker thread finishes its work
+    m = breaker.metrics()
+    assert (m.total_successes, m.total_failures, m.total_ignored, m.in_flight) == (1, 0, 0, 0)
+
+
+def test_to_thread_must_be_a_bool() -> None:
+    with pytest.raises(ConfigurationError, match="to_thread"):
+        CircuitBreaker("svc", to_thread="yes")  # type: ignore[arg-type]
+
+
+async def test_a_type_error_from_the_call_is_its_failure_not_a_plain_result() -> None:
+    breaker = CircuitBreaker("svc")
+
+    async def bad_async() -> None:
+        raise TypeError("from the coroutine")
+
+    def bad_sync() -> None:
+        raise TypeError("from the function")
+
+    for fn in (bad_async, bad_sync):
+        with pytest.raises(TypeError, match="from the"):
+            await breaker.call(fn)
+        with pytest.raises(TypeError, match="from the"):
+            await breaker.execute(fn)
+
+    def nothing() -> None:
+        pass
+
+    await breaker.call(nothing)  # a plain None is a result too
+    m = breaker.metrics()
+    assert (m.total_failures, m.total_successes) == (4, 1)
+
+
+async def test_the_types_users_see_for_plain_and_async_functions() -> None:
+    # Checked by mypy (the test suite is type-checked): the overloads give the result type
+    # of the function, whether it is a coroutine function or a plain one.
+    breaker = CircuitBreaker("svc")
+    assert_type(await breaker.call(ok, 1), int)
+    assert_type(await breaker.call(sync_ok, 1, plus=2), int)
+    assert_type(await breaker.execute(ok, 1), BreakerResult[int])
+    assert_type(await breaker.execute(sync_ok, 1), BreakerResult[int])
+
+    @breaker
+    def plain(x: int) -> str:
+        return str(x)
+
+    @breaker
+    async def coroutine(x: int) -> str:
+        return str(x)
+
+    guarded: list[Callable[[int], Coroutine[Any, Any, str]]] = [plain, coroutine]
+    assert_type(await plain(1), str)
+    assert [await fn(1) for fn in guarded] == ["1", "1"]

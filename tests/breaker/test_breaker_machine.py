@@ -1,8 +1,12 @@
-"""The pure breaker state machine: table tests with a fake clock and a Hypothesis model."""
+"""The pure breaker state machine: table tests with a fake clock and Hypothesis models (the
+machine under three policy sets, and the async ``CircuitBreaker`` around it driven with plain
+functions)."""
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -10,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from fineflow._breaker import machine as machine_module
+from fineflow._breaker.breaker import CircuitBreaker
 from fineflow._breaker.config import BreakerConfig, CircuitState
 from fineflow._breaker.machine import (
     REJECTED,
@@ -19,7 +24,7 @@ from fineflow._breaker.machine import (
     Outcome,
     check_transition,
 )
-from fineflow._errors import ConfigurationError
+from fineflow._errors import CircuitOpenError, ConfigurationError
 
 CLOSED, OPEN, HALF = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
@@ -298,22 +303,32 @@ def test_config_errors_say_the_fix(options: dict[str, Any], fix: str) -> None:
 
 
 class Reference:
-    """A deliberately naive model: consecutive failures, one open deadline, permits."""
+    """A deliberately naive model of the rules: a list of outcomes for the window, one open
+    deadline, a permit count. Defaults: consecutive failures only, no backoff."""
 
-    def __init__(self, threshold: int, timeout: float, budget: int, wait: float) -> None:
-        self.threshold, self.timeout, self.budget, self.wait = threshold, timeout, budget, wait
+    def __init__(self, config: BreakerConfig, random: float = 0.5) -> None:
+        self.cfg, self.random = config, random
         self.state = CLOSED
         self.failures_in_row = 0
         self.deadline = self.since = self.hold_until = -1.0
         self.taken = self.good = 0
         self.epoch = 0
+        self.next_timeout = config.reset_timeout
+        self.outcomes: list[tuple[float, bool, bool]] = []  # (time, failed, slow)
 
     def go(self, state: CircuitState, now: float) -> None:
+        cfg = self.cfg
         self.state, self.epoch = state, self.epoch + 1
         if state is OPEN:
-            self.deadline = now + self.timeout
+            timeout = self.next_timeout
+            self.next_timeout = min(timeout * cfg.backoff_multiplier, cfg.reset_timeout_cap)
+            self.deadline = now + timeout * (1.0 - cfg.jitter * self.random)
         if state is HALF:
             self.since, self.taken, self.good = now, 0, 0
+        if state is CLOSED:
+            self.next_timeout = cfg.reset_timeout
+        if state in (CLOSED, CircuitState.METRICS_ONLY):
+            self.outcomes = []
 
     def admit(self, now: float) -> int | None:
         if self.state in (CircuitState.DISABLED, CircuitState.METRICS_ONLY):
@@ -325,46 +340,83 @@ class Reference:
                 return None
             self.go(HALF, now)
         if self.state is HALF:
-            if now >= self.since + self.wait:
+            wait = self.cfg.half_open_max_wait
+            if wait is not None and now >= self.since + wait:
                 self.go(OPEN, now)
                 return None
-            if now < self.hold_until or self.taken >= self.budget:
+            if now < self.hold_until or self.taken >= self.cfg.half_open_max_calls:
                 return None
             self.taken += 1
             return self.epoch
         return None if now < self.hold_until else self.epoch
 
-    def outcome(self, epoch: int, kind: str, now: float) -> None:
+    def window(self, now: float) -> list[tuple[float, bool, bool]]:
+        """The outcomes the window holds at ``now`` (a time window keeps ten buckets)."""
+        cfg = self.cfg
+        if cfg.window_type == "count":
+            return self.outcomes[-int(cfg.window_size) :]
+        width = cfg.window_size / 10
+        return [o for o in self.outcomes if math.floor(o[0] / width) > math.floor(now / width) - 10]
+
+    def outcome(self, epoch: int, kind: str, now: float, started: float) -> None:
         if epoch != self.epoch:
             return
         if kind == "ignore":
             self.taken -= self.state is HALF
             return
+        cfg = self.cfg
+        slow = cfg.slow_call_duration is not None and now - started >= cfg.slow_call_duration
         self.failures_in_row = self.failures_in_row + 1 if kind == "fail" else 0
         if self.state is HALF:
-            if kind == "fail":
+            if kind == "fail" or slow:
                 self.go(OPEN, now)
             else:
                 self.good += 1
-                if self.good >= self.budget:
+                if self.good >= cfg.successes_to_close:
                     self.go(CLOSED, now)
-        elif self.state is CLOSED and self.failures_in_row >= self.threshold:
+            return
+        if cfg.uses_window and self.state in (CLOSED, CircuitState.METRICS_ONLY):
+            self.outcomes.append((now, kind == "fail", slow))
+        if self.state is not CLOSED:
+            return
+        threshold = cfg.failure_threshold
+        if kind == "fail" and threshold is not None and self.failures_in_row >= threshold:
+            self.go(OPEN, now)
+        elif cfg.uses_window:
+            self.check_rates(now)
+
+    def check_rates(self, now: float) -> None:
+        cfg = self.cfg
+        window = self.window(now)
+        if len(window) < cfg.minimum_calls:
+            return
+        failed = sum(f for _, f, _ in window) / len(window)
+        slow = sum(s for _, _, s in window) / len(window)
+        frt = cfg.failure_rate_threshold
+        too_many_failed = frt is not None and failed >= frt
+        too_many_slow = cfg.slow_call_duration is not None and slow >= cfg.slow_call_rate_threshold
+        if too_many_failed or too_many_slow:
             self.go(OPEN, now)
 
 
 class MachineModel(RuleBasedStateMachine):
+    """The machine against ``Reference`` under any interleaving of calls, time and controls."""
+
+    config = BreakerConfig(
+        failure_threshold=3, reset_timeout=10.0, half_open_max_calls=2, half_open_max_wait=25.0
+    )
+
     def __init__(self) -> None:
         super().__init__()
         self.moves: Moves = []
-        config = BreakerConfig(
-            failure_threshold=3, reset_timeout=10.0, half_open_max_calls=2, half_open_max_wait=25.0
-        )
         self.m = BreakerMachine(
-            config, on_transition=lambda a, b, r, now: self.moves.append((a, b, r, now))
+            self.config,
+            random=lambda: 0.5,
+            on_transition=lambda a, b, r, now: self.moves.append((a, b, r, now)),
         )
-        self.ref = Reference(3, 10.0, 2, 25.0)
+        self.ref = Reference(self.config, random=0.5)
         self.now = 0.0
-        self.in_flight: list[int] = []
+        self.in_flight: list[tuple[int, float]] = []  # (token, admitted at)
         self.last: tuple[int, ...] = (0,) * 7
 
     @rule(dt=st.floats(0.0, 12.0))
@@ -381,21 +433,33 @@ class MachineModel(RuleBasedStateMachine):
         if deadline_pending:
             assert token == REJECTED, "OPEN admitted a call before its deadline"
         if token != REJECTED:
-            self.in_flight.append(token)
+            self.in_flight.append((token, self.now))
             if state_of(m) is CLOSED:
                 assert m.admits_all, "an admission in CLOSED clears an ended hold"
 
     @precondition(lambda self: bool(self.in_flight))
     @rule(index=st.integers(0, 50), kind=st.sampled_from(["ok", "fail", "ignore"]))
     def settle(self, index: int, kind: str) -> None:
-        token = self.in_flight.pop(index % len(self.in_flight))
-        if kind == "ok":
-            self.m.settle(token, Outcome.SUCCESS, self.now, self.now)
-        elif kind == "fail":
-            self.m.settle(token, Outcome.FAILURE, self.now, self.now)
-        else:
-            self.m.settle(token, Outcome.IGNORED, self.now, self.now)
-        self.ref.outcome(token, kind, self.now)
+        token, started = self.in_flight.pop(index % len(self.in_flight))
+        outcome = {"ok": Outcome.SUCCESS, "fail": Outcome.FAILURE, "ignore": Outcome.IGNORED}
+        self.m.settle(token, outcome[kind], self.now, started)
+        self.ref.outcome(token, kind, self.now, started)
+
+    @rule(
+        kinds=st.lists(st.sampled_from(["ok", "fail", "ignore"]), min_size=1, max_size=4),
+        duration=st.sampled_from([0.0, 1.0, 6.0, 9.0]),
+    )
+    def calls(self, kinds: list[str], duration: float) -> None:
+        """Whole calls one after another, each taking ``duration`` (enough of them to trip
+        the rate policies between manual moves)."""
+        for kind in kinds:
+            started = self.now
+            token = self.m.admit(started)
+            assert (token != REJECTED) == (self.ref.admit(started) is not None)
+            self.now += duration
+            if token != REJECTED:
+                self.in_flight.append((token, started))
+                self.settle(len(self.in_flight) - 1, kind)
 
     @rule(seconds=st.floats(0.0, 100.0))
     def hold(self, seconds: float) -> None:
@@ -434,6 +498,10 @@ class MachineModel(RuleBasedStateMachine):
     def agrees_with_the_reference(self) -> None:
         assert state_of(self.m) is self.ref.state
         assert self.m.consecutive_failures == self.ref.failures_in_row
+        if self.ref.state is OPEN:  # the (backed-off, jittered) deadline
+            assert self.m.retry_after(self.now) == pytest.approx(
+                max(self.ref.deadline - self.now, 0.0)
+            )
 
     @invariant()
     def only_legal_transitions(self) -> None:
@@ -454,4 +522,160 @@ class MachineModel(RuleBasedStateMachine):
         assert m.times_opened == sum(1 for _, b, _, _ in self.moves if b is OPEN)
 
 
+class CountWindowModel(MachineModel):
+    """Failure and slow-call rates over the last N calls, with backoff and jitter."""
+
+    config = BreakerConfig(
+        failure_threshold=None,
+        failure_rate_threshold=0.5,
+        slow_call_duration=5.0,
+        slow_call_rate_threshold=0.6,
+        window_size=4,
+        minimum_calls=3,
+        reset_timeout=10.0,
+        backoff_multiplier=2.0,
+        max_reset_timeout=35.0,
+        jitter=0.2,
+        half_open_max_calls=3,
+        success_threshold=2,
+        half_open_max_wait=30.0,
+    )
+
+
+class TimeWindowModel(MachineModel):
+    """Rates over the last N seconds (ten buckets) with a consecutive-failure threshold too."""
+
+    config = BreakerConfig(
+        failure_threshold=4,
+        failure_rate_threshold=0.6,
+        slow_call_duration=8.0,
+        slow_call_rate_threshold=0.5,
+        window_type="time",
+        window_size=20.0,
+        minimum_calls=2,
+        reset_timeout=5.0,
+        backoff_multiplier=1.5,
+        half_open_max_calls=2,
+        half_open_max_wait=None,
+    )
+
+
+class Boom(Exception):
+    pass
+
+
+class Interrupted(BaseException):
+    """Stands for a cancellation: not an ``Exception``, so it never counts."""
+
+
+def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never suspends (a call of a plain function, inline) to its end."""
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coroutine.close()
+    raise AssertionError("the call suspended")
+
+
+class WrapperModel(RuleBasedStateMachine):
+    """``CircuitBreaker.call``/``execute`` with plain functions against ``Reference``: the
+    async wrapper classifies what the function did and settles it like the machine model."""
+
+    options: dict[str, Any] = {
+        "failure_threshold": 3,
+        "failure_rate_threshold": 0.5,
+        "slow_call_duration": 5.0,
+        "slow_call_rate_threshold": 0.6,
+        "window_size": 4,
+        "minimum_calls": 3,
+        "reset_timeout": 3.0,
+        "backoff_multiplier": 2.0,
+        "max_reset_timeout": 8.0,
+        "jitter": 0.2,
+        "half_open_max_calls": 3,
+        "success_threshold": 2,
+        "half_open_max_wait": 30.0,
+    }
+    # what the function does -> how the reference counts it
+    KINDS = {"ok": "ok", "raise": "fail", "bad": "fail", "ignored": "ignore", "cancel": "ignore"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.breaker = CircuitBreaker(
+            "model",
+            ignore_exceptions=(KeyError,),
+            failure_if=lambda result: result == "bad",
+            clock=lambda: self.now,
+            random=lambda: 0.5,
+            **self.options,
+        )
+        self.ref = Reference(self.breaker.config, random=0.5)
+        self.events: list[str] = []
+        for kind in ("success", "failure", "rejection"):
+            self.breaker.add_listener(kind, lambda e: self.events.append(e.kind))
+
+    def function(self, kind: str, duration: float) -> Callable[[], str]:
+        def fn() -> str:
+            self.now += duration  # the call takes this long on the breaker's clock
+            if kind == "raise":
+                raise Boom
+            if kind == "ignored":
+                raise KeyError(kind)
+            if kind == "cancel":
+                raise Interrupted
+            return kind
+
+        return fn
+
+    @rule(dt=st.floats(0.0, 12.0))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(
+        kind=st.sampled_from(sorted(KINDS)),
+        duration=st.sampled_from([0.0, 6.0]),
+        fallback=st.booleans(),
+    )
+    def call(self, kind: str, duration: float, fallback: bool) -> None:
+        started = self.now
+        epoch = self.ref.admit(started)
+        fn = self.function(kind, duration)
+        try:
+            if fallback:
+                result = run(self.breaker.execute(fn, fallback=lambda: "fallback"))
+                assert result.from_fallback == (epoch is None)
+                assert result.value == ("fallback" if epoch is None else kind)
+            else:
+                assert run(self.breaker.call(fn)) == kind
+        except CircuitOpenError:
+            assert epoch is None and not fallback
+        except (Boom, KeyError, Interrupted):
+            assert epoch is not None
+        if epoch is not None:
+            self.ref.outcome(epoch, self.KINDS[kind], self.now, started)
+
+    @rule()
+    def reset(self) -> None:
+        self.breaker.reset()
+        self.ref.hold_until = -1.0
+        self.ref.failures_in_row = 0
+        self.ref.go(CLOSED, self.now)
+
+    @invariant()
+    def agrees_with_the_reference(self) -> None:
+        m = self.breaker.metrics()
+        assert m.state is self.ref.state
+        assert m.consecutive_failures == self.ref.failures_in_row
+        assert m.in_flight == 0
+        assert self.events.count("success") == m.total_successes
+        assert self.events.count("failure") == m.total_failures
+        assert self.events.count("rejection") == m.total_rejections
+        assert m.total_fallbacks <= m.total_rejections
+
+
 TestMachineModel = MachineModel.TestCase
+TestCountWindowModel = CountWindowModel.TestCase
+TestTimeWindowModel = TimeWindowModel.TestCase
+TestWrapperModel = WrapperModel.TestCase

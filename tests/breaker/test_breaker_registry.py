@@ -50,3 +50,41 @@ def test_invalid_defaults_fail_at_construction() -> None:
         BreakerRegistry(max_size=0)
     with pytest.raises(TypeError):
         BreakerRegistry(no_such_option=1)
+
+
+def test_get_circuit_breaker_uses_the_process_wide_registry() -> None:
+    import fineflow as ff
+
+    name = "test-default-registry-payments"
+    payments = ff.get_circuit_breaker(name, failure_threshold=2)
+    try:
+        assert ff.get_circuit_breaker(name) is payments  # elsewhere: by name alone
+        assert ff.get_circuit_breaker(name, failure_threshold=2) is payments
+        assert ff.default_registry.get(name) is payments
+        assert isinstance(ff.default_registry, ff.BreakerRegistry)
+        with pytest.raises(ConfigurationError, match="already exists"):
+            ff.get_circuit_breaker(name, failure_threshold=3)
+        with pytest.raises(ConfigurationError):
+            ff.get_circuit_breaker("test-default-registry-bad", failure_threshold=0)
+        assert "test-default-registry-bad" not in ff.default_registry
+    finally:
+        ff.default_registry.reset_all()
+
+
+def test_threads_asking_for_a_new_name_get_one_breaker() -> None:
+    import threading
+
+    registry = BreakerRegistry()
+    start = threading.Barrier(8)
+    got: list[object] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(registry.get_or_create("shared", failure_threshold=3))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 8 and len({id(b) for b in got}) == 1 and len(registry) == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -68,6 +70,7 @@ async def test_full_circuit_lifecycle_with_fallback(upstream: Any) -> None:
             "reply": "You said: hello",
             "circuit_state": "closed",
             "from_fallback": False,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 3},
         }
 
         upstream.mode = "fail"
@@ -84,6 +87,7 @@ async def test_full_circuit_lifecycle_with_fallback(upstream: Any) -> None:
             "reply": gateway.FALLBACK_REPLY,
             "circuit_state": "open",
             "from_fallback": True,
+            "usage": None,
         }
         assert fallback.headers["retry-after"] == "30"
         assert upstream.requests == calls_before  # rejected without reaching the upstream
@@ -179,3 +183,116 @@ async def test_bad_requests_and_the_example_defaults(upstream: Any) -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
             assert (await chat(http)).json()["reply"] == "You said: hello"
+
+
+def events(text: str) -> list[tuple[str, Any]]:
+    """The server-sent events of a body: ``(event type, data)``, data parsed as JSON."""
+    found = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        data = fields["data"]
+        found.append(
+            (fields.get("event", "message"), data if data == "[DONE]" else json.loads(data))
+        )
+    return found
+
+
+async def stream_chat(http: httpx.AsyncClient, prompt: str = "hello there") -> httpx.Response:
+    return await http.post("/v1/chat/stream", json={"prompt": prompt}, headers=PRO)
+
+
+def usage_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.usage for r in caplog.records if r.name == "ai_gateway.usage"]  # type: ignore[attr-defined]
+
+
+async def test_streaming_relays_events_and_records_success_when_the_stream_ends(
+    upstream: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ai_gateway.usage")
+    async with running(upstream) as (app, http):
+        async with http.stream(
+            "POST", "/v1/chat/stream", json={"prompt": "hello there"}, headers=PRO
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            body = (await response.aread()).decode()
+        got = events(body)
+        deltas = "".join(data["delta"] for kind, data in got if "delta" in data)
+        assert deltas == "You said: hello there"
+        assert got[-2] == ("message", {"usage": {"prompt_tokens": 2, "completion_tokens": 4}})
+        assert got[-1] == ("message", "[DONE]")
+        m = app.state.breaker.metrics()
+        assert (m.total_successes, m.total_failures, m.in_flight) == (1, 0, 0)
+    (record,) = usage_records(caplog)
+    assert record["endpoint"] == "/v1/chat/stream" and record["tier"] == "pro"
+    assert (record["stream"], record["circuit_state"], record["completion_tokens"]) == (
+        "complete",
+        "closed",
+        4,
+    )
+
+
+async def test_a_stream_that_breaks_off_is_a_failure_and_opens_the_circuit(
+    upstream: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ai_gateway.usage")
+    async with running(upstream, failure_threshold=2) as (app, http):
+        upstream.mode = "cut"  # two words, then the connection drops
+        for attempt in (1, 2):
+            broken = await stream_chat(http)
+            assert broken.status_code == 200  # the headers had been sent already
+            got = events(broken.text)
+            assert [d["delta"] for _, d in got[:2]] == ["You", " said:"]
+            kind, error = got[-1]
+            assert kind == "error" and error["circuit_state"] == (
+                "open" if attempt == 2 else "closed"
+            )
+        calls = upstream.requests
+        fallback = await stream_chat(http)
+        assert fallback.status_code == 200 and fallback.headers["retry-after"] == "30"
+        got = events(fallback.text)
+        assert got[0][1]["from_fallback"] is True and got[0][1]["reply"] == gateway.FALLBACK_REPLY
+        assert got[-1] == ("message", "[DONE]")
+        assert upstream.requests == calls
+        m = app.state.breaker.metrics()
+        assert (m.total_failures, m.total_rejections, m.times_opened) == (2, 1, 1)
+    records = usage_records(caplog)
+    assert [(r["stream"], r["circuit_state"]) for r in records[:2]] == [
+        ("broken", "closed"),
+        ("broken", "open"),
+    ]
+    assert records[2]["from_fallback"] is True and records[2]["circuit_state"] == "open"
+
+
+async def test_stream_errors_before_the_first_event_are_http_errors(upstream: Any) -> None:
+    async with running(upstream, timeout=0.2) as (app, http):
+        upstream.mode = "fail"
+        assert (await stream_chat(http)).status_code == 502
+        upstream.mode = "throttle"
+        throttled = await stream_chat(http)
+        assert (throttled.status_code, throttled.headers["retry-after"]) == (503, "7")
+        upstream.mode = "stall"
+        assert (await stream_chat(http)).status_code == 504
+        m = app.state.breaker.metrics()
+        assert (m.total_failures, m.total_ignored) == (2, 1)
+
+
+async def test_every_chat_logs_its_usage_with_the_circuit_state(
+    upstream: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ai_gateway.usage")
+    async with running(upstream, failure_threshold=1) as (_, http):
+        await chat(http)
+        await chat(http, FREE)
+        upstream.mode = "fail"
+        await chat(http)
+        await chat(http)
+    records = usage_records(caplog)
+    assert [(r["tier"], r["status"], r["circuit_state"], r["from_fallback"]) for r in records] == [
+        ("pro", 200, "closed", False),
+        ("free", 200, "closed", False),
+        ("pro", 502, "open", False),
+        ("pro", 200, "open", True),
+    ]
+    assert records[0]["prompt_tokens"] == 1 and records[0]["completion_tokens"] == 3
+    assert "circuit_state" in caplog.records[0].getMessage()

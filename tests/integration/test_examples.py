@@ -173,3 +173,26 @@ def test_examples_serve_with_uvicorn(served: str, request: pytest.FixtureRequest
     response = httpx.get(served + PATHS[name], timeout=10)
     assert response.status_code == 200
     assert sf(response.headers["ratelimit"].encode())
+
+
+@pytest.mark.anyio
+async def test_openai_client_example(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load("openai_client")
+    await module.main()
+    out = capsys.readouterr().out
+    assert "'hello' -> 'You said: hello'" in out
+    assert out.count("upstream answered 500") == 3
+    assert "is open" in out and module.FALLBACK in out
+    assert "requests the stub saw while the circuit was open: 0" in out
+    stub = module.create_stub()
+    registry = fineflow.BreakerRegistry(failure_threshold=1)
+    async with module.serve(stub) as url, module.ChatClient(url, registry=registry) as chat:
+        payload = await chat.complete("one two three")
+        assert payload["object"] == "chat.completion"
+        assert payload["usage"]["prompt_tokens"] == 3
+        stub.state.mode = "throttle"  # a 429 is not a failure (on_throttle="ignore")
+        with pytest.raises(httpx.HTTPStatusError):
+            await chat.complete("again")
+        (breaker,) = registry
+        assert breaker.state is fineflow.CircuitState.CLOSED
+        assert breaker.metrics().total_ignored == 1

@@ -7,7 +7,10 @@ One guarded call, whichever way it comes in (``call``, ``execute``, ``async with
    while the machine admits all and no slow-call policy needs the call's duration. A
    rejection is an event; ``call`` raises ``CircuitOpenError``, ``execute`` may answer with
    its fallback instead.
-2. *Run* the call with nothing held.
+2. *Run* the call with nothing held. ``fn(*args, **kwargs)`` is called on the event loop
+   and what it returns is awaited if it is awaitable, so a plain function runs inline and a
+   coroutine function is awaited; with ``to_thread=True`` a plain function runs in a worker
+   thread (``anyio.to_thread.run_sync``) instead.
 3. *Classify* what it returned or raised into an ``Outcome`` (``_outcome_of_result``,
    ``_outcome_of_exception``; a throttled answer goes through the ``on_throttle`` policy).
 4. *Settle*: ``BreakerMachine.settle(token, outcome, now, start)``, then the success or
@@ -23,17 +26,20 @@ A breaker belongs to one event loop thread (asyncio or trio, through anyio).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import random as _random_module
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar, cast
+from typing import Any, ParamSpec, Self, TypeVar, overload
+
+import anyio.to_thread
 
 from .._errors import CircuitOpenError, ConfigurationError
 from .config import BreakerConfig, BreakerMetrics, CircuitState, ThrottlePolicy, WindowType
-from .events import BreakerEvent, EventKind, Listener, Listeners
+from .events import BreakerEvent, EventKind, Listener, Listeners, is_async_callable
 from .http import DEFAULT_HOLD
 from .machine import BreakerMachine, Outcome
 from .result import BreakerResult
@@ -49,6 +55,17 @@ logger = logging.getLogger("fineflow.breaker")
 _SUCCESS, _FAILURE, _IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
 
 _Frame = tuple[int, float, "_Frame | None"]
+
+
+async def _in_thread(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run ``fn`` for a ``to_thread`` breaker: a plain function in a worker thread, a
+    coroutine function on the event loop; an awaitable result is awaited on the loop."""
+    if is_async_callable(fn):
+        return await fn(*args, **kwargs)
+    result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+    if inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 class CircuitBreaker(Listeners):
@@ -77,6 +94,9 @@ class CircuitBreaker(Listeners):
         failure_if: predicate on a result that makes it a failure.
         throttle: returns ``None`` or retry-after seconds for a throttled result/exception
             (``fineflow.http_throttle`` understands HTTP 429 objects).
+        to_thread: run plain (synchronous) callables in a worker thread through
+            ``anyio.to_thread.run_sync`` instead of inline on the event loop. Coroutine
+            functions are awaited on the loop either way.
         clock: monotonic clock in seconds.
         random: jitter source returning floats in ``[0, 1)``.
 
@@ -108,11 +128,14 @@ class CircuitBreaker(Listeners):
         ignore_exceptions: tuple[type[BaseException], ...] = (),
         failure_if: Callable[[Any], bool] | None = None,
         throttle: Callable[[object], float | None] | None = None,
+        to_thread: bool = False,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random_module.random,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str (got {name!r})")
+        if not isinstance(to_thread, bool):
+            raise ConfigurationError(f"to_thread must be True or False (got {to_thread!r})")
         for label, types in (("record", record_exceptions), ("ignore", ignore_exceptions)):
             if not isinstance(types, tuple) or not all(
                 isinstance(t, type) and issubclass(t, BaseException) for t in types
@@ -144,6 +167,7 @@ class CircuitBreaker(Listeners):
         self._ignore = ignore_exceptions
         self._failure_if = failure_if
         self._throttle = throttle
+        self.to_thread = to_thread
         self._untimed = slow_call_duration is None
         self._clock = clock
         self._machine = BreakerMachine(self.config, random=random, on_transition=self._moved)
@@ -168,8 +192,20 @@ class CircuitBreaker(Listeners):
 
     # -- guarded calls ----------------------------------------------------------------------
 
-    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``await fn(*args, **kwargs)`` through the breaker.
+    @overload
+    async def call(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    @overload
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` through the breaker, awaiting it if it is awaitable.
+
+        ``fn`` may be a coroutine function or a plain function: a plain one runs inline on
+        the event loop, or in a worker thread when the breaker was made with
+        ``to_thread=True``. Either way the same rules classify what it returns or raises.
 
         Returns:
             The call's result.
@@ -184,10 +220,21 @@ class CircuitBreaker(Listeners):
         token = machine.admit(start)
         if token < 0:
             raise await self._rejected(start)
-        target: Callable[..., Awaitable[T]] = fn
         try:
-            # Without kwargs, the call skips building the call from an (empty) dict.
-            result = await (target(*args, **kwargs) if kwargs else target(*args))
+            if self.to_thread:
+                result = await _in_thread(fn, args, kwargs)
+            else:
+                # Without kwargs, the call skips building the call from an (empty) dict.
+                result = fn(*args, **kwargs) if kwargs else fn(*args)
+                # Await first, ask later: a coroutine function's call costs nothing more
+                # than before (a type test here would cost the async path ~3%), and a plain
+                # function's result is told apart by the TypeError ``await`` raises on it.
+                try:
+                    result = await result
+                except TypeError:
+                    if inspect.isawaitable(result):
+                        raise  # the awaited call itself raised TypeError
+
         except BaseException as exc:
             await self._settle_exception(token, start, exc)
             raise
@@ -200,6 +247,7 @@ class CircuitBreaker(Listeners):
             await self.flush_events()
         return result
 
+    @overload
     async def execute(
         self,
         fn: Callable[..., Awaitable[T]],
@@ -207,11 +255,31 @@ class CircuitBreaker(Listeners):
         *args: Any,
         fallback: Callable[[], T | Awaitable[T]] | None = None,
         **kwargs: Any,
-    ) -> BreakerResult[T]:
+    ) -> BreakerResult[T]: ...
+
+    @overload
+    async def execute(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        fallback: Callable[[], T | Awaitable[T]] | None = None,
+        **kwargs: Any,
+    ) -> BreakerResult[T]: ...
+
+    async def execute(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        fallback: Callable[[], Any] | None = None,
+        **kwargs: Any,
+    ) -> BreakerResult[Any]:
         """Run the call through the breaker, answering a rejection with ``fallback()``.
 
         Args:
-            fn: the async callable to guard.
+            fn: the callable to guard, run as ``call`` runs it (a coroutine function, or a
+                plain function inline or, with ``to_thread=True``, in a worker thread).
             fallback: sync or async callable without arguments whose value is returned
                 (``from_fallback=True``) when the breaker rejects the call.
 
@@ -235,7 +303,7 @@ class CircuitBreaker(Listeners):
             self._fallbacks += 1
             value = fallback()
             if hasattr(value, "__await__"):
-                value = await cast("Awaitable[T]", value)
+                value = await value
             if self._pending:
                 await self.flush_events()
             state = machine.state
@@ -246,7 +314,16 @@ class CircuitBreaker(Listeners):
             self._last_fallback = last = BreakerResult(value, state, True)
             return last
         try:
-            result = await fn(*args, **kwargs)
+            if self.to_thread:
+                result = await _in_thread(fn, args, kwargs)
+            else:
+                result = fn(*args, **kwargs)
+                try:  # as in ``call``
+                    result = await result
+                except TypeError:
+                    if inspect.isawaitable(result):
+                        raise
+
         except BaseException as exc:
             await self._settle_exception(token, start, exc)
             raise
@@ -255,11 +332,21 @@ class CircuitBreaker(Listeners):
             await self.flush_events()
         return BreakerResult(result, self._machine.state, False)
 
-    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-        """Decorate an async function so every call goes through ``call``."""
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+        """Decorate a function so every call goes through ``call``.
+
+        The decorated function is a coroutine function even when ``fn`` is a plain one
+        (the breaker is async): ``await guarded(...)``.
+        """
 
         @functools.wraps(fn)
-        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
             return await self.call(fn, *args, **kwargs)
 
         return guarded

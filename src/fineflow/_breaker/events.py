@@ -12,7 +12,14 @@ from typing import Literal, cast
 from .._errors import ConfigurationError
 from .config import CircuitState
 
-__all__ = ["EVENT_KINDS", "BreakerEvent", "EventKind", "Listener", "Listeners"]
+__all__ = [
+    "EVENT_KINDS",
+    "BreakerEvent",
+    "EventKind",
+    "Listener",
+    "Listeners",
+    "is_async_callable",
+]
 
 EventKind = Literal["state_change", "success", "failure", "rejection"]
 EVENT_KINDS: tuple[EventKind, ...] = ("state_change", "success", "failure", "rejection")
@@ -47,9 +54,11 @@ AsyncListener = Callable[[BreakerEvent], Awaitable[None]]
 Listener = Callable[[BreakerEvent], None] | AsyncListener
 
 
-def _is_async(listener: object) -> bool:
-    return inspect.iscoroutinefunction(listener) or inspect.iscoroutinefunction(
-        getattr(listener, "__call__", None)  # noqa: B004 - async callable objects
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` gives a coroutine: an ``async def`` function, a partial of one,
+    or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
     )
 
 
@@ -87,7 +96,7 @@ class Listeners:
             raise ConfigurationError(f"unknown event kind {kind!r}; use one of {EVENT_KINDS}")
         if not callable(listener):
             raise ConfigurationError(f"listener must be callable (got {listener!r})")
-        if _is_async(listener):
+        if is_async_callable(listener):
             self._async[kind].append(cast("AsyncListener", listener))
         else:
             self._sync[kind].append(listener)
@@ -99,7 +108,7 @@ class Listeners:
         Raises:
             ValueError: it was not registered for ``kind``.
         """
-        if _is_async(listener):
+        if is_async_callable(listener):
             self._async[kind].remove(cast("AsyncListener", listener))
         else:
             self._sync[kind].remove(listener)

@@ -1,7 +1,8 @@
-"""A registry of named circuit breakers sharing default options."""
+"""A registry of named circuit breakers sharing default options, and the process-wide one."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -10,7 +11,7 @@ from .._errors import ConfigurationError
 from .breaker import CircuitBreaker
 from .config import BreakerMetrics, CircuitState
 
-__all__ = ["BreakerRegistry"]
+__all__ = ["BreakerRegistry", "default_registry", "get_circuit_breaker"]
 
 
 class BreakerRegistry:
@@ -34,9 +35,15 @@ class BreakerRegistry:
         self.defaults = defaults
         self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
         self._configs: dict[str, dict[str, Any]] = {}
+        # Creating is check-then-insert: two threads asking for a new name (the process-wide
+        # registry is reachable from any thread) must get one breaker, not two.
+        self._creating = threading.Lock()
 
     def get_or_create(self, name: str, **config: Any) -> CircuitBreaker:
         """The breaker called ``name``, created with ``defaults | config`` if missing.
+
+        A name is configured once: later calls pass the same options or none, and get the
+        same breaker.
 
         Raises:
             ConfigurationError: ``config`` is invalid, or differs from the options the
@@ -53,6 +60,13 @@ class BreakerRegistry:
             if self.max_size is not None:
                 breakers.move_to_end(name)
             return breaker
+        with self._creating:
+            if name in breakers:  # another thread created it meanwhile
+                return self.get_or_create(name, **config)
+            return self._create(name, config)
+
+    def _create(self, name: str, config: dict[str, Any]) -> CircuitBreaker:
+        breakers = self._breakers
         breaker = CircuitBreaker(name, **{**self.defaults, **config})
         if self.max_size is not None and len(breakers) >= self.max_size:
             self._evict()
@@ -96,3 +110,30 @@ class BreakerRegistry:
 
     def __repr__(self) -> str:
         return f"<BreakerRegistry {len(self._breakers)} breakers>"
+
+
+default_registry = BreakerRegistry()
+"""The process-wide registry behind ``get_circuit_breaker`` (unbounded, no defaults)."""
+
+
+def get_circuit_breaker(name: str, **options: Any) -> CircuitBreaker:
+    """The process-wide breaker called ``name``, created on first use.
+
+    Shorthand for ``default_registry.get_or_create(name, **options)``: any module may ask
+    for ``get_circuit_breaker("payments")`` and gets the one breaker of that name. Configure
+    it once (typically where the dependency's client is set up); later calls pass the same
+    options or none. Different options for an existing name raise instead of silently
+    returning a breaker configured otherwise.
+
+    Args:
+        name: the breaker's name.
+        **options: ``CircuitBreaker`` options, used when the breaker is created.
+
+    Returns:
+        The breaker.
+
+    Raises:
+        ConfigurationError: an option is invalid, or differs from the options the existing
+            breaker of that name was created with.
+    """
+    return default_registry.get_or_create(name, **options)

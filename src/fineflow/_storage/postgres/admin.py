@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -54,18 +56,22 @@ class Admin:
     async def cleanup(
         self, pool: AsyncConnectionPool[Any], batch_size: int, now: int | None
     ) -> int:
-        """Delete expired rows, ``batch_size`` at a time, until none are left; return how
-        many were deleted."""
-        removed = 0
+        """Delete expired rows, ``batch_size`` at a time (a connection from the pool each),
+        until none are left; return how many were deleted."""
+
+        async def batch() -> int:
+            async with pool.connection() as conn:
+                return await self._cleanup_batch(conn, batch_size, now)
+
         with driver_errors("cleanup"):
-            while True:
-                async with pool.connection() as conn:
-                    cur = await conn.execute(self._cleanup, (batch_size, now))
-                    row = await cur.fetchone()
-                done = int(row[0]) if row else 0
-                removed += done
-                if done < batch_size:
-                    return removed
+            return await _drain(batch, batch_size)
+
+    async def _cleanup_batch(
+        self, conn: psycopg.AsyncConnection[Any], batch_size: int, now: int | None
+    ) -> int:
+        cur = await conn.execute(self._cleanup, (batch_size, now))
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def stats(self, pool: AsyncConnectionPool[Any]) -> list[StatsRow]:
         """Allowed and denied counts grouped by endpoint and tier (the ``stats`` view)."""
@@ -74,3 +80,13 @@ class Admin:
                 cur = await conn.execute(self._stats)
                 rows = await cur.fetchall()
         return [StatsRow(e, t, int(k), int(a), int(d)) for e, t, k, a, d in rows]
+
+
+async def _drain(batch: Callable[[], Awaitable[int]], batch_size: int) -> int:
+    """Run ``batch`` until it deletes fewer than ``batch_size`` rows; the total deleted."""
+    removed = 0
+    while True:
+        done = await batch()
+        removed += done
+        if done < batch_size:
+            return removed

@@ -20,7 +20,9 @@ from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate
 from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
 from . import migrations
 from .admin import Admin
+from .connect import check_reachable, libpq_seconds, why_unreachable
 from .errors import driver_errors, storage_error
+from .migrations import MigrationResult
 from .options import check_identifier, check_sizes, check_source, check_timeout
 from .scheduler import Scheduler
 from .statements import FAST_PATHS, Decider, Request
@@ -160,32 +162,54 @@ class PostgresStorage:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def open(self) -> None:
-        """Open the pool (connections are made in the background; a database that is down
-        does not stop your app from starting). Idempotent."""
+    async def open(self, *, wait: bool = False) -> None:
+        """Open the pool; idempotent.
+
+        By default connections are made in the background: a database that is down does not
+        stop your app from starting. With ``wait=True`` (what the ``fineflow`` command
+        uses) it connects once directly first, and an unreachable or refusing server fails
+        at once with its own reason, then waits for the pool's first connections.
+
+        Raises:
+            StorageClosedError: the storage was closed.
+            StorageError: with ``wait=True``, the server could not be reached or refused.
+        """
         if self._closed:
             raise StorageClosedError("this PostgresStorage was closed; create a new one")
         if self._opened:
             return
         if self._pool is None:
-            options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
-            if not self.synchronous_commit:
-                options += " -c synchronous_commit=off"
-            self._pool = AsyncConnectionPool(
-                self.dsn or "",
-                min_size=self._sizes[0],
-                max_size=self._sizes[1],
-                kwargs={
-                    "autocommit": True,
-                    "options": options,
-                    "connect_timeout": max(int(self.connect_timeout), 1),
-                },
-                timeout=self.connect_timeout,
-                open=False,
-                name=f"fineflow-{self.schema}",
-            )
-            await self._pool.open(wait=False)
+            if wait:
+                await check_reachable(self.dsn or "", self.connect_timeout)
+            self._pool = self._new_pool()
+            try:
+                await self._pool.open(wait=wait, timeout=self.connect_timeout)
+            except PoolTimeout as exc:
+                self._pool = None
+                raise StorageError(f"opening the pool failed: {await self._why(exc)}") from exc
+        elif wait:
+            with driver_errors("taking a connection from the pool you gave"):
+                async with self._pool.connection(timeout=self.connect_timeout):
+                    pass
         self._opened = True
+
+    def _new_pool(self) -> AsyncConnectionPool[Any]:
+        options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
+        if not self.synchronous_commit:
+            options += " -c synchronous_commit=off"
+        return AsyncConnectionPool(
+            self.dsn or "",
+            min_size=self._sizes[0],
+            max_size=self._sizes[1],
+            kwargs={
+                "autocommit": True,
+                "options": options,
+                "connect_timeout": libpq_seconds(self.connect_timeout),
+            },
+            timeout=self.connect_timeout,
+            open=False,
+            name=f"fineflow-{self.schema}",
+        )
 
     async def close(self) -> None:
         """Finish statements in flight, close the pool if this storage owns it; the
@@ -208,6 +232,17 @@ class PostgresStorage:
 
     async def migrate(self) -> None:
         """Create or upgrade the schema; idempotent and safe when instances run it at once.
+        (:meth:`apply_migrations` does the same and says what it did.)
+
+        Raises:
+            SchemaVersionError: the database holds a newer schema than this code knows.
+            StorageError: the database could not be reached or refused.
+        """
+        await self.apply_migrations()
+
+    async def apply_migrations(self) -> MigrationResult:
+        """:meth:`migrate`, returning what it did: the schema's version before and after
+        (``before`` 0: it was created; both equal: it was up to date).
 
         Raises:
             SchemaVersionError: the database holds a newer schema than this code knows.
@@ -216,24 +251,15 @@ class PostgresStorage:
         action = f"migration of schema {self.schema!r}"
         try:
             async with self.pool.connection() as conn:
-                await migrations.migrate(conn, self.schema, unlogged=self.unlogged)
+                return await migrations.migrate(conn, self.schema, unlogged=self.unlogged)
         except PoolTimeout as exc:
-            raise StorageError(f"{action} failed: {await self._why_unreachable(exc)}") from exc
+            raise StorageError(f"{action} failed: {await self._why(exc)}") from exc
         except psycopg.Error as exc:
             raise storage_error(action, exc) from exc
 
-    async def _why_unreachable(self, exc: Exception) -> str:
+    async def _why(self, exc: PoolTimeout) -> str:
         """The pool only says it timed out; one direct attempt says where and why."""
-        if self.dsn is None:
-            return str(exc)
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                self.dsn, connect_timeout=max(int(self.connect_timeout), 1)
-            )
-        except psycopg.Error as direct:
-            return f"{str(direct).strip()} (check the DSN or FINEFLOW_DSN)"
-        await conn.close()
-        return f"{exc} (the server answers now: the pool may be too small or busy)"
+        return await why_unreachable(self.dsn, self.connect_timeout, exc)
 
     async def grant_runtime(self, role: str, *, create: bool = False) -> None:
         """Let ``role`` decide, peek and read status through fineflow's functions only.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -14,7 +16,12 @@ from ..._ratelimit.quota import Quota
 from ..base import KeyStatus, StatsRow, storage_key
 from .errors import driver_errors
 
-__all__ = ["Admin"]
+__all__ = ["Admin", "cleanup_lock"]
+
+
+def cleanup_lock(schema: str) -> str:
+    """The text whose ``hashtext()`` keys the advisory lock of background cleanup rounds."""
+    return f"fineflow:cleanup:{schema}"
 
 
 class Admin:
@@ -22,6 +29,9 @@ class Admin:
 
     def __init__(self, schema: str) -> None:
         ident = sql.Identifier(schema)
+        self._lock = cleanup_lock(schema)
+        self._try_lock = sql.SQL("SELECT pg_try_advisory_lock(hashtext(%s))")
+        self._unlock = sql.SQL("SELECT pg_advisory_unlock(hashtext(%s))")
         self._status = sql.SQL("SELECT * FROM {}.status(%s, %s::bigint)").format(ident)
         self._reset = sql.SQL("SELECT {}.reset(%s, %s)").format(ident)
         self._cleanup = sql.SQL("SELECT {}.cleanup(%s, %s)").format(ident)
@@ -65,6 +75,25 @@ class Admin:
 
         with driver_errors("cleanup"):
             return await _drain(batch, batch_size)
+
+    async def cleanup_alone(self, pool: AsyncConnectionPool[Any], batch_size: int) -> int | None:
+        """:meth:`cleanup` on one connection under a session advisory lock, unless another
+        session holds that lock: then return ``None`` and do nothing."""
+        with driver_errors("background cleanup"):
+            async with pool.connection() as conn:
+                cur = await conn.execute(self._try_lock, (self._lock,))
+                row = await cur.fetchone()
+                if not (row and row[0]):
+                    return None
+                try:
+                    return await _drain(
+                        partial(self._cleanup_batch, conn, batch_size, None), batch_size
+                    )
+                finally:
+                    # (A connection this fails on is broken: the pool discards it, and the
+                    # server ends the lock with the session.)
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute(self._unlock, (self._lock,))
 
     async def _cleanup_batch(
         self, conn: psycopg.AsyncConnection[Any], batch_size: int, now: int | None

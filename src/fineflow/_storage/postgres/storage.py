@@ -3,7 +3,7 @@
 The facade: options, the pool's lifecycle and the public methods. Decisions go through the
 coalescing :mod:`.scheduler` and the statements of :mod:`.statements`; the schema is made by
 :mod:`.migrations` from the ``sql/`` files; status, reset, cleanup and stats are the
-queries of :mod:`.admin`.
+queries of :mod:`.admin`, and :mod:`.cleaner` runs cleanup in the background.
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate
 from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
 from . import migrations
 from .admin import Admin
+from .cleaner import Cleaner
 from .connect import check_reachable, libpq_seconds, why_unreachable
 from .errors import driver_errors, storage_error
 from .migrations import MigrationResult
-from .options import check_identifier, check_sizes, check_source, check_timeout
+from .options import check_identifier, check_interval, check_sizes, check_source, check_timeout
 from .scheduler import Scheduler
 from .statements import FAST_PATHS, Decider, Request
 
 __all__ = ["PostgresStorage"]
+
+# Rows per batch of a background cleanup round (as cleanup()'s default).
+_CLEANUP_BATCH = 1000
 
 
 class PostgresStorage:
@@ -68,6 +72,12 @@ class PostgresStorage:
             ``"hit_keys"`` (a batch sharing one quota) and ``"hit_many"`` (other
             single-quota GCRA batches); default all three. Leaving some out changes no
             decision, only speed: for comparing them, or to rule one out.
+        cleanup_every: seconds between background cleanups while the storage is open, for
+            databases without pg_cron (default ``None``: no background cleanup; call
+            :meth:`cleanup`, run ``fineflow cleanup`` or schedule it with pg_cron). Of
+            all the instances on one schema, one at a time does the work (an advisory
+            lock); failures are logged once per burst and never raised. Needs a role that
+            may run ``cleanup()`` (the schema's owner, not a runtime role).
 
     Raises:
         ConfigurationError: for a bad schema name or option, or both ``dsn`` and ``pool``.
@@ -89,12 +99,14 @@ class PostgresStorage:
         connect_timeout: float = 5.0,
         statement_timeout: float = 5.0,
         fast_paths: Collection[str] = FAST_PATHS,
+        cleanup_every: float | None = None,
     ) -> None:
         dsn = check_source(dsn, pool)
         check_identifier("schema", schema)
         min_size = 1 if min_size is None else min_size
         check_sizes(min_size=min_size, max_size=max_size)
         check_sizes(max_in_flight=max_in_flight, max_batch=max_batch)
+        cleanup_every = check_interval("cleanup_every", cleanup_every)
         self.dsn = dsn
         self.schema = schema
         self.unlogged = unlogged
@@ -115,6 +127,13 @@ class PostgresStorage:
             max_batch=max_batch,
         )
         self._admin = Admin(schema)
+        self._cleaner = (
+            None
+            if cleanup_every is None
+            else Cleaner(
+                lambda: self._admin.cleanup_alone(self.pool, _CLEANUP_BATCH), cleanup_every, schema
+            )
+        )
 
     # -- options and counters --------------------------------------------------------------
 
@@ -163,7 +182,7 @@ class PostgresStorage:
         await self.close()
 
     async def open(self, *, wait: bool = False) -> None:
-        """Open the pool; idempotent.
+        """Open the pool; idempotent. Start the background cleanup if ``cleanup_every``.
 
         By default connections are made in the background: a database that is down does not
         stop your app from starting. With ``wait=True`` (what the ``fineflow`` command
@@ -192,6 +211,8 @@ class PostgresStorage:
                 async with self._pool.connection(timeout=self.connect_timeout):
                     pass
         self._opened = True
+        if self._cleaner is not None:
+            self._cleaner.start()
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
@@ -212,9 +233,11 @@ class PostgresStorage:
         )
 
     async def close(self) -> None:
-        """Finish statements in flight, close the pool if this storage owns it; the
-        storage refuses use afterwards."""
+        """Stop the background cleanup, finish statements in flight, close the pool if this
+        storage owns it; the storage refuses use afterwards."""
         self._closed = True
+        if self._cleaner is not None:
+            await self._cleaner.stop()
         await self._scheduler.close(self.statement_timeout)
         if self._pool is not None and self._owns_pool:
             await self._pool.close()

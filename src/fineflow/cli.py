@@ -72,7 +72,12 @@ def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         epilog="Exit status: 0 success, 1 runtime failure, 2 usage error.",
         json_errors=json_errors,
     )
-    parser.add_argument("--version", action="version", version=f"fineflow {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"fineflow {__version__}",
+        help="print 'fineflow VERSION' and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> _Parser:
@@ -96,7 +101,7 @@ def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         cmd.add_argument(
             "--json",
             action="store_true",
-            help='print one JSON document on stdout, errors too: {"error": ..., "exit_code": N}',
+            help="print one JSON document on stdout, errors included",
         )
         cmd.set_defaults(unlogged=False)
         return cmd

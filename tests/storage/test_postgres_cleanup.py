@@ -15,6 +15,7 @@ from psycopg import sql
 
 from fineflow import ConfigurationError, Hit, PostgresStorage, Quota
 from fineflow._storage.postgres.admin import cleanup_lock
+from fineflow._storage.postgres.cleaner import Cleaner
 
 pytestmark = pytest.mark.anyio
 
@@ -33,6 +34,29 @@ async def eventually(condition: Callable[[], Awaitable[bool]], what: str) -> Non
     pytest.fail(f"never happened: {what}")
 
 
+def cleaner_of(storage: PostgresStorage) -> Cleaner:
+    assert storage._cleaner is not None
+    return storage._cleaner
+
+
+async def counted(cleaner: Cleaner, **at_least: int) -> None:
+    """Wait until each named counter of ``cleaner`` has reached its figure."""
+
+    async def reached() -> bool:
+        snapshot = cleaner.snapshot()
+        return all(getattr(snapshot, name) >= n for name, n in at_least.items())
+
+    await eventually(reached, f"cleanup counters {at_least}")
+
+
+async def scalar(
+    conn: psycopg.AsyncConnection, query: str | sql.Composed, params: tuple[object, ...]
+) -> int:
+    row = await (await conn.execute(query, params)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 @pytest.fixture
 async def admin(pg_dsn: str, pg_schema: str) -> AsyncIterator[psycopg.AsyncConnection]:
     """A connection of the test's own, on a migrated schema holding 20 expired rows and
@@ -48,35 +72,29 @@ async def admin(pg_dsn: str, pg_schema: str) -> AsyncIterator[psycopg.AsyncConne
 
 async def rows(conn: psycopg.AsyncConnection, schema: str) -> int:
     query = sql.SQL("SELECT count(*) FROM {}.buckets").format(sql.Identifier(schema))
-    row = await (await conn.execute(query)).fetchone()
-    assert row is not None
-    return int(row[0])
+    return await scalar(conn, query, ())
 
 
 async def lock_holders(conn: psycopg.AsyncConnection, schema: str) -> int:
     """Sessions holding the cleanup's advisory lock of ``schema`` (a one-bigint key: high
     half in classid, low half in objid)."""
-    cur = await conn.execute(
+    return await scalar(
+        conn,
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
         "AND objsubid = 1 AND database = (SELECT oid FROM pg_database "
         "WHERE datname = current_database()) "
         "AND ((classid::bigint << 32) | objid::bigint) = hashtext(%s)::bigint",
         (cleanup_lock(schema),),
     )
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def waiting_on_table(conn: psycopg.AsyncConnection, schema: str) -> int:
     """Sessions waiting for a lock on ``schema``'s table."""
-    cur = await conn.execute(
+    return await scalar(
+        conn,
         "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
         (f"{schema}.buckets",),
     )
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def test_expired_rows_disappear_without_a_cleanup_call(
@@ -84,13 +102,8 @@ async def test_expired_rows_disappear_without_a_cleanup_call(
 ) -> None:
     assert await rows(admin, pg_schema) == 21
     async with PostgresStorage(pg_dsn, schema=pg_schema, cleanup_every=0.1) as storage:
-        cleaner = storage._cleaner
-        assert cleaner is not None
-
-        async def two_rounds_done() -> bool:
-            return cleaner.snapshot().rounds >= 2
-
-        await eventually(two_rounds_done, "two cleanup rounds")
+        cleaner = cleaner_of(storage)
+        await counted(cleaner, rounds=2)
         assert await rows(admin, pg_schema) == 1  # the live row stays
         assert [s.key for s in await storage.status("live")] == ["live"]
         assert cleaner.snapshot().removed == 20
@@ -123,7 +136,7 @@ async def test_two_instances_never_clean_at_once(
         PostgresStorage(pg_dsn, **options) as one,  # type: ignore[arg-type]
         PostgresStorage(pg_dsn, **options) as two,  # type: ignore[arg-type]
     ):
-        cleaners = [s._cleaner for s in (one, two) if s._cleaner is not None]
+        cleaners = [cleaner_of(one), cleaner_of(two)]
 
         async def one_waits_and_the_other_skips() -> bool:
             skipped = sum(c.snapshot().skipped for c in cleaners)
@@ -166,23 +179,14 @@ async def test_failures_are_logged_once_per_burst_and_never_raised(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="fineflow.storage")
     async with PostgresStorage(pg_dsn, schema=pg_schema, cleanup_every=0.05) as storage:
-        cleaner = storage._cleaner
-        assert cleaner is not None
-
-        async def failed_thrice() -> bool:
-            return cleaner.snapshot().failures >= 3
-
-        await eventually(failed_thrice, "three failed rounds (the schema is not migrated)")
+        cleaner = cleaner_of(storage)
+        await counted(cleaner, failures=3)  # the schema is not migrated
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1
         assert "background cleanup" in warnings[0].getMessage()
         assert "fineflow migrate" in warnings[0].getMessage()
         await storage.migrate()  # the app goes on; the next round works
-
-        async def worked() -> bool:
-            return cleaner.snapshot().rounds >= 1
-
-        await eventually(worked, "a round after the migration")
+        await counted(cleaner, rounds=1)
         infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
         assert sum("works again" in m for m in infos) == 1
         assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
@@ -197,6 +201,4 @@ def test_cleanup_every_must_be_positive_seconds_or_none(every: object) -> None:
 def test_cleanup_every_is_off_by_default_and_takes_seconds() -> None:
     assert PostgresStorage("")._cleaner is None
     assert PostgresStorage("", cleanup_every=None)._cleaner is None
-    cleaner = PostgresStorage("", cleanup_every=300)._cleaner
-    assert cleaner is not None
-    assert cleaner.every == 300.0
+    assert cleaner_of(PostgresStorage("", cleanup_every=300)).every == 300.0

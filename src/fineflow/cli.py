@@ -1,5 +1,12 @@
 """The ``fineflow`` command: ``migrate``, ``status KEY``, ``reset KEY``, ``cleanup``, ``stats``,
-``demo``, ``bench``."""
+``demo``, ``bench``, ``--version``.
+
+Exit status: 0 on success, 1 for a runtime failure (the database is unreachable or refuses,
+the schema is missing or newer than this code), 2 for usage (arguments argparse refuses, an
+invalid DSN or schema name), 130 when interrupted. With ``--json`` a storage command prints
+exactly one JSON document on stdout, its result or, on failure,
+``{"error": "...", "exit_code": N}``; nothing goes to stderr.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +16,93 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
+from typing import Any, NoReturn
 
-from ._errors import FineflowError
+from . import __version__
+from ._errors import ConfigurationError, FineflowError
 from ._storage.base import KeyStatus
+from ._storage.postgres.options import check_identifier
 from ._storage.postgres.storage import PostgresStorage
 
 __all__ = ["main"]
 
+EXIT_FAILURE = 1  # the command could not do its work
+EXIT_USAGE = 2  # the command line is wrong (argparse's own status for it)
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; under ``--json`` its usage errors are JSON documents too."""
+
+    def __init__(self, *args: Any, json_errors: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.json_errors = json_errors
+
+    def error(self, message: str) -> NoReturn:
+        if not self.json_errors:
+            super().error(message)
+        _print_error(f"{self.prog}: {message}", EXIT_USAGE, as_json=True)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _identifier(what: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        try:
+            check_identifier(what, value)
+        except ConfigurationError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return check
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return number
+
+
+def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="fineflow",
         description="Distributed rate limiting and circuit breaking for ASGI apps.",
+        epilog="Exit status: 0 success, 1 runtime failure, 2 usage error.",
+        json_errors=json_errors,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"fineflow {__version__}",
+        help="print 'fineflow VERSION' and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def storage_command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str) -> _Parser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.json_errors = json_errors
+        return cmd
+
+    def storage_command(name: str, help_text: str) -> _Parser:
+        cmd = command(name, help_text)
         cmd.add_argument(
             "--dsn",
             default=None,
             help="PostgreSQL DSN or URL (default: $FINEFLOW_DSN, else libpq's PG* variables)",
         )
-        cmd.add_argument("--schema", default="fineflow", help="schema name (default: fineflow)")
-        cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        cmd.add_argument(
+            "--schema",
+            default="fineflow",
+            type=_identifier("schema"),
+            help="schema name (default: fineflow)",
+        )
+        cmd.add_argument(
+            "--json",
+            action="store_true",
+            help="print one JSON document on stdout, errors included",
+        )
         cmd.set_defaults(unlogged=False)
         return cmd
 
@@ -41,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument(
         "--runtime-role",
         metavar="ROLE",
+        type=_identifier("role"),
         help="create ROLE if missing and let it only execute the decision/status functions",
     )
     status = storage_command("status", "show the live rate-limit state of one key")
@@ -49,14 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("key", help="the key (user id, API key, client address)")
     reset.add_argument("--endpoint", default=None, help="only this endpoint's state")
     cleanup = storage_command("cleanup", "delete expired rate-limit state in bounded batches")
-    cleanup.add_argument("--batch-size", type=int, default=1000, help="rows per batch")
+    cleanup.add_argument(
+        "--batch-size", type=_positive_int, default=1000, help="rows per batch (default: 1000)"
+    )
     storage_command("stats", "allowed and denied counts by endpoint and tier")
-    demo = sub.add_parser("demo", help="run the demo: a limited app driven by a scripted burst")
+    demo = command("demo", "run the demo: a limited app driven by a scripted burst")
     demo.add_argument("--dsn", default=None, help="PostgreSQL to use (default: found or started)")
     demo.add_argument("--memory", action="store_true", help="use in-memory storage")
-    sub.add_parser(
-        "bench", help="run the benchmark suite from a clone (python -m benchmarks ARGS...)"
-    )
+    command("bench", "run the benchmark suite from a clone (python -m benchmarks ARGS...)")
     return parser
 
 
@@ -68,22 +139,45 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+# A storage command's outcome: what ``--json`` prints, and what a person reads.
+Outcome = tuple[object, str]
+
+
 async def _storage_command(args: argparse.Namespace) -> int:
     storage = PostgresStorage(
         args.dsn, schema=args.schema, unlogged=args.unlogged, min_size=1, max_size=1
     )
-    async with storage:
-        await storage.pool.wait(timeout=storage.connect_timeout)
-        await _COMMANDS[args.command](storage, args)
+    try:
+        # Connect once first: an unreachable or refusing server fails at once with its
+        # own reason, not after the pool's retries with a timeout.
+        await storage.open(wait=True)
+        payload, text = await _COMMANDS[args.command](storage, args)
+    finally:
+        await storage.close()
+    print(json.dumps(payload, indent=2) if args.json else text)
     return 0
 
 
-async def _migrate(storage: PostgresStorage, args: argparse.Namespace) -> None:
-    await storage.migrate()
-    print(f"schema {args.schema!r} is up to date")
+async def _migrate(storage: PostgresStorage, args: argparse.Namespace) -> Outcome:
+    result = await storage.apply_migrations()
+    schema = args.schema
+    payload: dict[str, object] = {
+        "schema": schema,
+        "action": result.action,
+        "before": result.before,
+        "after": result.after,
+    }
+    if result.action == "created":
+        text = f"created schema {schema!r} at version {result.after}"
+    elif result.action == "upgraded":
+        text = f"upgraded schema {schema!r} from version {result.before} to {result.after}"
+    else:
+        text = f"schema {schema!r} is already up to date (version {result.after})"
     if args.runtime_role:
         await storage.grant_runtime(args.runtime_role, create=True)
-        print(f"role {args.runtime_role!r} may decide through the functions only")
+        payload["runtime_role"] = args.runtime_role
+        text += f"\nrole {args.runtime_role!r} may decide through the functions only"
+    return payload, text
 
 
 _STATUS_COLUMNS = [
@@ -99,14 +193,11 @@ _STATUS_COLUMNS = [
 ]
 
 
-async def _status(storage: PostgresStorage, args: argparse.Namespace) -> None:
+async def _status(storage: PostgresStorage, args: argparse.Namespace) -> Outcome:
     rows = await storage.status(args.key)
-    if args.json:
-        print(json.dumps([_status_dict(r) for r in rows], indent=2))
-    elif not rows:
-        print(f"no live state for key {args.key!r}")
-    else:
-        print(_table(_STATUS_COLUMNS, [_status_row(r) for r in rows]))
+    if not rows:
+        return [], f"no live state for key {args.key!r}"
+    return [_status_dict(r) for r in rows], _table(_STATUS_COLUMNS, [_status_row(r) for r in rows])
 
 
 def _status_row(status: KeyStatus) -> list[object]:
@@ -130,26 +221,24 @@ def _status_dict(status: KeyStatus) -> dict[str, object]:
     return out
 
 
-async def _reset(storage: PostgresStorage, args: argparse.Namespace) -> None:
+async def _reset(storage: PostgresStorage, args: argparse.Namespace) -> Outcome:
     removed = await storage.reset(args.key, endpoint=args.endpoint)
-    print(json.dumps({"removed": removed}) if args.json else f"removed {removed} rows")
+    return {"removed": removed}, f"removed {removed} rows"
 
 
-async def _cleanup(storage: PostgresStorage, args: argparse.Namespace) -> None:
+async def _cleanup(storage: PostgresStorage, args: argparse.Namespace) -> Outcome:
     removed = await storage.cleanup(batch_size=args.batch_size)
-    print(json.dumps({"removed": removed}) if args.json else f"removed {removed} rows")
+    return {"removed": removed}, f"removed {removed} rows"
 
 
-async def _stats(storage: PostgresStorage, args: argparse.Namespace) -> None:
+async def _stats(storage: PostgresStorage, args: argparse.Namespace) -> Outcome:
     stats = await storage.stats()
-    if args.json:
-        print(json.dumps([asdict(r) for r in stats], indent=2))
-        return
     rows = [[r.endpoint or "-", r.tier or "-", r.keys, r.allowed, r.denied] for r in stats]
-    print(_table(["endpoint", "tier", "keys", "allowed", "denied"], rows))
+    table = _table(["endpoint", "tier", "keys", "allowed", "denied"], rows)
+    return [asdict(r) for r in stats], table
 
 
-_COMMANDS: dict[str, Callable[[PostgresStorage, argparse.Namespace], Awaitable[None]]] = {
+_COMMANDS: dict[str, Callable[[PostgresStorage, argparse.Namespace], Awaitable[Outcome]]] = {
     "migrate": _migrate,
     "status": _status,
     "reset": _reset,
@@ -165,12 +254,13 @@ def _bench(args: list[str]) -> int:
 
     sys.path.insert(0, os.getcwd())  # benchmarks/ lives in the repository, not in the wheel
     if importlib.util.find_spec("benchmarks") is None:
-        print(
-            "fineflow: error: run `fineflow bench` from a clone of the repository "
-            "(it runs its benchmarks/ folder), with the bench extra installed",
-            file=sys.stderr,
+        _print_error(
+            "run `fineflow bench` from a clone of the repository (it runs its benchmarks/ "
+            "folder), with the bench extra installed",
+            EXIT_FAILURE,
+            as_json=False,
         )
-        return 2
+        return EXIT_FAILURE
     sys.argv = ["benchmarks", *args]
     try:
         runpy.run_module("benchmarks", run_name="__main__")
@@ -179,30 +269,44 @@ def _bench(args: list[str]) -> int:
     return 0
 
 
+def _print_error(message: str, exit_code: int, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": exit_code}))
+    else:
+        print(f"fineflow: error: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        return run_demo(dsn=args.dsn, memory=args.memory)
+    return asyncio.run(_storage_command(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``fineflow`` command line; return the exit status."""
+    """Run the ``fineflow`` command line; return the exit status (0 success, 1 runtime
+    failure, 2 usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
-    args = _parser().parse_args(argv)
+    as_json = "--json" in argv
+    args = _parser(json_errors=as_json).parse_args(argv)
     try:
-        if args.command == "demo":
-            from ._demo import run_demo
-
-            return run_demo(dsn=args.dsn, memory=args.memory)
-        return asyncio.run(_storage_command(args))
-    except FineflowError as exc:
-        print(f"fineflow: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # psycopg_pool.PoolTimeout and friends: say it plainly
-        print(
-            f"fineflow: error: could not reach PostgreSQL ({type(exc).__name__}: {exc}); "
-            "check --dsn or FINEFLOW_DSN",
-            file=sys.stderr,
-        )
-        return 2
+        return _run(args)
     except KeyboardInterrupt:
         return 130
+    except ConfigurationError as exc:  # a bad DSN, from --dsn or the environment
+        _print_error(str(exc), EXIT_USAGE, as_json=as_json)
+        return EXIT_USAGE
+    except FineflowError as exc:
+        _print_error(str(exc), EXIT_FAILURE, as_json=as_json)
+        return EXIT_FAILURE
+    except Exception as exc:
+        if not as_json:
+            raise  # a bug: the traceback is what to report (and Python exits with 1)
+        _print_error(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE, as_json=True)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

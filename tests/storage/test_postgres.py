@@ -519,3 +519,63 @@ async def test_the_functions_the_database_runs_are_the_files_text(storage: Postg
             text = composed.as_string(conn)
             _, body, _ = text.split("$fn$")
             assert bodies[name] == body, name
+
+
+async def test_open_with_wait_fails_at_once_with_the_servers_reason() -> None:
+    """``open(wait=True)`` connects once first: a refused connection is the error, not the
+    pool's retries ending in a PoolTimeout. Without ``wait``, opening still succeeds (an
+    app starts while its database is down)."""
+    from fineflow.testing import free_port
+
+    dsn = f"host=127.0.0.1 port={free_port()} connect_timeout=30"
+    pg = PostgresStorage(dsn, connect_timeout=30.0)
+    with pytest.raises(StorageError, match="Connection refused") as caught:
+        await pg.open(wait=True)
+    assert "PoolTimeout" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(StorageClosedError):
+        pg.pool  # noqa: B018 - not opened
+    await pg.open()  # the default: connections are made in the background
+    await pg.close()
+
+
+async def test_open_with_wait_is_connected_when_it_returns(pg_dsn: str, pg_schema: str) -> None:
+    pg = PostgresStorage(pg_dsn, schema=pg_schema, min_size=2)
+    await pg.open(wait=True)
+    try:
+        assert pg.pool.get_stats()["pool_available"] == 2
+    finally:
+        await pg.close()
+    async with AsyncConnectionPool(pg_dsn, kwargs={"autocommit": True}, open=False) as pool:
+        owned = PostgresStorage(pool=pool, schema=pg_schema)
+        await owned.open(wait=True)
+        await owned.close()
+        assert not pool.closed
+
+
+async def test_apply_migrations_says_what_it_did(pg_dsn: str, pg_schema: str) -> None:
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as pg:
+        created = await pg.apply_migrations()
+        assert (created.before, created.after, created.action) == (0, LATEST_VERSION, "created")
+        again = await pg.apply_migrations()
+        assert (again.before, again.after, again.action) == (
+            LATEST_VERSION,
+            LATEST_VERSION,
+            "up to date",
+        )
+        await pg.migrate()  # the Storage protocol's form: the same, saying nothing
+
+
+async def test_a_missing_schema_says_to_migrate(pg_dsn: str, pg_schema: str) -> None:
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as pg:
+        for call in (
+            pg.status("k"),
+            pg.reset("k"),
+            pg.cleanup(),
+            pg.stats(),
+            pg.decide("gcra", [Hit("k", Quota(1, 1.0))]),
+        ):
+            with pytest.raises(StorageError, match="run `fineflow migrate`") as caught:
+                await call
+            assert pg_schema in str(caught.value)
+            assert "type casts" not in str(caught.value)

@@ -3,6 +3,7 @@
 Module map (a decision runs top to bottom)::
 
     storage.py      PostgresStorage: options, open/close, the public methods (the facade)
+    connect.py      one direct connection attempt: the server's own reason when it fails
     options.py      the checks of its options (no I/O)
     scheduler.py    coalescing: arrivals become batches, statement tasks, connection hand-off
     deadlines.py    callers' time budgets: one timer per timeout, not per request
@@ -10,6 +11,7 @@ Module map (a decision runs top to bottom)::
     errors.py       psycopg errors -> StorageError, in one place
     migrations.py   versioned migrations under an advisory lock; the runtime role's grants
     admin.py        status, reset, cleanup, stats
+    cleaner.py      background cleanup (cleanup_every=): a task, one instance at a time
     sqlfiles.py     reads sql/ (package data) and fills in identifiers with psycopg.sql
     sql/            schema.sql, functions/<name>.sql, revoke.sql, grant_runtime.sql,
                     versions.sql: the text the database runs

@@ -6,10 +6,16 @@ import contextlib
 from collections.abc import Iterator
 
 import psycopg
+from psycopg import errors
 
 from ..._errors import StorageError
 
-__all__ = ["brief", "driver_errors", "out_of_budget", "storage_error"]
+__all__ = ["brief", "driver_errors", "one_line", "out_of_budget", "storage_error"]
+
+# What a statement gets when fineflow's schema, function or view is not there: the schema
+# was never migrated (or not since an upgrade that added a function).
+_NOT_MIGRATED = (errors.InvalidSchemaName, errors.UndefinedFunction, errors.UndefinedTable)
+_NOT_MIGRATED_HINT = "is the schema migrated? run `fineflow migrate` (or `await storage.migrate()`)"
 
 
 def brief(exc: psycopg.Error) -> str:
@@ -20,9 +26,19 @@ def brief(exc: psycopg.Error) -> str:
     return "; ".join(part for part in parts if part)
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line: libpq's connection errors span several (one per host
+    tried, then a hint such as "Is the server running on that host ...?")."""
+    return "; ".join(line.strip(" \t-") for line in str(exc).splitlines() if line.strip())
+
+
 def storage_error(action: str, exc: psycopg.Error) -> StorageError:
     """The ``StorageError`` saying ``action`` failed because of ``exc`` (raise it ``from
-    exc``). ``PoolTimeout`` is a psycopg error too: no connection in time."""
+    exc``). ``PoolTimeout`` is a psycopg error too: no connection in time. A missing schema,
+    function or view says to migrate (the server's own hint, about type casts, misleads)."""
+    if isinstance(exc, _NOT_MIGRATED):
+        first_line = str(exc).partition("\n")[0]
+        return StorageError(f"{action} failed: {first_line}; {_NOT_MIGRATED_HINT}")
     return StorageError(f"{action} failed: {brief(exc)}")
 
 

@@ -27,7 +27,14 @@ from psycopg import sql
 from ..._errors import SchemaVersionError
 from .sqlfiles import FUNCTIONS, compose
 
-__all__ = ["LATEST_VERSION", "MIGRATIONS", "Migration", "grant_runtime", "migrate"]
+__all__ = [
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "Migration",
+    "MigrationResult",
+    "grant_runtime",
+    "migrate",
+]
 
 logger = logging.getLogger("fineflow.storage")
 
@@ -47,6 +54,27 @@ class Migration:
     compatible_with: int
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    """What one ``migrate()`` did.
+
+    Attributes:
+        before: the schema's version before (0: there was none).
+        after: its version after; the same as ``before`` when it was already up to date
+            (or newer than this code, with a compatibility level this code knows).
+    """
+
+    before: int
+    after: int
+
+    @property
+    def action(self) -> str:
+        """``"created"``, ``"upgraded"`` or ``"up to date"``."""
+        if self.before == self.after:
+            return "up to date"
+        return "created" if self.before == 0 else "upgraded"
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -57,8 +85,12 @@ MIGRATIONS: tuple[Migration, ...] = (
 LATEST_VERSION = MIGRATIONS[-1].version
 
 
-async def migrate(conn: psycopg.AsyncConnection[Any], schema: str, *, unlogged: bool) -> None:
-    """Bring ``schema`` to :data:`LATEST_VERSION` (idempotent; safe to run concurrently).
+async def migrate(
+    conn: psycopg.AsyncConnection[Any], schema: str, *, unlogged: bool
+) -> MigrationResult:
+    """Bring ``schema`` to :data:`LATEST_VERSION` (idempotent; safe to run concurrently);
+    return the versions before and after (read under the lock: of instances migrating at
+    once, one reports the change and the others find it up to date).
 
     Raises:
         SchemaVersionError: the schema's compatibility level is newer than this code.
@@ -91,6 +123,7 @@ async def migrate(conn: psycopg.AsyncConnection[Any], schema: str, *, unlogged: 
                     (level,),
                 )
             logger.info("migrated schema %r to version %d", schema, migration.version)
+    return MigrationResult(applied, max(applied, LATEST_VERSION))
 
 
 async def grant_runtime(

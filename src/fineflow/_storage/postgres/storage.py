@@ -3,7 +3,7 @@
 The facade: options, the pool's lifecycle and the public methods. Decisions go through the
 coalescing :mod:`.scheduler` and the statements of :mod:`.statements`; the schema is made by
 :mod:`.migrations` from the ``sql/`` files; status, reset, cleanup and stats are the
-queries of :mod:`.admin`.
+queries of :mod:`.admin`, and :mod:`.cleaner` runs cleanup in the background.
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate
 from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
 from . import migrations
 from .admin import Admin
+from .cleaner import Cleaner
+from .connect import check_reachable, libpq_seconds, why_unreachable
 from .errors import driver_errors, storage_error
-from .options import check_identifier, check_sizes, check_source, check_timeout
+from .migrations import MigrationResult
+from .options import check_identifier, check_interval, check_sizes, check_source, check_timeout
 from .scheduler import Scheduler
 from .statements import FAST_PATHS, Decider, Request
 
 __all__ = ["PostgresStorage"]
+
+# Rows per batch of a background cleanup round (as cleanup()'s default).
+_CLEANUP_BATCH = 1000
 
 
 class PostgresStorage:
@@ -66,6 +72,12 @@ class PostgresStorage:
             ``"hit_keys"`` (a batch sharing one quota) and ``"hit_many"`` (other
             single-quota GCRA batches); default all three. Leaving some out changes no
             decision, only speed: for comparing them, or to rule one out.
+        cleanup_every: seconds between background cleanups while the storage is open, for
+            databases without pg_cron (default ``None``: no background cleanup; call
+            :meth:`cleanup`, run ``fineflow cleanup`` or schedule it with pg_cron). Of
+            all the instances on one schema, one at a time does the work (an advisory
+            lock); failures are logged once per burst and never raised. Needs a role that
+            may run ``cleanup()`` (the schema's owner, not a runtime role).
 
     Raises:
         ConfigurationError: for a bad schema name or option, or both ``dsn`` and ``pool``.
@@ -87,12 +99,14 @@ class PostgresStorage:
         connect_timeout: float = 5.0,
         statement_timeout: float = 5.0,
         fast_paths: Collection[str] = FAST_PATHS,
+        cleanup_every: float | None = None,
     ) -> None:
         dsn = check_source(dsn, pool)
         check_identifier("schema", schema)
         min_size = 1 if min_size is None else min_size
         check_sizes(min_size=min_size, max_size=max_size)
         check_sizes(max_in_flight=max_in_flight, max_batch=max_batch)
+        cleanup_every = check_interval("cleanup_every", cleanup_every)
         self.dsn = dsn
         self.schema = schema
         self.unlogged = unlogged
@@ -113,6 +127,13 @@ class PostgresStorage:
             max_batch=max_batch,
         )
         self._admin = Admin(schema)
+        self._cleaner = (
+            None
+            if cleanup_every is None
+            else Cleaner(
+                lambda: self._admin.cleanup_alone(self.pool, _CLEANUP_BATCH), cleanup_every, schema
+            )
+        )
 
     # -- options and counters --------------------------------------------------------------
 
@@ -160,37 +181,63 @@ class PostgresStorage:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def open(self) -> None:
-        """Open the pool (connections are made in the background; a database that is down
-        does not stop your app from starting). Idempotent."""
+    async def open(self, *, wait: bool = False) -> None:
+        """Open the pool; idempotent. Start the background cleanup if ``cleanup_every``.
+
+        By default connections are made in the background: a database that is down does not
+        stop your app from starting. With ``wait=True`` (what the ``fineflow`` command
+        uses) it connects once directly first, and an unreachable or refusing server fails
+        at once with its own reason, then waits for the pool's first connections.
+
+        Raises:
+            StorageClosedError: the storage was closed.
+            StorageError: with ``wait=True``, the server could not be reached or refused.
+        """
         if self._closed:
             raise StorageClosedError("this PostgresStorage was closed; create a new one")
         if self._opened:
             return
         if self._pool is None:
-            options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
-            if not self.synchronous_commit:
-                options += " -c synchronous_commit=off"
-            self._pool = AsyncConnectionPool(
-                self.dsn or "",
-                min_size=self._sizes[0],
-                max_size=self._sizes[1],
-                kwargs={
-                    "autocommit": True,
-                    "options": options,
-                    "connect_timeout": max(int(self.connect_timeout), 1),
-                },
-                timeout=self.connect_timeout,
-                open=False,
-                name=f"fineflow-{self.schema}",
-            )
-            await self._pool.open(wait=False)
+            if wait:
+                await check_reachable(self.dsn or "", self.connect_timeout)
+            self._pool = self._new_pool()
+            try:
+                await self._pool.open(wait=wait, timeout=self.connect_timeout)
+            except PoolTimeout as exc:
+                self._pool = None
+                raise StorageError(f"opening the pool failed: {await self._why(exc)}") from exc
+        elif wait:
+            with driver_errors("taking a connection from the pool you gave"):
+                async with self._pool.connection(timeout=self.connect_timeout):
+                    pass
         self._opened = True
+        if self._cleaner is not None:
+            self._cleaner.start()
+
+    def _new_pool(self) -> AsyncConnectionPool[Any]:
+        options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
+        if not self.synchronous_commit:
+            options += " -c synchronous_commit=off"
+        return AsyncConnectionPool(
+            self.dsn or "",
+            min_size=self._sizes[0],
+            max_size=self._sizes[1],
+            kwargs={
+                "autocommit": True,
+                "options": options,
+                "connect_timeout": libpq_seconds(self.connect_timeout),
+            },
+            timeout=self.connect_timeout,
+            open=False,
+            name=f"fineflow-{self.schema}",
+        )
 
     async def close(self) -> None:
-        """Finish statements in flight, close the pool if this storage owns it; the
-        storage refuses use afterwards."""
+        """Stop the background cleanup, finish statements in flight, close the pool if this
+        storage owns it; the storage refuses use afterwards."""
         self._closed = True
+        if self._cleaner is not None:
+            await self._cleaner.stop()
         await self._scheduler.close(self.statement_timeout)
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
@@ -208,6 +255,17 @@ class PostgresStorage:
 
     async def migrate(self) -> None:
         """Create or upgrade the schema; idempotent and safe when instances run it at once.
+        (:meth:`apply_migrations` does the same and says what it did.)
+
+        Raises:
+            SchemaVersionError: the database holds a newer schema than this code knows.
+            StorageError: the database could not be reached or refused.
+        """
+        await self.apply_migrations()
+
+    async def apply_migrations(self) -> MigrationResult:
+        """:meth:`migrate`, returning what it did: the schema's version before and after
+        (``before`` 0: it was created; both equal: it was up to date).
 
         Raises:
             SchemaVersionError: the database holds a newer schema than this code knows.
@@ -216,24 +274,15 @@ class PostgresStorage:
         action = f"migration of schema {self.schema!r}"
         try:
             async with self.pool.connection() as conn:
-                await migrations.migrate(conn, self.schema, unlogged=self.unlogged)
+                return await migrations.migrate(conn, self.schema, unlogged=self.unlogged)
         except PoolTimeout as exc:
-            raise StorageError(f"{action} failed: {await self._why_unreachable(exc)}") from exc
+            raise StorageError(f"{action} failed: {await self._why(exc)}") from exc
         except psycopg.Error as exc:
             raise storage_error(action, exc) from exc
 
-    async def _why_unreachable(self, exc: Exception) -> str:
+    async def _why(self, exc: PoolTimeout) -> str:
         """The pool only says it timed out; one direct attempt says where and why."""
-        if self.dsn is None:
-            return str(exc)
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                self.dsn, connect_timeout=max(int(self.connect_timeout), 1)
-            )
-        except psycopg.Error as direct:
-            return f"{str(direct).strip()} (check the DSN or FINEFLOW_DSN)"
-        await conn.close()
-        return f"{exc} (the server answers now: the pool may be too small or busy)"
+        return await why_unreachable(self.dsn, self.connect_timeout, exc)
 
     async def grant_runtime(self, role: str, *, create: bool = False) -> None:
         """Let ``role`` decide, peek and read status through fineflow's functions only.

@@ -18,6 +18,7 @@ from fineflow._breaker.events import BreakerEvent
 from fineflow._breaker.http import http_throttle
 from fineflow._breaker.result import BreakerResult
 from fineflow._errors import CircuitOpenError, ConfigurationError
+from fineflow.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -29,14 +30,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 def state_of(breaker: CircuitBreaker) -> CircuitState:
     return breaker.state  # a call, so mypy does not narrow the state between steps
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Boom(Exception):
@@ -59,7 +52,7 @@ async def trip(breaker: CircuitBreaker) -> None:
 
 
 async def test_call_trips_and_raises_a_fresh_open_error_each_time() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     breaker = CircuitBreaker("svc", clock=clock)
     assert await breaker.call(ok, 7) == 7
     await trip(breaker)
@@ -97,7 +90,7 @@ async def test_no_lock_is_held_across_the_guarded_await() -> None:
 
 
 async def test_half_open_admits_exactly_the_budget_under_concurrency() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     breaker = CircuitBreaker("svc", clock=clock, half_open_max_calls=3)
     await trip(breaker)
     clock.now += 30
@@ -127,7 +120,7 @@ async def test_half_open_admits_exactly_the_budget_under_concurrency() -> None:
 
 
 async def test_cancellation_never_counts_and_returns_half_open_permits() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     breaker = CircuitBreaker("svc", clock=clock, half_open_max_calls=1, failure_threshold=1)
     async with anyio.create_task_group() as tg:
         for _ in range(200):
@@ -160,7 +153,7 @@ async def test_a_timeout_inside_the_call_is_a_failure() -> None:
 
 
 async def test_listeners_see_every_transition_once() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     breaker = CircuitBreaker("svc", clock=clock, failure_threshold=3, half_open_max_calls=2)
     sync_seen: list[tuple[CircuitState | None, CircuitState]] = []
     async_seen: list[tuple[CircuitState | None, CircuitState]] = []
@@ -279,7 +272,7 @@ async def test_classification_of_exceptions_and_results() -> None:
 
 @pytest.mark.parametrize("policy", ["ignore", "failure", "hold"])
 async def test_throttle_policies(policy: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     breaker = CircuitBreaker(
         "svc",
         clock=clock,
@@ -366,7 +359,7 @@ def test_constructor_validation() -> None:
 
 async def test_fast_paths_keep_every_metric() -> None:
     """call and execute inline the closed path; the metrics must not notice."""
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     breaker = CircuitBreaker("svc", clock=clock)
     clock.now = 1001.0
     assert await breaker.call(ok, 3) == 3
@@ -466,7 +459,7 @@ async def test_the_inlined_path_passes_positional_and_keyword_arguments() -> Non
 async def test_what_changes_during_a_call_decides_how_its_success_counts() -> None:
     """A success listener, a hold or a reset arriving while a call on the quiet closed path
     is awaited sends its success through the full path (event, staleness) instead."""
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     breaker = CircuitBreaker("svc", clock=clock, on_throttle="hold")
     seen: list[str] = []
     entered, gate = anyio.Event(), anyio.Event()
@@ -546,7 +539,7 @@ def sync_boom() -> None:
 
 @pytest.mark.parametrize("to_thread", [False, True])
 async def test_sync_callables_are_classified_like_async_ones(to_thread: bool) -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     seen: list[str] = []
     breaker = CircuitBreaker(
         "svc",

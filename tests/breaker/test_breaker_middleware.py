@@ -24,6 +24,7 @@ from fineflow._breaker.config import CircuitState
 from fineflow._breaker.middleware import CircuitBreakerMiddleware
 from fineflow._breaker.registry import BreakerRegistry
 from fineflow._errors import ConfigurationError
+from fineflow.testing import FakeClock
 
 Sent = list[Message]
 
@@ -333,14 +334,6 @@ async def test_websocket_app_refusing_by_itself_is_ignored() -> None:
     assert (m.total_ignored, m.total_failures, m.in_flight) == (1, 0, 0)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def throttling_app(retry_after: bytes | None) -> Any:
     async def app(scope: Scope, receive: Any, send: Any) -> None:
         headers = [] if retry_after is None else [(b"Retry-After", retry_after)]
@@ -352,7 +345,7 @@ def throttling_app(retry_after: bytes | None) -> Any:
 
 @pytest.mark.anyio
 async def test_429_goes_through_the_throttle_policy() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=50.0)
     ignoring = CircuitBreaker("ignore", failure_threshold=1, clock=clock)
     mw = CircuitBreakerMiddleware(throttling_app(b"5"), breaker=ignoring)
     for _ in range(3):
@@ -377,7 +370,7 @@ async def test_429_goes_through_the_throttle_policy() -> None:
 
 @pytest.mark.anyio
 async def test_success_metrics_pathsend_and_async_keys() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=50.0)
     registry = BreakerRegistry(clock=clock)
 
     async def key(scope: Scope) -> str:

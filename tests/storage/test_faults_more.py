@@ -39,7 +39,7 @@ from fineflow import (
     keys,
 )
 from fineflow._ratelimit.limiter import STORAGE_UNAVAILABLE
-from fineflow.testing import ThrowawayCluster, find_postgres_bindir
+from fineflow.testing import FakeClock, ThrowawayCluster, find_postgres_bindir
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -62,19 +62,6 @@ def cluster() -> Iterator[ThrowawayCluster]:
         pytest.fail("fault tests need PostgreSQL server binaries (initdb, pg_ctl) on this machine")
     with ThrowawayCluster.create() as c:
         yield c
-
-
-class FakeClock:
-    """The breaker's monotonic clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def pass_recovery_time(self) -> None:
-        self.now += RECOVERY + 0.001
 
 
 def make_app(limiter: RateLimiter) -> RateLimitMiddleware:
@@ -202,7 +189,7 @@ async def test_a_listener_that_never_answers(
             max_size=2,
             connect_timeout=2,
         )
-        clock = FakeClock()
+        clock = FakeClock(start=1000.0)
         limiter = RateLimiter(
             storage,
             on_storage_error=policy,  # type: ignore[arg-type]
@@ -231,7 +218,7 @@ async def test_a_listener_that_never_answers(
                 assert limiter.metrics().storage_timeouts == 3
 
                 # After the recovery time one request probes (and pays the budget once more).
-                clock.pass_recovery_time()
+                clock.advance(RECOVERY + 0.001)
                 check_outage_response(await client.get("probe"), policy)
                 assert limiter.metrics().storage_timeouts == 4
                 assert limiter.breaker.state is CircuitState.OPEN  # re-opened by the probe
@@ -262,7 +249,7 @@ async def test_database_restarted_under_a_running_app(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     tasks_before = len(asyncio.all_tasks())
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     storage = PostgresStorage(cluster.dsn, schema=pg_schema, max_size=3, connect_timeout=1)
     limiter = RateLimiter(
         storage,
@@ -314,7 +301,7 @@ async def test_database_restarted_under_a_running_app(
             # come from the database again.
             back = time.monotonic()
             for attempt in range(RECOVERY_ATTEMPTS):
-                clock.pass_recovery_time()
+                clock.advance(RECOVERY + 0.001)
                 probe = await client.get(f"probe-{attempt}")
                 assert probe.status_code in (200, 503)
                 if decided(probe):
@@ -356,7 +343,7 @@ async def test_pool_exhausted_by_long_transactions(
     cluster: ThrowawayCluster, pg_schema: str, policy: str
 ) -> None:
     tasks_before = len(asyncio.all_tasks())
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     storage = PostgresStorage(
         cluster.dsn, schema=pg_schema, min_size=2, max_size=2, connect_timeout=1
     )
@@ -392,7 +379,7 @@ async def test_pool_exhausted_by_long_transactions(
             assert limiter.breaker.state is CircuitState.OPEN
         # Released: the next probe finds a connection, decisions are exact again.
         for attempt in range(RECOVERY_ATTEMPTS):
-            clock.pass_recovery_time()
+            clock.advance(RECOVERY + 0.001)
             if decided(await client.get(f"probe-{attempt}")):
                 break
             await anyio.sleep(0.05)  # waiting for the pool to hand a connection back
@@ -414,7 +401,7 @@ async def test_limiter_never_raises_when_the_pool_is_exhausted(
     """The same through the limiter API: decisions, not exceptions, in both policies."""
     async with PostgresStorage(cluster.dsn, schema=pg_schema, max_size=1) as storage:
         await storage.migrate()
-        clock = FakeClock()
+        clock = FakeClock(start=1000.0)
         deny = RateLimiter(storage, on_storage_error="deny", timeout=0.1, clock=clock)
         allow = RateLimiter(storage, on_storage_error="allow", timeout=0.1, clock=clock)
         async with storage.pool.connection() as held, held.transaction():
@@ -424,12 +411,12 @@ async def test_limiter_never_raises_when_the_pool_is_exhausted(
         assert all(not d.allowed and d.reason == STORAGE_UNAVAILABLE for d in denied)
         assert all(d.allowed and d.reason == STORAGE_UNAVAILABLE for d in allowed)
         assert deny.breaker.state is allow.breaker.state is CircuitState.OPEN
-        clock.pass_recovery_time()
+        clock.advance(RECOVERY + 0.001)
         for _ in range(RECOVERY_ATTEMPTS):
             decision = await allow.hit("after", QUOTA)
             if decision.reason is None:
                 break
-            clock.pass_recovery_time()
+            clock.advance(RECOVERY + 0.001)
             await anyio.sleep(0.05)  # waiting for the pool to hand a connection back
         else:
             pytest.fail(f"not recovered after {RECOVERY_ATTEMPTS} probes")

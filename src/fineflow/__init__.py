@@ -4,6 +4,7 @@ Rate limiting keeps its state in PostgreSQL by default, so every instance of a s
 shares one limit; circuit breakers guard routes of your app and outbound calls.
 """
 
+import importlib as _importlib
 import typing as _typing
 
 from . import keys
@@ -33,6 +34,7 @@ from ._storage.memory import MemoryStorage
 from ._storage.url import storage_from_url
 
 if _typing.TYPE_CHECKING:
+    from ._storage.postgres.migrations import MigrationResult
     from ._storage.postgres.storage import PostgresStorage
     from ._storage.redis.storage import RedisStorage
 
@@ -61,6 +63,7 @@ __all__ = [
     "LocalStorage",
     "MemoryStorage",
     "MiddlewareMetrics",
+    "MigrationResult",
     "Permit",
     "PostgresStorage",
     "Quota",
@@ -82,22 +85,24 @@ __all__ = [
 ]
 
 
-if not _typing.TYPE_CHECKING:  # (type checkers see the import above, and flag typos)
+# Names whose modules bring in a driver (psycopg is about half of ``import fineflow``'s time,
+# redis-py is an extra): imported when first asked for, so apps on memory storage and the
+# breakers never pay for them.
+_LAZY = {
+    "MigrationResult": "._storage.postgres.migrations",
+    "PostgresStorage": "._storage.postgres.storage",
+    "RedisStorage": "._storage.redis.storage",
+}
+
+if not _typing.TYPE_CHECKING:  # (type checkers see the imports above, and flag typos)
 
     def __getattr__(name: str) -> object:
-        # PostgresStorage brings in psycopg, about half of ``import fineflow``'s time: it is
-        # imported when first asked for, so memory storage and breakers never pay for it.
-        if name == "PostgresStorage":
-            from ._storage.postgres.storage import PostgresStorage
-
-            globals()[name] = PostgresStorage
-            return PostgresStorage
-        if name == "RedisStorage":  # (fineflow[redis]: the same, for redis-py)
-            from ._storage.redis.storage import RedisStorage
-
-            globals()[name] = RedisStorage
-            return RedisStorage
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(_importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

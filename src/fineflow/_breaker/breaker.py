@@ -30,6 +30,7 @@ import inspect
 import logging
 import random as _random_module
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from types import TracebackType
@@ -38,6 +39,7 @@ from typing import Any, ParamSpec, Self, TypeVar, overload
 import anyio.to_thread
 
 from .._errors import CircuitOpenError, ConfigurationError
+from . import live
 from .config import BreakerConfig, BreakerMetrics, CircuitState, ThrottlePolicy, WindowType
 from .events import BreakerEvent, EventKind, Listener, Listeners, is_async_callable
 from .http import DEFAULT_HOLD
@@ -98,6 +100,8 @@ class CircuitBreaker(Listeners):
             ``anyio.to_thread.run_sync`` instead of inline on the event loop. Coroutine
             functions are awaited on the loop either way.
         clock: monotonic clock in seconds.
+        wall_clock: wall clock in epoch seconds, read only by ``metrics()`` to give the
+            ``*_at`` times (never by a call).
         random: jitter source returning floats in ``[0, 1)``.
 
     Raises:
@@ -130,6 +134,7 @@ class CircuitBreaker(Listeners):
         throttle: Callable[[object], float | None] | None = None,
         to_thread: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         random: Callable[[], float] = _random_module.random,
     ) -> None:
         if not isinstance(name, str) or not name:
@@ -170,11 +175,24 @@ class CircuitBreaker(Listeners):
         self.to_thread = to_thread
         self._untimed = slow_call_duration is None
         self._clock = clock
-        self._machine = BreakerMachine(self.config, random=random, on_transition=self._moved)
+        self._wall_clock = wall_clock
+        # Transitions by (from, to), counted where they are logged: never touched by a call.
+        self._transitions: dict[tuple[CircuitState, CircuitState], int] = {}
+        # The machine holds the breaker weakly: without a cycle, a dropped breaker is freed
+        # at once (and leaves the live set) instead of at the next garbage collection.
+        this = weakref.ref(self)
+
+        def moved(old: CircuitState, new: CircuitState, reason: str, now: float) -> None:
+            breaker = this()
+            if breaker is not None:
+                breaker._moved(old, new, reason, now)
+
+        self._machine = BreakerMachine(self.config, random=random, on_transition=moved)
         self._fallbacks = 0  # the breaker serves fallbacks, the machine never sees them
         super().__init__()
         self._frames: ContextVar[_Frame | None] = ContextVar(f"breaker:{name}", default=None)
         self._last_fallback: BreakerResult[Any] | None = None
+        live.track(self)
 
     def _update_flags(self) -> None:
         super()._update_flags()
@@ -405,7 +423,13 @@ class CircuitBreaker(Listeners):
 
     def metrics(self) -> BreakerMetrics:
         """A frozen snapshot of the state and counters."""
-        return self._machine.snapshot(self.name, fallbacks=self._fallbacks)
+        offset = self._wall_clock() - self._clock()
+        return self._machine.snapshot(self.name, fallbacks=self._fallbacks, wall_offset=offset)
+
+    def transitions(self) -> dict[tuple[CircuitState, CircuitState], int]:
+        """How often each ``(from, to)`` state change happened (a copy; moves that never
+        happened are absent)."""
+        return dict(self._transitions)
 
     def reset(self) -> None:
         """Return to CLOSED, forgetting failures, holds and backoff (totals are kept)."""
@@ -488,6 +512,8 @@ class CircuitBreaker(Listeners):
         return _IGNORED
 
     def _moved(self, old: CircuitState, new: CircuitState, reason: str, now: float) -> None:
+        key = (old, new)
+        self._transitions[key] = self._transitions.get(key, 0) + 1
         level = logging.WARNING if new in _ALARMING else logging.INFO
         logger.log(
             level,
@@ -496,7 +522,13 @@ class CircuitBreaker(Listeners):
             old.value,
             new.value,
             reason,
-            extra={"breaker": self.name, "from_state": old, "to_state": new, "reason": reason},
+            extra={
+                "event": "circuit_breaker_transition",
+                "breaker": self.name,
+                "from_state": old.value,
+                "to_state": new.value,
+                "reason": reason,
+            },
         )
         if self._has_state_change:
             self._emit("state_change", now, None, old, reason)

@@ -211,6 +211,14 @@ class BreakerMetrics:
         failure_rate: the failure rate over the window (``None`` without a rate policy or
             before ``minimum_calls``).
         slow_call_rate: the slow-call rate likewise.
+        last_failure_at: ``last_failure_time`` as wall-clock epoch seconds.
+        last_success_at: ``last_success_time`` as wall-clock epoch seconds.
+        last_state_change_at: ``last_state_change`` as wall-clock epoch seconds.
+
+    The three ``*_at`` fields convert the monotonic readings with the offset between the
+    breaker's wall clock and its monotonic clock *when the snapshot is taken* (a call reads
+    no clock for them). They are therefore in the terms of the wall clock at snapshot time:
+    if the wall clock was stepped (NTP, by hand) since the event, they move with it.
     """
 
     name: str
@@ -230,6 +238,9 @@ class BreakerMetrics:
     last_state_change: float | None
     failure_rate: float | None
     slow_call_rate: float | None
+    last_failure_at: float | None = None
+    last_success_at: float | None = None
+    last_state_change_at: float | None = None
 
 
 class CountWindow:

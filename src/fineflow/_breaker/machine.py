@@ -444,10 +444,23 @@ class BreakerMachine:
         else:
             self._reject_until = _NEVER
 
-    def snapshot(self, name: str, *, fallbacks: int = 0) -> BreakerMetrics:
-        """A frozen copy of the state and counters, with the owner's name and fallbacks."""
+    def snapshot(
+        self, name: str, *, fallbacks: int = 0, wall_offset: float | None = None
+    ) -> BreakerMetrics:
+        """A frozen copy of the state and counters, with the owner's name and fallbacks.
+
+        Args:
+            name: the owner's name.
+            fallbacks: the owner's count of fallbacks served.
+            wall_offset: wall clock minus monotonic clock, read by the owner now; adds the
+                ``*_at`` epoch times (``None``: they stay ``None``).
+        """
         window = self._window
         calls = window.calls if window is not None else 0
+
+        def wall(t: float | None) -> float | None:
+            return None if t is None or wall_offset is None else t + wall_offset
+
         return BreakerMetrics(
             name=name,
             state=self.state,
@@ -466,4 +479,7 @@ class BreakerMachine:
             last_state_change=self.last_state_change,
             failure_rate=window.failures / calls if window is not None and calls else None,
             slow_call_rate=window.slow / calls if window is not None and calls else None,
+            last_failure_at=wall(self.last_failure_time),
+            last_success_at=wall(self.last_success_time),
+            last_state_change_at=wall(self.last_state_change),
         )

@@ -54,9 +54,9 @@ class BreakerFigures:
         states: how many of them are in each state (every ``CircuitState``, 0 included).
         calls: their calls by kind (``CALL_KINDS``).
         transitions: their state changes by ``(from, to)`` value.
-        failure_rate: the highest failure rate among them (``None``: no policy computes one
-            yet).
-        slow_call_rate: the highest slow-call rate likewise.
+        failure_rate: the highest failure rate among those with a failure-rate policy
+            (``None``: none has one, or none has seen a call in its window yet).
+        slow_call_rate: the highest slow-call rate among those with a slow-call policy.
     """
 
     name: str
@@ -89,6 +89,10 @@ def figures() -> list[BreakerFigures]:
         for (old, new), count in breaker.transitions().items():
             key = (old.value, new.value)
             fig.transitions[key] = fig.transitions.get(key, 0) + count
-        fig.failure_rate = _worst(fig.failure_rate, m.failure_rate)
-        fig.slow_call_rate = _worst(fig.slow_call_rate, m.slow_call_rate)
+        # A rate is reported only by the policy that uses it (the window computes both).
+        config = breaker.config
+        if config.failure_rate_threshold is not None:
+            fig.failure_rate = _worst(fig.failure_rate, m.failure_rate)
+        if config.slow_call_duration is not None:
+            fig.slow_call_rate = _worst(fig.slow_call_rate, m.slow_call_rate)
     return list(by_name.values())

@@ -20,6 +20,7 @@ metric families; the rate-limit families will be more builders next to
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing.util
 import os
 import threading
@@ -42,6 +43,8 @@ __all__ = [
     "register",
     "start_multiprocess",
 ]
+
+logger = logging.getLogger("fineflow.prometheus")
 
 #: A function giving metric families read from live objects at the time it is called.
 FamilyBuilder = Callable[[], Iterable[Metric]]
@@ -186,7 +189,10 @@ class MultiprocessExport:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # keep flushing: the next round may succeed
+                logger.exception("fineflow.prometheus: writing the multiprocess figures failed")
 
     def start(self) -> None:
         """Start the background flushes (a daemon thread)."""

@@ -101,3 +101,30 @@ async def test_every_transition_log_record_carries_structured_fields(
         f"circuit breaker {name!r}: closed -> open (2 consecutive failures)"
     )
     assert records[0].levelno == logging.WARNING
+
+
+async def test_the_json_logging_example_of_the_docs(caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    fields = ("event", "breaker", "from_state", "to_state", "reason")
+
+    class JsonFormatter(logging.Formatter):  # as in docs/observability.md
+        def format(self, record: logging.LogRecord) -> str:
+            entry = {"level": record.levelname, "message": record.getMessage()}
+            entry.update({f: getattr(record, f) for f in fields if hasattr(record, f)})
+            return json.dumps(entry)
+
+    name = named("json")
+    breaker = ff.CircuitBreaker(name, failure_threshold=1)
+    with caplog.at_level(logging.INFO, logger="fineflow.breaker"), pytest.raises(ConnectionError):
+        await breaker.call(boom)
+    (record,) = [r for r in caplog.records if getattr(r, "breaker", None) == name]
+    assert json.loads(JsonFormatter().format(record)) == {
+        "level": "WARNING",
+        "message": f"circuit breaker {name!r}: closed -> open (1 consecutive failures)",
+        "event": "circuit_breaker_transition",
+        "breaker": name,
+        "from_state": "closed",
+        "to_state": "open",
+        "reason": "1 consecutive failures",
+    }

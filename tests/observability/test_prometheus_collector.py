@@ -128,3 +128,25 @@ def test_the_collector_takes_more_family_builders() -> None:
     prom = CollectorRegistry()
     prom.register(FineflowCollector([breaker_families, more]))
     assert samples(scrape(prom), "x") == {("fineflow_extra_total", ()): 7.0}
+
+
+def test_start_multiprocess_needs_the_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR"):
+        fineflow.prometheus.start_multiprocess()
+
+
+def test_the_grafana_dashboard_queries_only_exported_families() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "grafana-fineflow.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"fineflow_[a-z_]+", expr)}
+    exported = {f.name for f in breaker_families()}
+    # prometheus_client's family names drop ``_total``; the samples carry it
+    assert used <= exported | {f"{name}_total" for name in exported}
+    assert "fineflow_circuitbreaker_state" in used
+    assert "fineflow_circuitbreaker_calls_total" in used

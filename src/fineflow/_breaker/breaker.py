@@ -43,7 +43,7 @@ from . import live
 from .config import BreakerConfig, BreakerMetrics, CircuitState, ThrottlePolicy, WindowType
 from .events import BreakerEvent, EventKind, Listener, Listeners, is_async_callable
 from .http import DEFAULT_HOLD
-from .machine import BreakerMachine, Outcome
+from .machine import BreakerMachine, Outcome, TransitionHook
 from .result import BreakerResult
 
 __all__ = ["CircuitBreaker", "Permit"]
@@ -68,6 +68,41 @@ async def _in_thread(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def _check_options(
+    name: object,
+    to_thread: object,
+    record_exceptions: object,
+    ignore_exceptions: object,
+) -> None:
+    """Raise ``ConfigurationError`` for the options ``BreakerConfig`` does not check."""
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"name must be a non-empty str (got {name!r})")
+    if not isinstance(to_thread, bool):
+        raise ConfigurationError(f"to_thread must be True or False (got {to_thread!r})")
+    for label, types in (("record", record_exceptions), ("ignore", ignore_exceptions)):
+        if not isinstance(types, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in types
+        ):
+            raise ConfigurationError(
+                f"{label}_exceptions must be a tuple of exception classes "
+                f"(got {types!r}); e.g. (ConnectionError, TimeoutError)"
+            )
+
+
+def _weak_hook(breaker: CircuitBreaker) -> TransitionHook:
+    """The machine's transition hook, holding ``breaker`` weakly: without a reference cycle
+    a dropped breaker is freed at once (and leaves the live set), not at the next garbage
+    collection."""
+    ref = weakref.ref(breaker)
+
+    def moved(old: CircuitState, new: CircuitState, reason: str, now: float) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._moved(old, new, reason, now)
+
+    return moved
 
 
 class CircuitBreaker(Listeners):
@@ -137,18 +172,7 @@ class CircuitBreaker(Listeners):
         wall_clock: Callable[[], float] = time.time,
         random: Callable[[], float] = _random_module.random,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"name must be a non-empty str (got {name!r})")
-        if not isinstance(to_thread, bool):
-            raise ConfigurationError(f"to_thread must be True or False (got {to_thread!r})")
-        for label, types in (("record", record_exceptions), ("ignore", ignore_exceptions)):
-            if not isinstance(types, tuple) or not all(
-                isinstance(t, type) and issubclass(t, BaseException) for t in types
-            ):
-                raise ConfigurationError(
-                    f"{label}_exceptions must be a tuple of exception classes "
-                    f"(got {types!r}); e.g. (ConnectionError, TimeoutError)"
-                )
+        _check_options(name, to_thread, record_exceptions, ignore_exceptions)
         self.config = BreakerConfig(
             failure_threshold=failure_threshold,
             failure_rate_threshold=failure_rate_threshold,
@@ -178,16 +202,7 @@ class CircuitBreaker(Listeners):
         self._wall_clock = wall_clock
         # Transitions by (from, to), counted where they are logged: never touched by a call.
         self._transitions: dict[tuple[CircuitState, CircuitState], int] = {}
-        # The machine holds the breaker weakly: without a cycle, a dropped breaker is freed
-        # at once (and leaves the live set) instead of at the next garbage collection.
-        this = weakref.ref(self)
-
-        def moved(old: CircuitState, new: CircuitState, reason: str, now: float) -> None:
-            breaker = this()
-            if breaker is not None:
-                breaker._moved(old, new, reason, now)
-
-        self._machine = BreakerMachine(self.config, random=random, on_transition=moved)
+        self._machine = BreakerMachine(self.config, random=random, on_transition=_weak_hook(self))
         self._fallbacks = 0  # the breaker serves fallbacks, the machine never sees them
         super().__init__()
         self._frames: ContextVar[_Frame | None] = ContextVar(f"breaker:{name}", default=None)

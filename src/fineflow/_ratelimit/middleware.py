@@ -15,6 +15,12 @@ before the app can accept them. ``lifespan`` passes through; a storage the middl
 is opened (and migrated) on startup and closed on shutdown, or opened on the first request
 when the server runs no lifespan.
 
+A middleware built with ``enabled=False``, or while ``FINEFLOW_ENABLED=0`` is set, passes
+every connection (lifespan included) to the app untouched: no decision, no header, no
+storage opened (see :mod:`.environment` for why the variable is read once, when the
+middleware is built). With neither ``storage`` nor ``limiter``, the middleware owns the
+storage the environment names (``FINEFLOW_STORAGE_URL``, else ``FINEFLOW_DSN``).
+
 Everything that does not depend on the request (path patterns, header names and policy
 items) is compiled in ``__init__``; per-request state lives in locals. (The one thing kept
 across requests, besides counters: each policy's rendered ``RateLimit`` values, keyed by the
@@ -32,7 +38,9 @@ from .._asgi.types import ASGIApp, Message, Receive, Scope, Send
 from .._errors import ConfigurationError
 from .._storage.base import Hit, Storage
 from .._storage.lifespan import OwnedStorage
+from .._storage.memory import MemoryStorage
 from ..keys import client_ip
+from .environment import default_storage, limits_enabled
 from .headers import AppliedPolicy, HeaderStyle, render_headers, validate_style
 from .limiter import Decisions, RateLimiter
 from .problems import quota_exceeded, storage_unavailable
@@ -81,7 +89,10 @@ class RateLimitMiddleware:
         limiter: a :class:`RateLimiter` you own (open it yourself, e.g. in your lifespan).
         storage: instead of ``limiter``, a storage the middleware owns: it builds the
             limiter, opens the storage on lifespan startup (or the first request) and closes
-            it on shutdown.
+            it on shutdown. With neither ``storage`` nor ``limiter``, the middleware owns
+            the storage of ``FINEFLOW_STORAGE_URL`` (any URL
+            :func:`fineflow.storage_from_url` takes), else a :class:`PostgresStorage` on
+            ``FINEFLOW_DSN``.
         rules: the :class:`Rule` s; every rule matching a request applies, all or nothing.
         key: the default key function (rules may override it); default
             :func:`fineflow.keys.client_ip` with no trusted proxies.
@@ -102,9 +113,16 @@ class RateLimitMiddleware:
         on_storage_error: with ``storage``: ``"allow"`` (default) or ``"deny"`` (503).
         timeout: with ``storage``: time budget per decision in seconds (default 0.05).
         migrate: with ``storage``: run ``storage.migrate()`` when opening it (default True).
+        enabled: ``False`` passes every request through untouched (no decision, no
+            headers, no storage opened), e.g. in tests or staging. ``FINEFLOW_ENABLED=0``
+            in the environment when the middleware is built does the same, whatever
+            ``enabled`` says (it is read once, not per request).
 
     Raises:
-        ConfigurationError: for an invalid option, rule, or combination of them.
+        ConfigurationError: for an invalid option, rule, or combination of them; with
+            neither ``storage`` nor ``limiter``, when neither ``FINEFLOW_STORAGE_URL`` nor
+            ``FINEFLOW_DSN`` is set (unless limits are off); for a ``FINEFLOW_ENABLED``
+            that is neither on nor off.
     """
 
     def __init__(
@@ -127,9 +145,14 @@ class RateLimitMiddleware:
         on_storage_error: Literal["allow", "deny"] | None = None,
         timeout: float | None = 0.05,
         migrate: bool = True,
+        enabled: bool = True,
     ) -> None:
         if not callable(app):
             raise ConfigurationError("app must be an ASGI callable")
+        self.enabled = limits_enabled(enabled)
+        if storage is None and limiter is None:
+            # Limits off: a storage that is never opened, so tests need no environment.
+            storage = default_storage() if self.enabled else MemoryStorage()
         limiter = _limiter(limiter, storage, algorithm, on_storage_error, timeout)
         _check_rules(rules, limiter.algorithm, default_tier)
         for what, fn in (("key", key), ("tier", tier), ("headers_for", headers_for)):
@@ -150,7 +173,11 @@ class RateLimitMiddleware:
         self._ruleset = RuleSet(self.rules, key or client_ip(), tier, default_tier)
         self._exempt_methods = frozenset(str(m).upper() for m in exempt_methods)
         self._exempt_paths = tuple(PathPattern(p) for p in exempt_paths)
-        self._owned = None if storage is None else OwnedStorage(storage, migrate=bool(migrate))
+        self._owned = (
+            None
+            if storage is None or not self.enabled
+            else OwnedStorage(storage, migrate=bool(migrate))
+        )
         # The metrics counters: plain attributes, the cheapest to increment.
         self._n_requests = self._n_allowed = self._n_limited = self._n_shadow = 0
         self._n_exempt = self._n_unmatched = self._n_store = 0
@@ -169,6 +196,9 @@ class RateLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
+        if not self.enabled:
+            await self.app(scope, receive, send)
+            return
         kind = scope["type"]
         if kind == "http":
             method = scope.get("method") or "GET"

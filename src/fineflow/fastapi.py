@@ -28,17 +28,11 @@ from fastapi.routing import APIRoute
 
 from ._asgi.problem import ProblemResponse
 from ._errors import ConfigurationError
-from ._ratelimit.environment import default_storage, limits_enabled
-from ._ratelimit.gate import LIMITER_STATE, Gate
 from ._ratelimit.limiter import Decisions, RateLimiter
-from ._ratelimit.rules import CostFunc, QuotaFunc, QuotaSpec, Rule
-from ._ratelimit.ruleset import RuleSet
-from ._storage.lifespan import OwnedStorage
-from .keys import client_ip
+from ._ratelimit.route import RouteLimit
+from ._ratelimit.rules import CostFunc, QuotaFunc, QuotaSpec
 
 __all__ = ["RateLimit", "RateLimitExceeded", "install", "problem_response"]
-
-_MAX_ROUTES = 10_000  # rule sets kept per dependency (one per route it guards)
 
 
 class RateLimitExceeded(HTTPException):
@@ -126,76 +120,28 @@ class RateLimit:
         limiter: RateLimiter | None = None,
         enabled: bool = True,
     ) -> None:
-        self.enabled = limits_enabled(enabled)
-        self._quota = quota
-        self._cost = cost
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigurationError("name must be a non-empty string")
         self._name = name
-        self._key = key
-        self._tier = tier
-        self._limiter = limiter
-        if tier is not None and not callable(tier):
-            raise ConfigurationError("tier must be a callable of the ASGI scope")
-        self._rulesets: dict[str, RuleSet] = {}
-        self._ruleset(name or "RateLimit")  # validates the options now, not on a request
-        self._rulesets.clear()
-        self._gate: Gate | None = None
-        self._default: Gate | None = None
-
-    def _ruleset(self, name: str) -> RuleSet:
-        ruleset = self._rulesets.get(name)
-        if ruleset is None:
-            quota = self._quota
-            tiered = isinstance(quota, Mapping)
-            rule = Rule(
-                "/{path:path}",
-                quota=None if tiered else quota,  # type: ignore[arg-type]
-                tiers=quota if tiered else None,  # type: ignore[arg-type]
-                cost=self._cost,
-                name=name,
-            )
-            ruleset = RuleSet([rule], self._key or client_ip(), self._tier, None)
-            if len(self._rulesets) < _MAX_ROUTES:
-                self._rulesets[name] = ruleset
-        return ruleset
-
-    def _gate_for(self, scope: Any) -> Gate:
-        limiter = self._limiter
-        if limiter is None:
-            limiter = (scope.get("state") or {}).get(LIMITER_STATE)
-        if limiter is None:
-            if self._default is None:
-                storage = default_storage()
-                owned = OwnedStorage(storage)
-                self._default = Gate(RateLimiter(storage), owned=owned)
-            return self._default
-        gate = self._gate
-        if gate is None or gate.limiter is not limiter:
-            gate = self._gate = Gate(limiter)
-        return gate
+        self._limit = RouteLimit(
+            quota, key=key, tier=tier, cost=cost, limiter=limiter, enabled=enabled
+        )
+        self.enabled = self._limit.enabled
 
     async def __call__(self, request: Request, response: Response) -> Decisions | None:
         """Decide the request; raise :class:`RateLimitExceeded` when it is denied."""
         if not self.enabled:
             return None
         scope = request.scope
-        method = scope.get("method") or "GET"
-        ruleset = self._ruleset(self._name or _route_name(scope, method))
-        hits, applied, _ = await ruleset.collect(scope, method, "/")
-        if not hits:
-            return None  # the key (or the quota function) exempted the request
-        gate = self._gate_for(scope)
-        decisions = gate.decide_nowait(hits)
-        if decisions is None:
-            decisions = await gate.decide(hits)
-        if not decisions.allowed:
-            raise RateLimitExceeded(gate.problem(scope, applied, decisions), decisions)
-        headers = (
-            None if decisions.storage_failed else gate.allowed_headers(scope, applied, decisions)
-        )
-        if headers:
-            for name, value in headers:
-                response.headers.append(name.decode("latin-1"), value.decode("latin-1"))
-        return decisions
+        name = self._name or _route_name(scope, scope.get("method") or "GET")
+        outcome = await self._limit.decide(scope, name)
+        if outcome is None:
+            return None
+        if outcome.denial is not None:
+            raise RateLimitExceeded(outcome.denial, outcome.decisions)
+        for name_, value in outcome.headers:
+            response.headers.append(name_.decode("latin-1"), value.decode("latin-1"))
+        return outcome.decisions
 
 
 def _route_name(scope: Any, method: str) -> str:

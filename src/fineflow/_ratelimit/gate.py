@@ -9,17 +9,17 @@ problem+json 429, the fail-closed 503, or the user's ``deny_app``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from .._asgi.problem import ProblemResponse
-from .._asgi.types import ASGIApp, Scope
+from .._asgi.types import ASGIApp, Message, Scope, Send
 from .._storage.base import Hit
 from .._storage.lifespan import OwnedStorage
 from .headers import AppliedPolicy, HeaderStyle, render_headers
 from .limiter import Decisions, RateLimiter
 from .problems import quota_exceeded, storage_unavailable
 
-__all__ = ["LIMITER_STATE", "Gate", "Headers"]
+__all__ = ["LIMITER_STATE", "Gate", "Headers", "adding_headers"]
 
 LIMITER_STATE = "fineflow.limiter"
 """The ``scope["state"]`` entry where a :class:`RateLimitMiddleware` publishes its limiter
@@ -126,3 +126,19 @@ class Gate:
             if not decision.allowed:
                 violated.append(policy)
         return quota_exceeded(violated, decisions.retry_after, headers)
+
+
+def adding_headers(headers: Headers, send: Send) -> Send:
+    """``send``, adding ``headers`` to ``http.response.start`` (bodies pass untouched)."""
+
+    def send_with_headers(message: Message) -> Awaitable[None]:
+        # Returns send's awaitable rather than awaiting it: one coroutine less per message
+        # (the app awaits it all the same).
+        if message["type"] == "http.response.start":
+            # A copy: the app may reuse its message dicts. (Copied, then assigned:
+            # ``{**message, "headers": ...}`` builds a second dict on the way.)
+            message = {**message}
+            message["headers"] = [*message.get("headers", ()), *headers]
+        return send(message)
+
+    return send_with_headers

@@ -32,18 +32,18 @@ numbers they show, in a cache cleared when full: see ``AppliedPolicy.ietf_header
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .._asgi.types import ASGIApp, Message, Receive, Scope, Send
+from .._asgi.types import ASGIApp, Receive, Scope, Send
 from .._errors import ConfigurationError
 from .._storage.base import Hit, Storage
 from .._storage.lifespan import OwnedStorage
 from .._storage.memory import MemoryStorage
 from ..keys import client_ip
 from .environment import default_storage, limits_enabled
-from .gate import LIMITER_STATE, Gate
+from .gate import LIMITER_STATE, Gate, adding_headers
 from .headers import AppliedPolicy, HeaderStyle, validate_style
 from .limiter import Decisions, RateLimiter
 from .rules import PathPattern, Rule
@@ -52,8 +52,6 @@ from .ruleset import RuleSet
 __all__ = ["MiddlewareMetrics", "RateLimitMiddleware"]
 
 logger = logging.getLogger("fineflow.middleware")
-
-_Headers = Sequence[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +246,9 @@ class RateLimitMiddleware:
         if decisions.allowed:
             self._n_allowed += 1
             headers = None if failed else gate.allowed_headers(scope, applied, decisions)
-            await self.app(scope, receive, send if headers is None else _adding(headers, send))
+            if headers is not None:
+                send = adding_headers(headers, send)
+            await self.app(scope, receive, send)
         elif self.shadow:
             self._n_shadow += 1
             _log_shadow(method, path, hits, applied, decisions)
@@ -318,22 +318,6 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     return path
-
-
-def _adding(headers: _Headers, send: Send) -> Send:
-    """``send``, adding ``headers`` to ``http.response.start`` (bodies pass untouched)."""
-
-    def send_with_headers(message: Message) -> Awaitable[None]:
-        # Returns send's awaitable rather than awaiting it: one coroutine less per message
-        # (the app awaits it all the same).
-        if message["type"] == "http.response.start":
-            # A copy: the app may reuse its message dicts. (Copied, then assigned:
-            # ``{**message, "headers": ...}`` builds a second dict on the way.)
-            message = {**message}
-            message["headers"] = [*message.get("headers", ()), *headers]
-        return send(message)
-
-    return send_with_headers
 
 
 def _log_shadow(

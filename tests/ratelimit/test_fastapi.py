@@ -141,3 +141,36 @@ async def test_problem_response_reraises_other_exceptions() -> None:
     with pytest.raises(ValueError, match="boom"):
         await problem_response(None, ValueError("boom"))  # type: ignore[arg-type]
     assert issubclass(RateLimitExceeded, Exception)
+
+
+async def test_per_request_quotas_and_tiers_in_the_dependency() -> None:
+    limiter = RateLimiter(MemoryStorage())
+    app = FastAPI()
+    install(app)
+
+    def plan(scope: Any) -> str | None:
+        return None if dict(scope["headers"]).get(b"x-internal") else "1/minute"
+
+    def tier(scope: Any) -> str:
+        return str(dict(scope["headers"]).get(b"x-tier", b"free").decode())
+
+    @app.get("/plan", dependencies=[Depends(RateLimit(plan, limiter=limiter))])
+    async def by_plan() -> str:
+        return "ok"
+
+    tiered = RateLimit({"free": "1/minute", "pro": "3/minute"}, tier=tier, limiter=limiter)
+
+    @app.get("/tiered", dependencies=[Depends(tiered)])
+    async def by_tier() -> str:
+        return "ok"
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert [(await client.get("/plan")).status_code for _ in range(2)] == [200, 429]
+        internal = [await client.get("/plan", headers={"x-internal": "1"}) for _ in range(3)]
+        assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in internal)
+        pro = [await client.get("/tiered", headers={"x-tier": "pro"}) for _ in range(4)]
+        assert [r.status_code for r in pro] == [200, 200, 200, 429]
+        assert sf(pro[0].headers["ratelimit-policy"].encode()) == [
+            ("GET /tiered", {"q": 3, "w": 60})
+        ]

@@ -24,6 +24,7 @@ from ._errors import (
     StorageError,
 )
 from ._ratelimit.algorithms import Algorithm, BucketState, Decision
+from ._ratelimit.decorator import limit
 from ._ratelimit.headers import HeaderStyle
 from ._ratelimit.limiter import Decisions, LimiterMetrics, RateLimiter
 from ._ratelimit.middleware import MiddlewareMetrics, RateLimitMiddleware
@@ -81,6 +82,7 @@ __all__ = [
     "get_circuit_breaker",
     "http_throttle",
     "keys",
+    "limit",
     "storage_from_url",
 ]
 

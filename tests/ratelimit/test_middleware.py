@@ -444,7 +444,11 @@ async def test_root_path_is_stripped_before_matching() -> None:
         {"storage": MemoryStorage(), "rules": [Rule("/x", quota=Quota(9, 1.0, burst=2), cost=5)]},
     ],
 )
-def test_invalid_configuration_is_rejected(options: dict[str, Any]) -> None:
+def test_invalid_configuration_is_rejected(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("FINEFLOW_STORAGE_URL", "FINEFLOW_DSN"):  # {}: no default storage either
+        monkeypatch.delenv(name, raising=False)
     options.setdefault("rules", [Rule("/x", quota="1/s")])
     with pytest.raises(ConfigurationError):
         RateLimitMiddleware(echo_app, **options)

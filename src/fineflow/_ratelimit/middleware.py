@@ -6,14 +6,22 @@ Per ``http`` or ``websocket`` request: skip exempt methods and paths; collect ev
 matching the method and path; compute each rule's key (``None`` exempts the request from
 that rule), the caller's tier and the cost; then decide all their quotas in **one** call
 of the limiter, all or nothing (``decide_nowait`` when the storage is in-process, else
-``decide``). The ``Decisions`` go to
-``scope["state"]["fineflow"]``. Allowed requests reach the app, with rate-limit headers
-added to ``http.response.start`` by a wrapped ``send`` (bodies are never touched, so
-streaming streams). Denied requests get ``429`` (or ``503`` when the store is down and the
-policy is to deny) from a tiny ASGI app, or from ``deny_app``. Websockets are decided
+``decide``), through the :class:`~.gate.Gate` the route-level limits share. The
+``Decisions`` go to ``scope["state"]["fineflow"]``, and the limiter, for those route-level
+limits (``fineflow.fastapi.RateLimit``), to ``scope["state"]["fineflow.limiter"]``.
+Allowed requests reach the app, with rate-limit headers added to ``http.response.start``
+by a wrapped ``send`` (bodies are never touched, so streaming streams). Denied requests
+get ``429`` (or ``503`` when the store is down and the policy is to deny) from a tiny ASGI
+app, or from ``deny_app``. Websockets are decided
 before the app can accept them. ``lifespan`` passes through; a storage the middleware owns
 is opened (and migrated) on startup and closed on shutdown, or opened on the first request
 when the server runs no lifespan.
+
+A middleware built with ``enabled=False``, or while ``FINEFLOW_ENABLED=0`` is set, passes
+every connection (lifespan included) to the app untouched: no decision, no header, no
+storage opened (see :mod:`.environment` for why the variable is read once, when the
+middleware is built). With neither ``storage`` nor ``limiter``, the middleware owns the
+storage the environment names (``FINEFLOW_STORAGE_URL``, else ``FINEFLOW_DSN``).
 
 Everything that does not depend on the request (path patterns, header names and policy
 items) is compiled in ``__init__``; per-request state lives in locals. (The one thing kept
@@ -24,26 +32,26 @@ numbers they show, in a cache cleared when full: see ``AppliedPolicy.ietf_header
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .._asgi.types import ASGIApp, Message, Receive, Scope, Send
+from .._asgi.types import ASGIApp, Receive, Scope, Send
 from .._errors import ConfigurationError
 from .._storage.base import Hit, Storage
 from .._storage.lifespan import OwnedStorage
+from .._storage.memory import MemoryStorage
 from ..keys import client_ip
-from .headers import AppliedPolicy, HeaderStyle, render_headers, validate_style
+from .environment import default_storage, limits_enabled
+from .gate import LIMITER_STATE, Gate, adding_headers
+from .headers import AppliedPolicy, HeaderStyle, validate_style
 from .limiter import Decisions, RateLimiter
-from .problems import quota_exceeded, storage_unavailable
 from .rules import PathPattern, Rule
 from .ruleset import RuleSet
 
 __all__ = ["MiddlewareMetrics", "RateLimitMiddleware"]
 
 logger = logging.getLogger("fineflow.middleware")
-
-_Headers = Sequence[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +89,10 @@ class RateLimitMiddleware:
         limiter: a :class:`RateLimiter` you own (open it yourself, e.g. in your lifespan).
         storage: instead of ``limiter``, a storage the middleware owns: it builds the
             limiter, opens the storage on lifespan startup (or the first request) and closes
-            it on shutdown.
+            it on shutdown. With neither ``storage`` nor ``limiter``, the middleware owns
+            the storage of ``FINEFLOW_STORAGE_URL`` (any URL
+            :func:`fineflow.storage_from_url` takes), else a :class:`PostgresStorage` on
+            ``FINEFLOW_DSN``.
         rules: the :class:`Rule` s; every rule matching a request applies, all or nothing.
         key: the default key function (rules may override it); default
             :func:`fineflow.keys.client_ip` with no trusted proxies.
@@ -102,9 +113,16 @@ class RateLimitMiddleware:
         on_storage_error: with ``storage``: ``"allow"`` (default) or ``"deny"`` (503).
         timeout: with ``storage``: time budget per decision in seconds (default 0.05).
         migrate: with ``storage``: run ``storage.migrate()`` when opening it (default True).
+        enabled: ``False`` passes every request through untouched (no decision, no
+            headers, no storage opened), e.g. in tests or staging. ``FINEFLOW_ENABLED=0``
+            in the environment when the middleware is built does the same, whatever
+            ``enabled`` says (it is read once, not per request).
 
     Raises:
-        ConfigurationError: for an invalid option, rule, or combination of them.
+        ConfigurationError: for an invalid option, rule, or combination of them; with
+            neither ``storage`` nor ``limiter``, when neither ``FINEFLOW_STORAGE_URL`` nor
+            ``FINEFLOW_DSN`` is set (unless limits are off); for a ``FINEFLOW_ENABLED``
+            that is neither on nor off.
     """
 
     def __init__(
@@ -127,9 +145,14 @@ class RateLimitMiddleware:
         on_storage_error: Literal["allow", "deny"] | None = None,
         timeout: float | None = 0.05,
         migrate: bool = True,
+        enabled: bool = True,
     ) -> None:
         if not callable(app):
             raise ConfigurationError("app must be an ASGI callable")
+        self.enabled = limits_enabled(enabled)
+        if storage is None and limiter is None:
+            # Limits off: a storage that is never opened, so tests need no environment.
+            storage = default_storage() if self.enabled else MemoryStorage()
         limiter = _limiter(limiter, storage, algorithm, on_storage_error, timeout)
         _check_rules(rules, limiter.algorithm, default_tier)
         for what, fn in (("key", key), ("tier", tier), ("headers_for", headers_for)):
@@ -144,13 +167,23 @@ class RateLimitMiddleware:
         self.limiter = limiter
         self.rules = tuple(rules)
         self.shadow = bool(shadow)
-        self._style = validate_style(headers)
-        self._headers_for = headers_for
-        self._deny_app = deny_app
         self._ruleset = RuleSet(self.rules, key or client_ip(), tier, default_tier)
         self._exempt_methods = frozenset(str(m).upper() for m in exempt_methods)
         self._exempt_paths = tuple(PathPattern(p) for p in exempt_paths)
-        self._owned = None if storage is None else OwnedStorage(storage, migrate=bool(migrate))
+        self._owned = (
+            None
+            if storage is None or not self.enabled
+            else OwnedStorage(storage, migrate=bool(migrate))
+        )
+        # Deciding, headers and denials: the path shared with the dependency and decorator.
+        self._gate = Gate(
+            limiter,
+            owned=self._owned,
+            style=validate_style(headers),
+            headers_for=headers_for,
+            shadow=self.shadow,
+            deny_app=deny_app,
+        )
         # The metrics counters: plain attributes, the cheapest to increment.
         self._n_requests = self._n_allowed = self._n_limited = self._n_shadow = 0
         self._n_exempt = self._n_unmatched = self._n_store = 0
@@ -169,6 +202,9 @@ class RateLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
+        if not self.enabled:
+            await self.app(scope, receive, send)
+            return
         kind = scope["type"]
         if kind == "http":
             method = scope.get("method") or "GET"
@@ -181,6 +217,10 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         self._n_requests += 1
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state[LIMITER_STATE] = self.limiter  # for fineflow.fastapi.RateLimit and ff.limit
         path = _route_path(scope)
         if self._exempt(method, path):
             self._n_exempt += 1
@@ -194,12 +234,10 @@ class RateLimitMiddleware:
                 self._n_unmatched += 1
             await self.app(scope, receive, send)
             return
-        decisions = self._decide_nowait(hits)
+        gate = self._gate
+        decisions = gate.decide_nowait(hits)
         if decisions is None:
-            decisions = await self._decide(hits)
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}
+            decisions = await gate.decide(hits)
         state["fineflow"] = decisions
 
         failed = decisions.storage_failed
@@ -207,15 +245,17 @@ class RateLimitMiddleware:
             self._n_store += 1
         if decisions.allowed:
             self._n_allowed += 1
-            headers = None if failed else self._allowed_headers(scope, applied, decisions)
-            await self.app(scope, receive, send if headers is None else _adding(headers, send))
+            headers = None if failed else gate.allowed_headers(scope, applied, decisions)
+            if headers is not None:
+                send = adding_headers(headers, send)
+            await self.app(scope, receive, send)
         elif self.shadow:
             self._n_shadow += 1
             _log_shadow(method, path, hits, applied, decisions)
             await self.app(scope, receive, send)
         else:
             self._n_limited += 1
-            await self._denial(scope, applied, decisions)(scope, receive, send)
+            await gate.denial(scope, applied, decisions)(scope, receive, send)
 
     def _exempt(self, method: str, path: str) -> bool:
         """Whether the request is exempt by its method or path."""
@@ -225,65 +265,6 @@ class RateLimitMiddleware:
             if pattern.matches(path):
                 return True
         return False
-
-    def _decide_nowait(self, hits: Sequence[Hit]) -> Decisions | None:
-        """The decisions without awaiting, when the storage is in-process and open; else
-        ``None`` (then :meth:`_decide`)."""
-        owned = self._owned
-        if owned is not None and not owned.opened:
-            return None
-        decisions = self.limiter.decide_nowait(hits)
-        return None if decisions is None else self._checked(decisions, hits)
-
-    async def _decide(self, hits: Sequence[Hit]) -> Decisions:
-        """The decisions ``_decide_nowait`` could not give: the storage opened if need be."""
-        owned = self._owned
-        if owned is not None and not owned.opened:
-            await owned.ensure_open()
-            ready = self._decide_nowait(hits)
-            if ready is not None:
-                return ready
-        return self._checked(await self.limiter.decide(hits), hits)
-
-    def _checked(self, decisions: Decisions, hits: Sequence[Hit]) -> Decisions:
-        if len(decisions) != len(hits):
-            # (A RateLimiter subclass breaking its contract: say so, not IndexError later.)
-            raise TypeError(
-                f"{type(self.limiter).__name__} returned {len(decisions)} decisions for "
-                f"{len(hits)} hits; decide() and decide_nowait() return one per hit"
-            )
-        return decisions
-
-    def _allowed_headers(
-        self, scope: Scope, applied: Sequence[AppliedPolicy], decisions: Decisions
-    ) -> _Headers | None:
-        """The rate-limit headers of an admitted request, or ``None`` for none."""
-        style = self._style
-        if style is None or self.shadow or scope["type"] != "http":
-            return None
-        if self._headers_for is not None and not self._headers_for(scope):
-            return None
-        return render_headers(style, applied, decisions)
-
-    def _denial(
-        self, scope: Scope, applied: Sequence[AppliedPolicy], decisions: Decisions
-    ) -> ASGIApp:
-        """The ASGI app answering a denied request: ``deny_app``, 503 or 429."""
-        deny_app = self._deny_app
-        if deny_app is not None and (
-            scope["type"] == "http" or "websocket.http.response" in (scope.get("extensions") or {})
-        ):
-            return deny_app
-        if decisions.storage_failed:
-            return storage_unavailable(decisions.retry_after)
-        style = self._style
-        show = style is not None and (self._headers_for is None or self._headers_for(scope))
-        headers = render_headers(style, applied, decisions) if style and show else ()
-        violated = []
-        for policy, decision in zip(applied, decisions, strict=True):
-            if not decision.allowed:
-                violated.append(policy)
-        return quota_exceeded(violated, decisions.retry_after, headers)
 
 
 def _limiter(
@@ -337,22 +318,6 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     return path
-
-
-def _adding(headers: _Headers, send: Send) -> Send:
-    """``send``, adding ``headers`` to ``http.response.start`` (bodies pass untouched)."""
-
-    def send_with_headers(message: Message) -> Awaitable[None]:
-        # Returns send's awaitable rather than awaiting it: one coroutine less per message
-        # (the app awaits it all the same).
-        if message["type"] == "http.response.start":
-            # A copy: the app may reuse its message dicts. (Copied, then assigned:
-            # ``{**message, "headers": ...}`` builds a second dict on the way.)
-            message = {**message}
-            message["headers"] = [*message.get("headers", ()), *headers]
-        return send(message)
-
-    return send_with_headers
 
 
 def _log_shadow(

@@ -24,10 +24,22 @@ from .._asgi.types import Scope
 from .._errors import ConfigurationError
 from .quota import Quota
 
-__all__ = ["CostFunc", "PathPattern", "QuotaSpec", "Rule", "capacity_for"]
+__all__ = [
+    "CostFunc",
+    "PathPattern",
+    "QuotaFunc",
+    "QuotaSpec",
+    "Rule",
+    "capacity_for",
+    "parse_quotas",
+]
 
 QuotaSpec = Quota | str | Sequence[Quota | str]
 """One quota (a :class:`Quota` or a string such as ``"100/minute"``) or several."""
+
+QuotaFunc = Callable[[Scope], "QuotaSpec | Awaitable[QuotaSpec | None] | None"]
+"""A function of the ASGI scope returning the request's quota(s), or ``None`` to exempt it
+(sync or async)."""
 
 CostFunc = Callable[[Scope], int | Awaitable[int]]
 """A function of the ASGI scope returning the cost of a request (sync or async)."""
@@ -109,7 +121,12 @@ def _literal(text: str, template: str) -> str:
     return ".*".join(re.escape(piece) for piece in text.split("*"))
 
 
-def _quotas(spec: object, where: str) -> tuple[Quota, ...]:
+def parse_quotas(spec: object, where: str) -> tuple[Quota, ...]:
+    """``spec`` (a :data:`QuotaSpec`) as a tuple of quotas with distinct policy names.
+
+    Raises:
+        ConfigurationError: naming ``where``, for anything else.
+    """
     items: Iterable[object]
     items = (spec,) if isinstance(spec, Quota | str) else spec  # type: ignore[assignment]
     if not isinstance(items, Sequence) or not items:
@@ -140,7 +157,13 @@ class Rule:
         methods: the HTTP methods the rule applies to (e.g. ``["POST"]``); ``None`` for all.
             A websocket handshake counts as ``GET``.
         quota: the quota(s) of every caller, e.g. ``"100/minute"`` or
-            ``["10/second", "1000/day"]`` (all must admit the request).
+            ``["10/second", "1000/day"]`` (all must admit the request); or a function of
+            the scope (sync or async) returning them per request (e.g. the caller's plan,
+            read from a token), or ``None`` to exempt the request from this rule. Each
+            quota returned keeps its own state (keyed by its policy name) and headers. A
+            function returning anything else raises a ``TypeError`` (a ``ConfigurationError``
+            for an unparsable quota string) naming the rule: the request fails (a 500),
+            it is not let through.
         tiers: instead of ``quota``, quotas per tier, e.g.
             ``{"free": "10/minute", "pro": "100/minute"}``; the middleware's ``tier``
             function picks one per request.
@@ -158,11 +181,22 @@ class Rule:
             invalid quota, a negative cost, or a fixed cost that can never fit a quota.
     """
 
-    __slots__ = ("cost", "key", "methods", "name", "path", "pattern", "quotas", "tiers")
+    __slots__ = (
+        "cost",
+        "key",
+        "methods",
+        "name",
+        "path",
+        "pattern",
+        "quota_fn",
+        "quotas",
+        "tiers",
+    )
 
     path: str
     methods: frozenset[str] | None
     quotas: tuple[Quota, ...]
+    quota_fn: QuotaFunc | None
     tiers: Mapping[str, tuple[Quota, ...]]
     key: Callable[[Scope], Any] | None
     cost: int | CostFunc
@@ -174,7 +208,7 @@ class Rule:
         path: str,
         methods: Iterable[str] | str | None = None,
         *,
-        quota: QuotaSpec | None = None,
+        quota: QuotaSpec | QuotaFunc | None = None,
         tiers: Mapping[str, QuotaSpec] | None = None,
         key: Callable[[Scope], Any] | None = None,
         cost: int | CostFunc = 1,
@@ -195,15 +229,18 @@ class Rule:
             )
         quotas: tuple[Quota, ...] = ()
         tier_map: dict[str, tuple[Quota, ...]] = {}
-        if quota is not None:
-            quotas = _quotas(quota, f"Rule {path!r} quota")
+        quota_fn: QuotaFunc | None = None
+        if callable(quota) and not isinstance(quota, Quota):
+            quota_fn = quota
+        elif quota is not None:
+            quotas = parse_quotas(quota, f"Rule {path!r} quota")
         else:
             if not isinstance(tiers, Mapping) or not tiers:
                 raise ConfigurationError(f"Rule {path!r}: tiers must be a non-empty mapping")
             for tier, spec in tiers.items():
                 if not isinstance(tier, str) or not tier:
                     raise ConfigurationError(f"Rule {path!r}: tier names must be strings")
-                tier_map[tier] = _quotas(spec, f"Rule {path!r} tier {tier!r}")
+                tier_map[tier] = parse_quotas(spec, f"Rule {path!r} tier {tier!r}")
         if key is not None and not callable(key):
             raise ConfigurationError(f"Rule {path!r}: key must be a callable of the scope")
         if isinstance(cost, bool) or not (isinstance(cost, int) or callable(cost)):
@@ -226,6 +263,7 @@ class Rule:
         setattr_(self, "path", path)
         setattr_(self, "methods", methods_set)
         setattr_(self, "quotas", quotas)
+        setattr_(self, "quota_fn", quota_fn)
         setattr_(self, "tiers", MappingProxyType(tier_map))
         setattr_(self, "key", key)
         setattr_(self, "cost", cost)
@@ -240,7 +278,9 @@ class Rule:
 
     def __repr__(self) -> str:
         spec = (
-            f"quota={[str(q) for q in self.quotas]}"
+            f"quota={self.quota_fn!r}"
+            if self.quota_fn is not None
+            else f"quota={[str(q) for q in self.quotas]}"
             if self.quotas
             else f"tiers={ {t: [str(q) for q in qs] for t, qs in self.tiers.items()} }"
         )
@@ -273,5 +313,5 @@ class Rule:
             )
 
     def all_quotas(self) -> tuple[Quota, ...]:
-        """Every quota of the rule, across tiers."""
+        """Every quota of the rule, across tiers (none for a quota function)."""
         return self.quotas + tuple(q for qs in self.tiers.values() for q in qs)

@@ -2,21 +2,28 @@
 
 A :class:`CompiledRule` is a :class:`Rule` with per-tier plans of pre-encoded header pieces;
 a :class:`RuleSet` turns a request into the hits of every rule matching it.
+
+A rule with a quota function gets its plan per request: the function's value, checked, is
+turned into a plan once and kept in a bounded LRU per rule (keyed by the value), so a
+request whose function returns ``"100/minute"`` again neither re-parses the string nor
+re-encodes its header pieces.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from inspect import isawaitable
 from typing import Any
 
 from .._asgi.types import Scope
+from .._errors import ConfigurationError
 from .._storage.base import Hit
 from .algorithms import new_record
 from .headers import AppliedPolicy
 from .quota import Quota
-from .rules import CostFunc, Rule
+from .rules import CostFunc, QuotaFunc, Rule, parse_quotas
 
 __all__ = ["CompiledRule", "RuleSet", "finish_key"]
 
@@ -25,6 +32,15 @@ logger = logging.getLogger("fineflow.middleware")
 _MAX_WARNED_TIERS = 256
 _MAX_TIER_LEN = 64
 _Plan = tuple[tuple[Quota, AppliedPolicy], ...]
+# Distinct values a rule's quota function returns whose plans are kept (per rule).
+QUOTA_CACHE_SIZE = 256
+
+
+def _plan(name: str, quotas: tuple[Quota, ...]) -> _Plan:
+    """The quotas to charge with their policies: one quota is named after the rule, several
+    ``rule:policy``."""
+    one = len(quotas) == 1
+    return tuple((q, AppliedPolicy(name if one else f"{name}:{q.policy}", q)) for q in quotas)
 
 
 class CompiledRule:
@@ -34,6 +50,7 @@ class CompiledRule:
     matches: Callable[[str, str], bool]
 
     __slots__ = (
+        "_cached_plan",
         "cost",
         "default_plan",
         "default_tier",
@@ -41,25 +58,58 @@ class CompiledRule:
         "matches",
         "name",
         "plan",
+        "quota_fn",
         "tiers",
     )
 
     def __init__(self, rule: Rule, default_tier: str | None) -> None:
-        def plan(quotas: tuple[Quota, ...]) -> _Plan:
-            one = len(quotas) == 1
-            return tuple(
-                (q, AppliedPolicy(rule.name if one else f"{rule.name}:{q.policy}", q))
-                for q in quotas
-            )
-
-        self.name = rule.name
+        name = self.name = rule.name
         self.matches = rule.matches  # (method, path) -> bool: the rule's own matcher
         self.key = rule.key
         self.cost = rule.cost
-        self.plan = plan(rule.quotas)
-        self.tiers = {tier: plan(qs) for tier, qs in rule.tiers.items()}
+        self.plan = _plan(name, rule.quotas)
+        self.tiers = {tier: _plan(name, qs) for tier, qs in rule.tiers.items()}
         self.default_tier = default_tier if default_tier is not None else next(iter(self.tiers), "")
         self.default_plan = self.tiers.get(self.default_tier, ())
+        self.quota_fn: QuotaFunc | None = rule.quota_fn
+        self._cached_plan = lru_cache(maxsize=QUOTA_CACHE_SIZE)(self._parsed_plan)
+
+    def _parsed_plan(self, spec: str | Quota | tuple[str | Quota, ...]) -> _Plan:
+        """The plan of a value of the quota function (parsed once: see ``_cached_plan``)."""
+        try:
+            return _plan(self.name, parse_quotas(spec, "the value"))
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"the quota function of rule {self.name!r} returned {spec!r:.200}: {exc}"
+            ) from exc
+
+    def cache_info(self) -> Any:
+        """The ``functools`` cache statistics of the quota function's parsed values."""
+        return self._cached_plan.cache_info()
+
+    async def plan_of(self, fn: QuotaFunc, scope: Scope) -> _Plan | None:
+        """The plan of a request under the rule's quota function ``fn``, or ``None`` when it
+        exempts the request.
+
+        Raises:
+            TypeError: when ``fn`` returns something other than a quota, a list of them or
+                ``None`` (an app bug: the request fails rather than pass unlimited).
+            ConfigurationError: when it returns an unparsable quota string.
+        """
+        value = fn(scope)
+        if isawaitable(value):
+            value = await value
+        if value is None:
+            return None
+        if isinstance(value, str | Quota):
+            return self._cached_plan(value)
+        if isinstance(value, list | tuple) and all(isinstance(q, str | Quota) for q in value):
+            return self._cached_plan(tuple(value))
+        raise TypeError(
+            f"the quota function of rule {self.name!r} returned {value!r:.200}; return a "
+            "quota string such as '100/minute', a Quota, a non-empty list of them, or None "
+            "to exempt the request"
+        )
 
 
 async def finish_key(value: object) -> str | None:
@@ -140,9 +190,15 @@ class RuleSet:
                 if tier is not None:
                     tier = tier[:_MAX_TIER_LEN]
                 tier_done = True
-            plan, tier_name = (
-                (rule.plan, tier or "") if not rule.tiers else self._tiered(rule, tier)
-            )
+            if rule.quota_fn is not None:
+                dynamic = await rule.plan_of(rule.quota_fn, scope)
+                if dynamic is None:
+                    continue  # exempt from this rule, as by a key of None
+                plan, tier_name = dynamic, tier or ""
+            elif not rule.tiers:
+                plan, tier_name = rule.plan, tier or ""
+            else:
+                plan, tier_name = self._tiered(rule, tier)
             cost = (
                 rule.cost
                 if isinstance(rule.cost, int)

@@ -1,0 +1,93 @@
+"""``limit``: a rate limit declared on a Starlette endpoint.
+
+The decorated endpoint is decided by a :class:`~.route.RouteLimit` (the rules, limiter,
+headers and problem responses of the middleware) before it runs; an admitted request's
+response is sent with the rate-limit headers added to ``http.response.start`` (the body is
+never touched), a denied request gets the middleware's 429 (or 503) problem+json.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+from .._asgi.types import ASGIApp, Receive, Scope, Send
+from .gate import Headers, adding_headers
+from .limiter import RateLimiter
+from .route import RouteLimit
+from .rules import CostFunc, QuotaFunc, QuotaSpec
+
+__all__ = ["limit"]
+
+
+class HasScope(Protocol):
+    """What the decorated endpoint's argument offers: its ASGI scope (Starlette's
+    ``Request`` and ``WebSocket`` do)."""
+
+    @property
+    def scope(self) -> Scope: ...
+
+
+R = TypeVar("R", bound=HasScope)
+Endpoint = Callable[[R], Awaitable[Any]]
+
+
+def limit(
+    quota: QuotaSpec | QuotaFunc | Mapping[str, QuotaSpec],
+    *,
+    name: str | None = None,
+    key: Callable[[Scope], Any] | None = None,
+    tier: Callable[[Scope], Any] | None = None,
+    cost: int | CostFunc = 1,
+    limiter: RateLimiter | None = None,
+    enabled: bool = True,
+) -> Callable[[Endpoint[R]], Endpoint[R]]:
+    """Limit a Starlette endpoint (``async def endpoint(request) -> Response``).
+
+    ::
+
+        @ff.limit("5/minute")
+        async def search(request): ...
+
+    Args: as :class:`fineflow.fastapi.RateLimit`'s; ``name`` defaults to the endpoint's
+    module and qualified name. The decisions are in ``request.state.fineflow_route``.
+
+    Raises:
+        ConfigurationError: for an invalid quota, key, tier or cost (at decoration).
+    """
+    route = RouteLimit(quota, key=key, tier=tier, cost=cost, limiter=limiter, enabled=enabled)
+
+    def decorate(endpoint: Endpoint[R]) -> Endpoint[R]:
+        limit_name = name or f"{endpoint.__module__}.{endpoint.__qualname__}"
+        if not route.enabled:
+            return endpoint
+
+        @functools.wraps(endpoint)
+        async def limited(request: R) -> Any:
+            scope = request.scope
+            outcome = await route.decide(scope, limit_name)
+            if outcome is None:
+                return await endpoint(request)
+            scope.setdefault("state", {})["fineflow_route"] = outcome.decisions
+            if outcome.denial is not None:
+                return outcome.denial
+            response = await endpoint(request)
+            return _WithHeaders(response, outcome.headers) if outcome.headers else response
+
+        return limited
+
+    return decorate
+
+
+class _WithHeaders:
+    """An endpoint's response (an ASGI app) sent with extra headers."""
+
+    __slots__ = ("headers", "response")
+
+    def __init__(self, response: ASGIApp, headers: Headers) -> None:
+        self.response = response
+        self.headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.response(scope, receive, adding_headers(self.headers, send))

@@ -1,0 +1,130 @@
+"""A limit declared on a route (the FastAPI dependency, the ``limit`` decorator).
+
+:class:`RouteLimit` is one :class:`~.rules.Rule` matching every path, collected by the
+:class:`~.ruleset.RuleSet` and decided by the :class:`~.gate.Gate` the middleware uses. Its
+limiter is, in order: the one given; the one a :class:`RateLimitMiddleware` wrapping the
+app publishes in ``scope["state"]["fineflow.limiter"]``; one over the default storage
+(``FINEFLOW_STORAGE_URL`` / ``FINEFLOW_DSN``), opened on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._asgi.problem import ProblemResponse
+from .._asgi.types import Scope
+from .._errors import ConfigurationError
+from .._storage.lifespan import OwnedStorage
+from ..keys import client_ip
+from .environment import default_storage, limits_enabled
+from .gate import LIMITER_STATE, Gate, Headers
+from .limiter import Decisions, RateLimiter
+from .rules import CostFunc, QuotaFunc, QuotaSpec, Rule
+from .ruleset import RuleSet
+
+__all__ = ["RouteLimit", "RouteOutcome"]
+
+_MAX_NAMES = 10_000  # rule sets kept per route limit (one per route it guards)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOutcome:
+    """What a route limit decided for one request.
+
+    Attributes:
+        decisions: the decisions.
+        headers: the rate-limit headers of an admitted request (``()`` for none).
+        denial: the problem response of a denied request, ``None`` when admitted.
+    """
+
+    decisions: Decisions
+    headers: Headers
+    denial: ProblemResponse | None
+
+
+class RouteLimit:
+    """The options of a route-level limit, checked once, and its per-request decision.
+
+    Args: as :class:`fineflow.fastapi.RateLimit`'s.
+
+    Raises:
+        ConfigurationError: for an invalid quota, key, tier or cost.
+    """
+
+    def __init__(
+        self,
+        quota: QuotaSpec | QuotaFunc | Mapping[str, QuotaSpec],
+        *,
+        key: Callable[[Scope], Any] | None = None,
+        tier: Callable[[Scope], Any] | None = None,
+        cost: int | CostFunc = 1,
+        limiter: RateLimiter | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = limits_enabled(enabled)
+        if tier is not None and not callable(tier):
+            raise ConfigurationError("tier must be a callable of the ASGI scope")
+        if key is not None and not callable(key):
+            raise ConfigurationError("key must be a callable of the ASGI scope")
+        self._quota = quota
+        self._cost = cost
+        self._key = key or client_ip()
+        self._tier = tier
+        self._limiter = limiter
+        self._rulesets: dict[str, RuleSet] = {}
+        self._ruleset("route")  # validates the options now, not on a request
+        self._rulesets.clear()
+        self._gate: Gate | None = None
+        self._default: Gate | None = None
+
+    def _ruleset(self, name: str) -> RuleSet:
+        ruleset = self._rulesets.get(name)
+        if ruleset is None:
+            quota = self._quota
+            tiered = isinstance(quota, Mapping)
+            rule = Rule(
+                "/{path:path}",
+                quota=None if tiered else quota,  # type: ignore[arg-type]
+                tiers=quota if tiered else None,  # type: ignore[arg-type]
+                cost=self._cost,
+                name=name,
+            )
+            ruleset = RuleSet([rule], self._key, self._tier, None)
+            if len(self._rulesets) < _MAX_NAMES:
+                self._rulesets[name] = ruleset
+        return ruleset
+
+    def _gate_for(self, scope: Scope) -> Gate:
+        limiter = self._limiter
+        if limiter is None:
+            limiter = (scope.get("state") or {}).get(LIMITER_STATE)
+        if limiter is None:
+            if self._default is None:
+                storage = default_storage()
+                self._default = Gate(RateLimiter(storage), owned=OwnedStorage(storage))
+            return self._default
+        gate = self._gate
+        if gate is None or gate.limiter is not limiter:
+            gate = self._gate = Gate(limiter)
+        return gate
+
+    async def decide(self, scope: Scope, name: str) -> RouteOutcome | None:
+        """Decide the request under the limit named ``name``; ``None`` when limits are off
+        or the key (or the quota function) exempts it."""
+        if not self.enabled:
+            return None
+        method = scope.get("method") or "GET"
+        hits, applied, _ = await self._ruleset(name).collect(scope, method, "/")
+        if not hits:
+            return None
+        gate = self._gate_for(scope)
+        decisions = gate.decide_nowait(hits)
+        if decisions is None:
+            decisions = await gate.decide(hits)
+        if not decisions.allowed:
+            return RouteOutcome(decisions, (), gate.problem(scope, applied, decisions))
+        if decisions.storage_failed:
+            return RouteOutcome(decisions, (), None)
+        return RouteOutcome(decisions, gate.allowed_headers(scope, applied, decisions) or (), None)

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Generic, Protocol, TypeVar
@@ -309,9 +309,14 @@ class Scheduler(Generic[S]):
         started.append(True)
         batch = self._take()
         self._dispatch()  # what did not fit goes out at once in another task
+        opening = False  # holding a batch while waiting for a session (see _hand_over)
         try:
             if batch:
-                async with self._session() as session:
+                opening = True
+                self._opening += 1
+                async with self._sender.session() as session:
+                    opening = False
+                    self._opening -= 1
                     for run in range(1, self.handoff_max + 1):
                         await self._settle(session, batch)
                         batch = []
@@ -328,8 +333,10 @@ class Scheduler(Generic[S]):
             if not isinstance(exc, Exception):
                 raise
         finally:
+            if opening:
+                self._opening -= 1
             self._in_flight -= 1
-            if not self._closing:
+            if self._pending and not self._closing:
                 self._dispatch()
 
     async def _next_batch(self) -> list[Request]:
@@ -345,19 +352,6 @@ class Scheduler(Generic[S]):
         batch = self._take()
         self._dispatch()
         return batch
-
-    @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[S]:
-        self._opening += 1
-        waiting = True
-        try:
-            async with self._sender.session() as session:
-                self._opening -= 1
-                waiting = False
-                yield session
-        finally:
-            if waiting:
-                self._opening -= 1
 
     def _hand_over(self) -> bool:
         """Whether a task that just answered its batch keeps its session for the next

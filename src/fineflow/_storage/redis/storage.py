@@ -124,6 +124,9 @@ class RedisStorage:
         self.url = url
         self.cluster = cluster if client is None else isinstance(client, RedisCluster)
         self.prefix = prefix
+        self.coalesce = coalesce
+        self.max_in_flight = max_in_flight
+        self.max_batch = max_batch
         self.connect_timeout = float(connect_timeout)
         self.socket_timeout = float(socket_timeout)
         self.max_connections = max_connections
@@ -137,31 +140,16 @@ class RedisStorage:
             self._sender, coalesce=coalesce, max_in_flight=max_in_flight, max_batch=max_batch
         )
 
-    # -- options and counters --------------------------------------------------------------
-
-    @property
-    def coalesce(self) -> bool:
-        """Whether decisions that arrive while others are in flight are batched."""
-        return self._scheduler.coalesce
-
-    @property
-    def max_in_flight(self) -> int:
-        """Batches in flight at once before arrivals wait."""
-        return self._scheduler.max_in_flight
-
-    @property
-    def max_batch(self) -> int:
-        """The most requests in one batch."""
-        return self._scheduler.max_batch
+    # -- counters --------------------------------------------------------------------------
 
     @property
     def batches(self) -> int:
-        """Batches sent (one round trip each)."""
+        """Round trips that decided a batch (a lone request's too)."""
         return self._scheduler.batches
 
     @property
     def batched_requests(self) -> int:
-        """The requests those batches decided."""
+        """The requests those round trips decided."""
         return self._scheduler.batched_requests
 
     @property

@@ -75,7 +75,11 @@ class Sender(Protocol[S]):
     """
 
     def session(self) -> contextlib.AbstractAsyncContextManager[S]:
-        """What a task sends its batches on, held for up to ``handoff_max`` batches."""
+        """What a task sends its batches on, held for up to ``handoff_max`` batches.
+
+        Entered once per task: without a hand-off, once per batch. There a class (such as
+        ``contextlib.nullcontext``) is cheaper than an ``asynccontextmanager``, whose async
+        generator the event loop registers in a WeakSet each time."""
         ...
 
     async def send(self, session: S, batch: list[Request]) -> bool:

@@ -28,10 +28,9 @@ from fineflow import (
     StorageClosedError,
     StorageError,
 )
+from fineflow._storage.coalescing import DeadlinesSnapshot, SchedulerSnapshot
 from fineflow._storage.postgres import sqlfiles
-from fineflow._storage.postgres.deadlines import DeadlinesSnapshot
 from fineflow._storage.postgres.migrations import LATEST_VERSION, MIGRATIONS
-from fineflow._storage.postgres.scheduler import SchedulerSnapshot
 from fineflow._storage.postgres.sqlfiles import FUNCTIONS
 
 pytestmark = pytest.mark.anyio

@@ -13,11 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-import fineflow._storage.postgres.scheduler
 from fineflow import BucketState, ConfigurationError, Hit, PostgresStorage, Quota
 from fineflow._ratelimit.algorithms import NS, step_all
-from fineflow._storage.postgres.deadlines import DeadlinesSnapshot
-from fineflow._storage.postgres.scheduler import SchedulerSnapshot
+from fineflow._storage.coalescing import DeadlinesSnapshot, SchedulerSnapshot
 from fineflow._storage.postgres.statements import Statements, text_array
 
 pytestmark = pytest.mark.anyio
@@ -52,9 +50,9 @@ async def test_a_statement_task_keeps_its_connection_for_the_next_batch(
     storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch, handoff_max: int
 ) -> None:
     """Callers answered by a batch re-arrive and go out as the next batch on the same
-    connection, with no pool round trip in between; after ``_HANDOFF_MAX`` batches in a
+    connection, with no pool round trip in between; after ``handoff_max`` batches in a
     row the connection goes back to the pool, and it always does once the load stops."""
-    monkeypatch.setattr(fineflow._storage.postgres.scheduler, "_HANDOFF_MAX", handoff_max)
+    monkeypatch.setattr(storage._scheduler, "handoff_max", handoff_max)
     storage.max_in_flight = 1
     waves, callers = 5, 16
     before = storage.pool.get_stats().get("requests_num", 0)

@@ -15,8 +15,9 @@ from redis_fixtures import (  # noqa: F401 - the fixtures cluster_storage, redis
 
 from fineflow import Hit, Quota, RedisStorage
 from fineflow._ratelimit.algorithms import NS
-from fineflow._storage.redis.batch import Request, plan
-from fineflow._storage.redis.storage import _slot
+from fineflow._storage.coalescing import Request
+from fineflow._storage.redis.batch import plan
+from fineflow._storage.redis.sender import slot
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +48,7 @@ async def test_the_quotas_of_one_key_are_one_call(cluster_storage: RedisStorage)
     endpoint, one, two = ep(), Quota(1, 1.0), Quota(100, 86400.0)
     hits = [Hit("user-7", one, 1, endpoint), Hit("user-7", two, 1, endpoint, "pro")]
     request = Request(hits, None, "gcra", asyncio.get_running_loop().create_future())
-    (call,) = plan(request, cluster_storage.names, _slot)
+    (call,) = plan(request, cluster_storage.names, slot)
     assert call.keys == [cluster_storage.names.key("user-7")] and call.hashes == [1, 1]
     assert [d.allowed for d in await cluster_storage.decide("gcra", hits, now=T0)] == [True] * 2
     assert [d.allowed for d in await cluster_storage.decide("gcra", hits, now=T0)] == [False, True]

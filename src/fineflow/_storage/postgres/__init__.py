@@ -5,8 +5,7 @@ Module map (a decision runs top to bottom)::
     storage.py      PostgresStorage: options, open/close, the public methods (the facade)
     connect.py      one direct connection attempt: the server's own reason when it fails
     options.py      the checks of its options (no I/O)
-    scheduler.py    coalescing: arrivals become batches, statement tasks, connection hand-off
-    deadlines.py    callers' time budgets: one timer per timeout, not per request
+    scheduler.py    its side of coalescing (../coalescing.py): a batch is one statement
     statements.py   which function decides a batch, its parameters, and its rows -> decisions
     errors.py       psycopg errors -> StorageError, in one place
     migrations.py   versioned migrations under an advisory lock; the runtime role's grants

@@ -11,9 +11,7 @@ the most specific function that applies.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import psycopg
@@ -23,11 +21,11 @@ from ..._errors import ConfigurationError
 from ..._ratelimit.algorithms import COST_TOO_HIGH, NS, Decision
 from ..._ratelimit.quota import Quota
 from ..base import Hit, storage_key
+from ..coalescing import Request
 
 __all__ = [
     "FAST_PATHS",
     "Decider",
-    "Request",
     "Statements",
     "gcra_decisions",
     "make_decision",
@@ -38,17 +36,6 @@ __all__ = [
 # The specialised statements, each a faster form of decide() for its case.
 FAST_PATHS = frozenset({"hit", "hit_keys", "hit_many"})
 _TIER_MAX = 64
-
-
-@dataclass(slots=True)
-class Request:
-    """One caller's request waiting for its decisions."""
-
-    hits: Sequence[Hit]
-    now: int | None
-    algorithm: str
-    future: asyncio.Future[None]
-    result: list[Decision] = field(default_factory=list)
 
 
 class Statements(NamedTuple):

@@ -25,8 +25,8 @@ from .connect import check_reachable, libpq_seconds, why_unreachable
 from .errors import driver_errors, storage_error
 from .migrations import MigrationResult
 from .options import check_identifier, check_interval, check_sizes, check_source, check_timeout
-from .scheduler import Scheduler
-from .statements import FAST_PATHS, Decider, Request
+from .scheduler import statement_scheduler
+from .statements import FAST_PATHS, Decider
 
 __all__ = ["PostgresStorage"]
 
@@ -119,7 +119,7 @@ class PostgresStorage:
         self._opened = False
         self._closed = False
         self._decider = Decider(schema, fast_paths)
-        self._scheduler = Scheduler(
+        self._scheduler = statement_scheduler(
             lambda: self.pool.connection(),
             self._decider.run,
             coalesce=coalesce,
@@ -338,12 +338,10 @@ class PostgresStorage:
             raise StorageClosedError(
                 "PostgresStorage is not open: use `async with storage:` or `await storage.open()`"
             )
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        request = Request(hits, now, algorithm, future)
         # A caller's time budget ends only this wait: the statement runs on in a task the
         # scheduler owns, so a timeout never breaks a connection mid-query.
-        self._scheduler.submit(request, timeout)
-        await future
+        request = self._scheduler.submit(algorithm, hits, now, timeout)
+        await request.future
         return request.result
 
     async def _peek_within(

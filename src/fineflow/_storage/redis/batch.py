@@ -10,29 +10,17 @@ had then given its cost back.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..._errors import StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision
-from ..base import Hit, storage_key
+from ..base import storage_key
+from ..coalescing import Request
 from .scripts import Names, decide_args, refund_args
 from .wire import pack_evalsha, resp
 
-__all__ = ["Call", "Request", "answer", "pack", "plan", "refunds"]
-
-
-@dataclass(slots=True)
-class Request:
-    """One caller's request waiting for its decisions."""
-
-    hits: Sequence[Hit]
-    now: int | None
-    algorithm: str
-    future: asyncio.Future[None]
-    result: list[Decision] = field(default_factory=list)
-    timer: asyncio.TimerHandle | None = None
+__all__ = ["Call", "answer", "pack", "plan", "refunds"]
 
 
 @dataclass(slots=True)

@@ -1,22 +1,18 @@
 """RedisStorage: rate-limit state in Redis or Valkey, on one server or a Redis Cluster.
 
-Decisions are made by one Lua script (``lua/decide.lua``) on the server's clock, by
-EVALSHA (the script is loaded again when the server answers NOSCRIPT, say after a restart
-or SCRIPT FLUSH). While a batch is in flight, decisions that arrive are coalesced and sent
-together: one round trip per batch (on one server, one script call per ``_PER_CALL``
-requests; on a Cluster, one call per request and slot, each node's calls in one write).
-A lone request goes out at once and never waits for a timer.
+The facade: options, the client's lifecycle and the public methods. Decisions are made by
+one Lua script (``lua/decide.lua``) on the server's clock. While a batch is in flight,
+decisions that arrive are coalesced (:mod:`fineflow._storage.coalescing`) and sent together,
+one round trip per batch (:mod:`.sender`); a lone request goes out at once and never waits
+for a timer. Status, reset and stats are the queries of :mod:`.admin`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,19 +20,18 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from ..._errors import ConfigurationError, StorageClosedError
 from ..._ratelimit.algorithms import ALGORITHMS, Decision
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
 from ..base import Hit, KeyStatus, StatsRow, check_hits
+from ..coalescing import Scheduler
 from . import admin
 from .admin import Client
-from .batch import Call, Request, answer, pack, plan, refunds
-from .errors import DecisionTimeout, storage_error, translated
+from .errors import translated
 from .scripts import DECIDE, Names
-from .wire import evalsha_all, evalsha_on_nodes
+from .sender import ScriptSender
 
 __all__ = ["RedisStorage"]
 
@@ -45,9 +40,6 @@ logger = logging.getLogger("fineflow.storage")
 _SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
-# Requests decided by one script call on a standalone server: the server runs nothing else
-# meanwhile, so a call stays short (a few hundred microseconds); a batch is several calls.
-_PER_CALL = 32
 
 
 class RedisStorage:
@@ -86,8 +78,6 @@ class RedisStorage:
     Raises:
         ConfigurationError: for a bad URL, prefix or option, or both ``url`` and ``client``.
     """
-
-    local = False
 
     def __init__(
         self,
@@ -135,8 +125,8 @@ class RedisStorage:
         self.cluster = cluster if client is None else isinstance(client, RedisCluster)
         self.prefix = prefix
         self.coalesce = coalesce
-        self.max_in_flight = max_in_flight if coalesce else 1 << 30
-        self.max_batch = max_batch if coalesce else 1
+        self.max_in_flight = max_in_flight
+        self.max_batch = max_batch
         self.connect_timeout = float(connect_timeout)
         self.socket_timeout = float(socket_timeout)
         self.max_connections = max_connections
@@ -145,14 +135,27 @@ class RedisStorage:
         self._owns_client = client is None
         self._opened = False
         self._closed = False
-        self._pending: list[Request] = []
-        self._starting = 0  # tasks started that have not taken their batch yet
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._slot_of = _slot if self.cluster else None
-        self.batches = 0
-        self.batched_requests = 0
-        self.refunded = 0
+        self._sender = ScriptSender(lambda: self.client, self.names, cluster=self.cluster)
+        self._scheduler = Scheduler(
+            self._sender, coalesce=coalesce, max_in_flight=max_in_flight, max_batch=max_batch
+        )
+
+    # -- counters --------------------------------------------------------------------------
+
+    @property
+    def batches(self) -> int:
+        """Round trips that decided a batch (a lone request's too)."""
+        return self._scheduler.batches
+
+    @property
+    def batched_requests(self) -> int:
+        """The requests those round trips decided."""
+        return self._scheduler.batched_requests
+
+    @property
+    def refunded(self) -> int:
+        """Refund calls that succeeded (a Cluster request on several slots that was denied)."""
+        return self._sender.refunded
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -189,14 +192,7 @@ class RedisStorage:
         """Finish the calls in flight, close the client if this storage owns it; the storage
         refuses use afterwards."""
         self._closed = True
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self.socket_timeout)
-            for task in self._tasks:
-                task.cancel()
-        for request in self._pending:
-            if not request.future.done():
-                request.future.set_exception(StorageClosedError("RedisStorage was closed"))
-        self._pending = []
+        await self._scheduler.close(self.socket_timeout)
         if self._client is not None and self._owns_client:
             with contextlib.suppress(RedisError, OSError):
                 await self._client.aclose()
@@ -250,169 +246,11 @@ class RedisStorage:
             raise StorageClosedError(
                 "RedisStorage is not open: use `async with storage:` or `await storage.open()`"
             )
-        loop = asyncio.get_running_loop()
-        request = Request(hits, now, algorithm, loop.create_future())
-        self._pending.append(request)
-        self._dispatch()
-        if timeout is not None and timeout != math.inf:
-            request.timer = loop.call_later(timeout, _expire, request.future)
-        try:
-            await request.future
-        finally:
-            if request.timer is not None:
-                request.timer.cancel()
+        # A caller's time budget ends only this wait: its pipeline runs on in a task the
+        # scheduler owns.
+        request = self._scheduler.submit(algorithm, hits, now, timeout)
+        await request.future
         return request.result
-
-    _bounded_decide = decide  # decide() enforces ``timeout`` itself (see RateLimiter)
-
-    def _dispatch(self) -> None:
-        """Start a task while fewer than ``max_in_flight`` run. It takes its batch when it
-        first runs, so callers arriving in the same loop iteration share one pipeline."""
-        waiting = min(len(self._pending), 1) if self.coalesce else len(self._pending)
-        while self._starting < waiting and self._in_flight < self.max_in_flight:
-            self._starting += 1
-            self._in_flight += 1
-            started: list[bool] = []
-            task = asyncio.get_running_loop().create_task(self._run(started))
-            self._tasks.add(task)
-            task.add_done_callback(partial(self._finished, started))
-
-    def _finished(self, started: list[bool], task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not started:
-            # Cancelled before its first step: _run never settled its counters.
-            self._starting -= 1
-            self._in_flight -= 1
-            if not self._closed:
-                self._dispatch()
-
-    def _take(self) -> list[Request]:
-        pending = [r for r in self._pending if not r.future.done()]
-        batch, self._pending = pending[: self.max_batch], pending[self.max_batch :]
-        return batch
-
-    async def _run(self, started: list[bool]) -> None:
-        started.append(True)
-        self._starting -= 1
-        batch = self._take()
-        self._dispatch()  # what did not fit goes out at once in another pipeline
-        try:
-            if batch:
-                await self._settle(batch)
-        except BaseException as exc:
-            error = storage_error("rate-limit decision", exc)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self._in_flight -= 1
-            if self._pending and not self._closed:
-                self._dispatch()
-
-    async def _settle(self, batch: list[Request]) -> None:
-        """Decide ``batch`` in one pipeline (plus one for refunds, if any) and wake its
-        callers."""
-        # Requests whose callers gave up (their budget ran out) are dropped unsent: an
-        # answer already given by on_storage_error is never charged.
-        live = [r for r in batch if not r.future.done()]
-        if not live:
-            return
-        per_request = [plan(r, self.names, self._slot_of) for r in live]
-        await self._execute([c for calls in per_request for c in calls])
-        self.batches += 1
-        self.batched_requests += len(live)
-        charged: list[Call] = []
-        for calls in per_request:
-            charged += answer(calls)
-        if charged:
-            await self._refund(charged)
-        for request in live:
-            if not request.future.done():
-                request.future.set_result(None)
-
-    async def _execute(self, calls: list[Call], *, reload: bool = True) -> None:
-        """Run ``calls`` (one EVALSHA each, one round trip) and set each ``reply``: the
-        script's reply or the error for that call. On one server a lost connection raises
-        (the batch fails); on a cluster a node that fails fails its own calls. Calls a
-        server answers NOSCRIPT (not run) go again once the script is loaded."""
-        client = self.client
-        replies: list[object]
-        if isinstance(client, RedisCluster):
-            replies = await self._on_cluster(client, calls)
-        else:
-            # One script call per _PER_CALL requests, all in one write.
-            sha = DECIDE.sha.encode()
-            chunks = [calls[i : i + _PER_CALL] for i in range(0, len(calls), _PER_CALL)]
-            replies = []
-            for chunk, reply in zip(
-                chunks,
-                await evalsha_all(client.connection_pool, [pack(c, sha) for c in chunks]),
-                strict=True,
-            ):
-                lines = reply.split(b"\n") if isinstance(reply, bytes) else [reply] * len(chunk)
-                if len(lines) != len(chunk):
-                    raise storage_error("rate-limit decision", ValueError(f"reply {reply!r:.200}"))
-                replies += lines
-        missing = [c for c, r in zip(calls, replies, strict=True) if isinstance(r, NoScriptError)]
-        for call, reply in zip(calls, replies, strict=True):
-            if isinstance(reply, BaseException):
-                call.reply = storage_error("rate-limit decision", reply)
-            else:
-                call.reply = reply
-        if missing and reload:
-            # Not run (the server had no script): load it and send those calls again.
-            await self._load()
-            await self._execute(missing, reload=False)
-
-    async def _on_cluster(self, client: RedisCluster, calls: list[Call]) -> list[object]:
-        """The replies of ``calls`` on a cluster: each to its slot's node (see wire.py)."""
-        sha = DECIDE.sha.encode()
-        replies = await evalsha_on_nodes(client, [(c.keys[0], pack([c], sha)) for c in calls])
-        redirected = [i for i, r in enumerate(replies) if isinstance(r, MovedError | AskError)]
-        if redirected:
-            # Not run (the slot moved, or is moving): redis-py's cluster pipeline follows
-            # the redirection and updates the client's map of slots.
-            pipe = client.pipeline(transaction=False)
-            for i in redirected:
-                call = calls[i]
-                pipe.evalsha(DECIDE.sha, len(call.keys), *call.keys, *call.args)
-            for i, reply in zip(redirected, await pipe.execute(raise_on_error=False), strict=True):
-                replies[i] = reply
-        return replies
-
-    async def _load(self) -> None:
-        logger.info("loading the rate-limit script into Redis (NOSCRIPT)")
-        client = self.client
-        if isinstance(client, RedisCluster):
-            # Master by master: one that is down must not keep the others from the script
-            # (it gets it when it is back and answers NOSCRIPT).
-            await asyncio.gather(
-                *(
-                    client.execute_command("SCRIPT LOAD", DECIDE.text, target_nodes=node)
-                    for node in client.get_primaries()
-                ),
-                return_exceptions=True,
-            )
-        else:
-            await client.script_load(DECIDE.text)
-
-    async def _refund(self, charged: list[Call]) -> None:
-        """Give back what ``charged`` calls took (a request on several cluster slots that
-        was denied, or failed, elsewhere). A refund that fails is logged: the cost stays
-        charged until the state expires, which never admits more than the quotas allow."""
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in refunds(charged):
-                pipe.evalsha(DECIDE.sha, len(keys), *keys, *args)
-            replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
-            replies = [exc]
-        failures = [r for r in replies if isinstance(r, BaseException)]
-        self.refunded += len(replies) - len(failures)
-        if failures:
-            logger.warning("refund of a denied multi-slot request failed: %r", failures[0])
 
     # -- administration --------------------------------------------------------------------
 
@@ -440,15 +278,6 @@ class RedisStorage:
         query rather than one for every request.
         """
         return await admin.stats(self.client, self.names)
-
-
-def _slot(name: str) -> int:
-    return key_slot(name.encode("utf-8", "surrogatepass"))
-
-
-def _expire(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_exception(DecisionTimeout("the rate-limit decision ran out of its time budget"))
 
 
 def _check_url(url: str, cluster: bool) -> tuple[str, bool]:

@@ -91,16 +91,16 @@ def _check_options(
             )
 
 
-def _weak_hook(breaker: CircuitBreaker) -> TransitionHook:
-    """The machine's transition hook, holding ``breaker`` weakly: without a reference cycle
-    a dropped breaker is freed at once (and leaves the live set), not at the next garbage
-    collection."""
-    ref = weakref.ref(breaker)
+def _weak_hook(method: TransitionHook) -> TransitionHook:
+    """The machine's transition hook, holding the breaker's bound ``method`` weakly: without
+    a reference cycle a dropped breaker is freed at once (and leaves the live set), not at
+    the next garbage collection."""
+    ref = weakref.WeakMethod(method)
 
     def moved(old: CircuitState, new: CircuitState, reason: str, now: float) -> None:
-        owner = ref()
-        if owner is not None:
-            owner._moved(old, new, reason, now)
+        bound = ref()
+        if bound is not None:
+            bound(old, new, reason, now)
 
     return moved
 
@@ -202,7 +202,9 @@ class CircuitBreaker(Listeners):
         self._wall_clock = wall_clock
         # Transitions by (from, to), counted where they are logged: never touched by a call.
         self._transitions: dict[tuple[CircuitState, CircuitState], int] = {}
-        self._machine = BreakerMachine(self.config, random=random, on_transition=_weak_hook(self))
+        self._machine = BreakerMachine(
+            self.config, random=random, on_transition=_weak_hook(self._moved)
+        )
         self._fallbacks = 0  # the breaker serves fallbacks, the machine never sees them
         super().__init__()
         self._frames: ContextVar[_Frame | None] = ContextVar(f"breaker:{name}", default=None)

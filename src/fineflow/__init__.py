@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._ratelimit.algorithms import Algorithm, BucketState, Decision
 from ._ratelimit.decorator import limit
+from ._ratelimit.deniedlog import DeniedLog
 from ._ratelimit.headers import HeaderStyle
 from ._ratelimit.limiter import Decisions, LimiterMetrics, RateLimiter
 from ._ratelimit.middleware import MiddlewareMetrics, RateLimitMiddleware
@@ -56,6 +57,7 @@ __all__ = [
     "ConfigurationError",
     "Decision",
     "Decisions",
+    "DeniedLog",
     "FineflowError",
     "HeaderStyle",
     "Hit",

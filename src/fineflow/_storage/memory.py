@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .._errors import ConfigurationError, StorageClosedError
+from .._logfields import log_extra
 from .._ratelimit.algorithms import (
     ALGORITHMS,
     BucketState,
@@ -264,6 +265,9 @@ class MemoryStorage:
                         "MemoryStorage is full (max_keys=%d): evicting live state of keys "
                         "not used recently; raise max_keys to keep it",
                         self.max_keys,
+                        extra=log_extra(
+                            "storage_full", storage="MemoryStorage", count=self.max_keys
+                        ),
                     )
             return
 

@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..._errors import ConfigurationError, StorageClosedError
+from ..._logfields import log_extra
 from ..._ratelimit.algorithms import ALGORITHMS, Decision
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
 from ..base import Hit, KeyStatus, StatsRow, check_hits
@@ -267,7 +268,10 @@ class RedisStorage:
         moment its last state becomes equivalent to no state). Returns 0."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        logger.debug("RedisStorage.cleanup(): nothing to do, Redis expires state by itself")
+        logger.debug(
+            "RedisStorage.cleanup(): nothing to do, Redis expires state by itself",
+            extra=log_extra("storage_cleanup_skipped", storage="RedisStorage"),
+        )
         return 0
 
     async def stats(self) -> list[StatsRow]:

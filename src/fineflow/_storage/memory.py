@@ -29,7 +29,16 @@ from .._ratelimit.algorithms import (
     validate_algorithm,
 )
 from .._ratelimit.quota import Quota
-from .base import MAX_KEY_BYTES, Hit, KeyStatus, StatsRow, check_cost, storage_key
+from .base import (
+    MAX_KEY_BYTES,
+    Hit,
+    KeyStatus,
+    StatsRow,
+    StorageHealth,
+    check_cost,
+    storage_key,
+)
+from .probe import closed
 
 __all__ = ["MemoryStorage"]
 
@@ -114,6 +123,11 @@ class MemoryStorage:
 
     async def migrate(self) -> None:
         """Nothing to migrate for memory storage."""
+
+    async def health(self, *, timeout: float = 1.0) -> StorageHealth:  # noqa: ASYNC109
+        """Healthy until closed (nothing to wait for; ``timeout`` is accepted for the
+        :class:`SupportsHealth` protocol). What :func:`fineflow.health_app` asks."""
+        return closed("memory") if self._closed else StorageHealth(True, "memory", 0.0)
 
     def __len__(self) -> int:
         return self._size

@@ -4,6 +4,9 @@ package carrying an ``event``, and the denied-request log that cannot flood."""
 from __future__ import annotations
 
 import ast
+import importlib.util
+import io
+import json
 import logging
 import pathlib
 
@@ -19,6 +22,7 @@ from fineflow.testing import FakeClock
 pytestmark = pytest.mark.anyio
 
 SRC = pathlib.Path(ff.__file__).parent
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
 
 
@@ -169,3 +173,25 @@ async def test_an_unknown_tier_is_logged_with_rule_and_tier(
     await call(mw, http_scope("/x"))
     [record] = caplog.records
     assert (record.event, record.rule, record.tier) == ("ratelimit_unknown_tier", "x", "gold")  # type: ignore[attr-defined]
+
+
+async def test_the_json_logging_example_prints_one_json_object_per_record() -> None:
+    spec = importlib.util.spec_from_file_location("json_logging", EXAMPLES / "json_logging.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = io.StringIO()
+    level = logging.getLogger("fineflow").level
+    try:
+        await example.main(out)
+    finally:
+        logging.getLogger("fineflow").setLevel(level)
+    denied, opened = (json.loads(line) for line in out.getvalue().splitlines())
+    assert denied["event"] == "ratelimit_denied"
+    assert (denied["rule"], denied["key_digest"]) == ("items", keys.digest("sk-live-example"))
+    assert (opened["event"], opened["breaker"], opened["to_state"]) == (
+        "circuit_breaker_transition",
+        "upstream",
+        "open",
+    )
+    assert "sk-live-example" not in out.getvalue()

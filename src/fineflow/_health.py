@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -106,27 +107,17 @@ def health_app(
     )
 
 
+@dataclass(frozen=True, slots=True)
 class HealthApp:
-    """The ASGI app :func:`health_app` returns (see there); options already checked."""
+    """The ASGI app :func:`health_app` returns (see there), its options already checked."""
 
-    def __init__(
-        self,
-        *,
-        storages: dict[str, SupportsHealth],
-        breakers: list[CircuitBreaker],
-        registry: BreakerRegistry | None,
-        critical_storages: bool | frozenset[str],
-        critical_breakers: bool | frozenset[str],
-        unhealthy_states: frozenset[CircuitState],
-        timeout: float,
-    ) -> None:
-        self.storages = storages
-        self.breakers = breakers
-        self.registry = registry
-        self.critical_storages = critical_storages
-        self.critical_breakers = critical_breakers
-        self.unhealthy_states = unhealthy_states
-        self.timeout = timeout
+    storages: dict[str, SupportsHealth]
+    breakers: list[CircuitBreaker]
+    registry: BreakerRegistry | None
+    critical_storages: bool | frozenset[str]
+    critical_breakers: bool | frozenset[str]
+    unhealthy_states: frozenset[CircuitState]
+    timeout: float
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one ASGI connection: ``http`` with the report, ``lifespan`` by

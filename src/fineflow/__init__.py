@@ -23,14 +23,24 @@ from ._errors import (
     StorageClosedError,
     StorageError,
 )
+from ._health import health_app
 from ._ratelimit.algorithms import Algorithm, BucketState, Decision
 from ._ratelimit.decorator import limit
+from ._ratelimit.deniedlog import DeniedLog
 from ._ratelimit.headers import HeaderStyle
 from ._ratelimit.limiter import Decisions, LimiterMetrics, RateLimiter
 from ._ratelimit.middleware import MiddlewareMetrics, RateLimitMiddleware
 from ._ratelimit.quota import Quota
 from ._ratelimit.rules import Rule
-from ._storage.base import Hit, KeyStatus, LocalStorage, StatsRow, Storage
+from ._storage.base import (
+    Hit,
+    KeyStatus,
+    LocalStorage,
+    StatsRow,
+    Storage,
+    StorageHealth,
+    SupportsHealth,
+)
 from ._storage.memory import MemoryStorage
 from ._storage.url import storage_from_url
 
@@ -56,6 +66,7 @@ __all__ = [
     "ConfigurationError",
     "Decision",
     "Decisions",
+    "DeniedLog",
     "FineflowError",
     "HeaderStyle",
     "Hit",
@@ -77,9 +88,12 @@ __all__ = [
     "Storage",
     "StorageClosedError",
     "StorageError",
+    "StorageHealth",
+    "SupportsHealth",
     "__version__",
     "default_registry",
     "get_circuit_breaker",
+    "health_app",
     "http_throttle",
     "keys",
     "limit",

@@ -19,8 +19,9 @@ from typing import Literal
 
 from ._asgi.types import Scope
 from ._errors import ConfigurationError
+from ._logfields import key_digest
 
-__all__ = ["ClientIP", "KeyFunc", "client_ip", "first", "header", "user"]
+__all__ = ["ClientIP", "KeyFunc", "client_ip", "digest", "first", "header", "user"]
 
 KeyFunc = Callable[[Scope], str | Awaitable[str | None] | None]
 """A function of the ASGI scope returning the key, or ``None`` to exempt the request."""
@@ -33,6 +34,22 @@ _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_HOPS = 32
 # Tokens that are not addresses (RFC 7239 obfuscated identifiers) are cut to this length.
 MAX_TOKEN = 64
+
+
+def digest(key: str) -> str:
+    """The digest fineflow's log records carry in place of ``key`` (field ``key_digest``).
+
+    Keys (API keys, user ids, client addresses) are never logged raw. To find the records
+    of a caller you know, compute its digest and search for it::
+
+        python -c 'import fineflow.keys as k; print(k.digest("sk-live-..."))'
+
+    12 hex digits of BLAKE2b, the same in every process. With the environment variable
+    ``FINEFLOW_LOG_DIGEST_SECRET`` set (to the same value everywhere, including where you
+    compute digests to search), the digest is keyed by it, so nobody can reverse the
+    digest of a guessable key, such as an IPv4 address, by trying every candidate.
+    """
+    return key_digest(key)
 
 
 def _parse_ip(text: str) -> _IPAddress | None:

@@ -33,6 +33,7 @@ from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 from ._breaker.config import CircuitState
 from ._breaker.live import CALL_KINDS, BreakerFigures, figures
+from ._logfields import error_text, log_extra
 
 __all__ = [
     "FAMILIES",
@@ -191,8 +192,11 @@ class MultiprocessExport:
         while not self._stop.wait(self.interval):
             try:
                 self.flush()
-            except Exception:  # keep flushing: the next round may succeed
-                logger.exception("fineflow.prometheus: writing the multiprocess figures failed")
+            except Exception as exc:  # keep flushing: the next round may succeed
+                logger.exception(
+                    "fineflow.prometheus: writing the multiprocess figures failed",
+                    extra=log_extra("prometheus_flush_failed", error=error_text(exc)),
+                )
 
     def start(self) -> None:
         """Start the background flushes (a daemon thread)."""

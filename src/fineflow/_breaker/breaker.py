@@ -39,6 +39,7 @@ from typing import Any, ParamSpec, Self, TypeVar, overload
 import anyio.to_thread
 
 from .._errors import CircuitOpenError, ConfigurationError
+from .._logfields import log_extra
 from . import live
 from .config import BreakerConfig, BreakerMetrics, CircuitState, ThrottlePolicy, WindowType
 from .events import BreakerEvent, EventKind, Listener, Listeners, is_async_callable
@@ -539,13 +540,13 @@ class CircuitBreaker(Listeners):
             old.value,
             new.value,
             reason,
-            extra={
-                "event": "circuit_breaker_transition",
-                "breaker": self.name,
-                "from_state": old.value,
-                "to_state": new.value,
-                "reason": reason,
-            },
+            extra=log_extra(
+                "circuit_breaker_transition",
+                breaker=self.name,
+                from_state=old.value,
+                to_state=new.value,
+                reason=reason,
+            ),
         )
         if self._has_state_change:
             self._emit("state_change", now, None, old, reason)

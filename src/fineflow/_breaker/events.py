@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 from .._errors import ConfigurationError
+from .._logfields import error_text, log_extra
 from .config import CircuitState
 
 __all__ = [
@@ -118,8 +119,8 @@ class Listeners:
         for listener in self._sync[event.kind]:
             try:
                 listener(event)
-            except Exception:
-                logger.exception("breaker %r: %s listener failed", event.breaker, event.kind)
+            except Exception as exc:
+                _log_listener_failure(event, exc)
         for async_listener in self._async[event.kind]:
             self._pending.append((async_listener, event))
 
@@ -140,7 +141,21 @@ class Listeners:
             listener, event = pending.popleft()
             try:
                 await listener(event)
-            except Exception:
-                logger.exception("breaker %r: %s listener failed", event.breaker, event.kind)
+            except Exception as exc:
+                _log_listener_failure(event, exc)
         if self._has_async and not any(self._async.values()):
             self._update_flags()  # the last async listener went away meanwhile
+
+
+def _log_listener_failure(event: BreakerEvent, exc: Exception) -> None:
+    logger.exception(
+        "breaker %r: %s listener failed",
+        event.breaker,
+        event.kind,
+        extra=log_extra(
+            "circuit_breaker_listener_failed",
+            breaker=event.breaker,
+            reason=f"{event.kind} listener",
+            error=error_text(exc),
+        ),
+    )

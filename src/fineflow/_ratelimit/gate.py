@@ -15,6 +15,7 @@ from .._asgi.problem import ProblemResponse
 from .._asgi.types import ASGIApp, Message, Scope, Send
 from .._storage.base import Hit
 from .._storage.lifespan import OwnedStorage
+from .deniedlog import DeniedLog
 from .headers import AppliedPolicy, HeaderStyle, render_headers
 from .limiter import Decisions, RateLimiter
 from .problems import quota_exceeded, storage_unavailable
@@ -38,9 +39,10 @@ class Gate:
         headers_for: whether a response to ``scope`` carries rate-limit headers.
         shadow: decide, never deny, send no headers.
         deny_app: the ASGI app answering denials instead of the built-in responses.
+        denied_log: where denied requests are logged (:meth:`log_denial`), or ``None``.
     """
 
-    __slots__ = ("deny_app", "headers_for", "limiter", "owned", "shadow", "style")
+    __slots__ = ("denied_log", "deny_app", "headers_for", "limiter", "owned", "shadow", "style")
 
     def __init__(
         self,
@@ -51,6 +53,7 @@ class Gate:
         headers_for: Callable[[Scope], bool] | None = None,
         shadow: bool = False,
         deny_app: ASGIApp | None = None,
+        denied_log: DeniedLog | None = None,
     ) -> None:
         self.limiter = limiter
         self.owned = owned
@@ -58,6 +61,7 @@ class Gate:
         self.headers_for = headers_for
         self.shadow = shadow
         self.deny_app = deny_app
+        self.denied_log = denied_log
 
     def decide_nowait(self, hits: Sequence[Hit]) -> Decisions | None:
         """The decisions without awaiting, when the storage is in-process and open; else
@@ -99,6 +103,18 @@ class Gate:
         if self.headers_for is not None and not self.headers_for(scope):
             return None
         return render_headers(style, applied, decisions)
+
+    def log_denial(
+        self,
+        scope: Scope,
+        hits: Sequence[Hit],
+        applied: Sequence[AppliedPolicy],
+        decisions: Decisions,
+    ) -> None:
+        """Log a denied request (shadow mode: one it would deny) through ``denied_log``;
+        callers test ``denied_log is not None`` first, so no log costs one check."""
+        if self.denied_log is not None:
+            self.denied_log.record(scope, hits, applied, decisions, shadow=self.shadow)
 
     def denial(
         self, scope: Scope, applied: Sequence[AppliedPolicy], decisions: Decisions

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 from .._breaker.breaker import CircuitBreaker
 from .._breaker.config import CircuitState
 from .._errors import ConfigurationError, StorageError
+from .._logfields import error_text, log_extra
 from .._storage.base import Hit, KeyStatus, LocalStorage, Storage
 from .algorithms import Decision, new_record, validate_algorithm
 from .quota import Quota
@@ -292,12 +293,7 @@ class RateLimiter:
         allow = self.on_storage_error == "allow"
         if self._failing_since is None:
             self._failing_since = self._decisions()  # (before this one is counted)
-            what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
-            logger.warning(
-                "rate-limit storage %s; %s requests until it recovers (logged once per burst)",
-                what,
-                "allowing" if allow else "denying",
-            )
+            self._log_failing(hits, exc, allow)
         if allow:
             self._failed_open += 1
             retry = 0.0
@@ -318,11 +314,34 @@ class RateLimiter:
             for h in hits
         )
 
+    def _log_failing(self, hits: Sequence[Hit], exc: BaseException | None, allow: bool) -> None:
+        """The one record of a burst of storage failures (the error's text without keys)."""
+        if exc is None:
+            reason, error = "breaker_open", None
+        else:
+            reason = "timeout" if isinstance(exc, TimeoutError) else "error"
+            error = error_text(exc, (h.key for h in hits))
+        logger.warning(
+            "rate-limit storage %s; %s requests until it recovers (logged once per burst)",
+            "timed out" if reason == "timeout" else f"failed: {error or 'breaker open'}",
+            "allowing" if allow else "denying",
+            extra=log_extra(
+                "ratelimit_storage_failed",
+                storage=type(self._storage).__name__,
+                reason=reason,
+                error=error,
+            ),
+        )
+
     def _recovered(self) -> None:
         if self._failing_since is not None:
+            count = self._decisions() - self._failing_since
             logger.warning(
                 "rate-limit storage recovered after %d requests decided by on_storage_error",
-                self._decisions() - self._failing_since,
+                count,
+                extra=log_extra(
+                    "ratelimit_storage_recovered", storage=type(self._storage).__name__, count=count
+                ),
             )
             self._failing_since = None
 

@@ -31,27 +31,25 @@ numbers they show, in a cache cleared when full: see ``AppliedPolicy.ietf_header
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .._asgi.types import ASGIApp, Receive, Scope, Send
 from .._errors import ConfigurationError
-from .._storage.base import Hit, Storage
+from .._storage.base import Storage
 from .._storage.lifespan import OwnedStorage
 from .._storage.memory import MemoryStorage
 from ..keys import client_ip
+from .deniedlog import DeniedLog
 from .environment import default_storage, limits_enabled
 from .gate import LIMITER_STATE, Gate, adding_headers
-from .headers import AppliedPolicy, HeaderStyle, validate_style
-from .limiter import Decisions, RateLimiter
+from .headers import HeaderStyle, validate_style
+from .limiter import RateLimiter
 from .rules import PathPattern, Rule
 from .ruleset import RuleSet
 
 __all__ = ["MiddlewareMetrics", "RateLimitMiddleware"]
-
-logger = logging.getLogger("fineflow.middleware")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +101,11 @@ class RateLimitMiddleware:
         headers_for: a function of the scope deciding whether a response carries
             rate-limit headers (e.g. only for authenticated callers); ``Retry-After`` is
             always sent on 429.
-        shadow: decide, log and count, but never deny, and send no rate-limit headers.
+        shadow: decide, log and count, but never deny, and send no rate-limit headers. The
+            requests it would deny are logged through a :class:`DeniedLog` (``log_denied``'s,
+            else one with the defaults), so they cannot flood the log.
+        log_denied: ``True`` or a :class:`DeniedLog` to log denied requests (at most 10 per
+            rule per minute by default, then a count of those left out); default ``False``.
         exempt_paths: path templates never limited, e.g. ``["/health", "/static/*"]``.
         exempt_methods: methods never limited (default ``("OPTIONS",)``: CORS preflights).
         deny_app: an ASGI app answering denied requests instead of the built-in problem+json
@@ -138,6 +140,7 @@ class RateLimitMiddleware:
         headers: HeaderStyle | None = "ietf",
         headers_for: Callable[[Scope], bool] | None = None,
         shadow: bool = False,
+        log_denied: bool | DeniedLog = False,
         exempt_paths: Iterable[str] = (),
         exempt_methods: Iterable[str] = ("OPTIONS",),
         deny_app: ASGIApp | None = None,
@@ -162,6 +165,8 @@ class RateLimitMiddleware:
             raise ConfigurationError("deny_app must be an ASGI app")
         if isinstance(exempt_paths, str) or isinstance(exempt_methods, str):
             raise ConfigurationError("exempt_paths and exempt_methods must be lists")
+        if not isinstance(log_denied, bool | DeniedLog):
+            raise ConfigurationError("log_denied must be True, False or a fineflow.DeniedLog")
 
         self.app = app
         self.limiter = limiter
@@ -183,6 +188,7 @@ class RateLimitMiddleware:
             headers_for=headers_for,
             shadow=self.shadow,
             deny_app=deny_app,
+            denied_log=_denied_log(log_denied, self.shadow),
         )
         # The metrics counters: plain attributes, the cheapest to increment.
         self._n_requests = self._n_allowed = self._n_limited = self._n_shadow = 0
@@ -251,10 +257,12 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
         elif self.shadow:
             self._n_shadow += 1
-            _log_shadow(method, path, hits, applied, decisions)
+            gate.log_denial(scope, hits, applied, decisions)
             await self.app(scope, receive, send)
         else:
             self._n_limited += 1
+            if gate.denied_log is not None:
+                gate.log_denial(scope, hits, applied, decisions)
             await gate.denial(scope, applied, decisions)(scope, receive, send)
 
     def _exempt(self, method: str, path: str) -> bool:
@@ -320,18 +328,9 @@ def _route_path(scope: Scope) -> str:
     return path
 
 
-def _log_shadow(
-    method: str,
-    path: str,
-    hits: Sequence[Hit],
-    applied: Sequence[AppliedPolicy],
-    decisions: Decisions,
-) -> None:
-    denied = [i for i, d in enumerate(decisions) if not d.allowed]
-    logger.info(
-        "shadow mode: would deny %s %s for key %r (policies %s)",
-        method,
-        path[:200],
-        hits[denied[0]].key[:200],
-        [applied[i].name for i in denied],
-    )
+def _denied_log(option: bool | DeniedLog, shadow: bool) -> DeniedLog | None:
+    """The middleware's denied-request log: the one given, one with the defaults for
+    ``True`` and in shadow mode (whose would-be denials are always logged), else none."""
+    if isinstance(option, DeniedLog):
+        return option
+    return DeniedLog() if option or shadow else None

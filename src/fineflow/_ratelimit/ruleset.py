@@ -19,6 +19,7 @@ from typing import Any
 
 from .._asgi.types import Scope
 from .._errors import ConfigurationError
+from .._logfields import MAX_TEXT, log_extra
 from .._storage.base import Hit
 from .algorithms import new_record
 from .headers import AppliedPolicy
@@ -224,10 +225,14 @@ class RuleSet:
         if tier in warned or len(warned) >= _MAX_WARNED_TIERS:
             return
         warned.add(tier)
+        tier = tier[:MAX_TEXT]
         logger.warning(
             "unknown tier %r for rule %r: using default tier %r (logged once per tier%s)",
             tier,
             c.name,
             c.default_tier,
             "; no more unknown tiers will be logged" if len(warned) == _MAX_WARNED_TIERS else "",
+            extra=log_extra(
+                "ratelimit_unknown_tier", rule=c.name, tier=tier, reason="unknown tier"
+            ),
         )

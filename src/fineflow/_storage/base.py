@@ -10,7 +10,16 @@ from typing import NamedTuple, Protocol, runtime_checkable
 from .._ratelimit.algorithms import Decision
 from .._ratelimit.quota import Quota
 
-__all__ = ["Hit", "KeyStatus", "LocalStorage", "StatsRow", "Storage", "storage_key"]
+__all__ = [
+    "Hit",
+    "KeyStatus",
+    "LocalStorage",
+    "StatsRow",
+    "Storage",
+    "StorageHealth",
+    "SupportsHealth",
+    "storage_key",
+]
 
 # Keys longer than this (in UTF-8 bytes) are stored as a SHA-256 digest, so a caller cannot
 # bloat an index (or memory) with huge keys.
@@ -178,3 +187,34 @@ def check_hits(hits: Sequence[Hit]) -> None:
     """Validate every hit's cost (see :func:`check_cost`)."""
     for hit in hits:
         check_cost(hit.cost)
+
+
+@dataclass(frozen=True, slots=True)
+class StorageHealth:
+    """What one health check of a storage found (a value; checks never raise).
+
+    Attributes:
+        healthy: whether the storage answered.
+        backend: ``"postgres"``, ``"redis"``, ``"memory"`` (or a custom storage's name).
+        latency: seconds the check took.
+        error: why it is unhealthy (one line, no credentials), ``None`` when healthy.
+    """
+
+    healthy: bool
+    backend: str
+    latency: float
+    error: str | None = None
+
+
+@runtime_checkable
+class SupportsHealth(Protocol):
+    """A storage that can say whether it works: what :func:`fineflow.health_app` asks.
+
+    :class:`PostgresStorage` (``SELECT 1`` on a pooled connection), :class:`RedisStorage`
+    (``PING``) and :class:`MemoryStorage` (open or closed) implement it.
+    """
+
+    async def health(self, *, timeout: float = 1.0) -> StorageHealth:  # noqa: ASYNC109
+        """Check the storage within ``timeout`` seconds; never raises for a storage that is
+        down, closed or slow: the answer says so."""
+        ...

@@ -16,6 +16,7 @@ import anyio
 
 from .._asgi.types import ASGIApp, Message, Receive, Scope, Send
 from .._errors import SchemaVersionError, StorageError
+from .._logfields import error_text, log_extra
 from .base import Storage
 
 __all__ = ["OwnedStorage"]
@@ -62,7 +63,7 @@ class OwnedStorage:
                 raise
             except _OPEN_ERRORS as exc:
                 self._retry_at = time.monotonic() + OPEN_RETRY
-                logger.warning("could not open the rate-limit storage: %r", exc)
+                _log_open_failure(self.storage, exc, at_startup=False)
 
     async def lifespan(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """Run ``app``'s lifespan, opening the storage on startup and closing it on shutdown."""
@@ -75,11 +76,7 @@ class OwnedStorage:
                 except SchemaVersionError:
                     raise
                 except _OPEN_ERRORS as exc:
-                    logger.error(
-                        "could not open the rate-limit storage at startup (%r); retrying on "
-                        "requests, which meanwhile follow on_storage_error",
-                        exc,
-                    )
+                    _log_open_failure(self.storage, exc, at_startup=True)
             return message
 
         async def send_closing(message: Message) -> None:
@@ -87,7 +84,28 @@ class OwnedStorage:
                 try:
                     await self.storage.close()
                 except (StorageError, OSError) as exc:
-                    logger.warning("error closing the rate-limit storage: %r", exc)
+                    error = error_text(exc)
+                    logger.warning(
+                        "error closing the rate-limit storage: %s",
+                        error,
+                        extra=log_extra(
+                            "storage_close_failed",
+                            storage=type(self.storage).__name__,
+                            error=error,
+                        ),
+                    )
             await send(message)
 
         await app(scope, receive_opening, send_closing)
+
+
+def _log_open_failure(storage: Storage, exc: BaseException, *, at_startup: bool) -> None:
+    error = error_text(exc)
+    logger.log(
+        logging.ERROR if at_startup else logging.WARNING,
+        "could not open the rate-limit storage%s (%s); retrying on requests, which "
+        "meanwhile follow on_storage_error",
+        " at startup" if at_startup else "",
+        error,
+        extra=log_extra("storage_open_failed", storage=type(storage).__name__, error=error),
+    )

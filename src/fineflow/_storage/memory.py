@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .._errors import ConfigurationError, StorageClosedError
+from .._logfields import log_extra
 from .._ratelimit.algorithms import (
     ALGORITHMS,
     BucketState,
@@ -28,7 +29,16 @@ from .._ratelimit.algorithms import (
     validate_algorithm,
 )
 from .._ratelimit.quota import Quota
-from .base import MAX_KEY_BYTES, Hit, KeyStatus, StatsRow, check_cost, storage_key
+from .base import (
+    MAX_KEY_BYTES,
+    Hit,
+    KeyStatus,
+    StatsRow,
+    StorageHealth,
+    check_cost,
+    storage_key,
+)
+from .probe import closed
 
 __all__ = ["MemoryStorage"]
 
@@ -113,6 +123,11 @@ class MemoryStorage:
 
     async def migrate(self) -> None:
         """Nothing to migrate for memory storage."""
+
+    async def health(self, *, timeout: float = 1.0) -> StorageHealth:  # noqa: ASYNC109
+        """Healthy until closed (nothing to wait for; ``timeout`` is accepted for the
+        :class:`SupportsHealth` protocol). What :func:`fineflow.health_app` asks."""
+        return closed("memory") if self._closed else StorageHealth(True, "memory", 0.0)
 
     def __len__(self) -> int:
         return self._size
@@ -264,6 +279,9 @@ class MemoryStorage:
                         "MemoryStorage is full (max_keys=%d): evicting live state of keys "
                         "not used recently; raise max_keys to keep it",
                         self.max_keys,
+                        extra=log_extra(
+                            "storage_full", storage="MemoryStorage", count=self.max_keys
+                        ),
                     )
             return
 

@@ -23,6 +23,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ..._logfields import error_text, log_extra
+
 __all__ = ["Cleaner", "CleanerSnapshot"]
 
 logger = logging.getLogger("fineflow.storage")
@@ -96,21 +98,30 @@ class Cleaner:
             removed = await self._run()
         except Exception as exc:  # never raised into anyone: logged once per burst
             self._failures += 1
+            error = error_text(exc)
+            extra = log_extra("storage_cleanup_failed", storage="PostgresStorage", error=error)
             if self._failing:
-                logger.debug("background cleanup of %r failed again: %s", self._name, exc)
+                logger.debug(
+                    "background cleanup of %r failed again: %s", self._name, error, extra=extra
+                )
             else:
                 self._failing = True
                 logger.warning(
                     "background cleanup of %r failed: %s (retrying every %gs; logged once "
                     "until it works again)",
                     self._name,
-                    exc,
+                    error,
                     self.every,
+                    extra=extra,
                 )
             return
         if self._failing:
             self._failing = False
-            logger.info("background cleanup of %r works again", self._name)
+            logger.info(
+                "background cleanup of %r works again",
+                self._name,
+                extra=log_extra("storage_cleanup_recovered", storage="PostgresStorage"),
+            )
         if removed is None:
             self._skipped += 1
         else:

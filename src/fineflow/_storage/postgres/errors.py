@@ -18,11 +18,20 @@ _NOT_MIGRATED = (errors.InvalidSchemaName, errors.UndefinedFunction, errors.Unde
 _NOT_MIGRATED_HINT = "is the schema migrated? run `fineflow migrate` (or `await storage.migrate()`)"
 
 
+# SQLSTATE classes whose DETAIL quotes row values ("Failing row contains (...)", "Key
+# (key, ...)=(...)"): rate-limit keys, of this request or of others batched with it.
+_ROW_DATA_CLASSES = ("22", "23")
+
+
 def brief(exc: psycopg.Error) -> str:
     """The message, DETAIL and HINT of ``exc`` without the CONTEXT, which for an error inside
-    fineflow's functions quotes the whole statement (kilobytes per log line); the full
-    error stays on ``__cause__``."""
-    parts = [str(exc).partition("\n")[0], exc.diag.message_detail, exc.diag.message_hint]
+    fineflow's functions quotes the whole statement (kilobytes per log line), and without
+    a DETAIL that quotes row values (keys must not reach logs); the full error stays on
+    ``__cause__``."""
+    detail = exc.diag.message_detail
+    if (exc.sqlstate or "")[:2] in _ROW_DATA_CLASSES:
+        detail = None
+    parts = [str(exc).partition("\n")[0], detail, exc.diag.message_hint]
     return "; ".join(part for part in parts if part)
 
 

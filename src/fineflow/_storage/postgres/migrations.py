@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from ..._errors import SchemaVersionError
+from ..._logfields import log_extra
 from .sqlfiles import FUNCTIONS, compose
 
 __all__ = [
@@ -122,7 +123,14 @@ async def migrate(
                     sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(ident),
                     (level,),
                 )
-            logger.info("migrated schema %r to version %d", schema, migration.version)
+            logger.info(
+                "migrated schema %r to version %d",
+                schema,
+                migration.version,
+                extra=log_extra(
+                    "storage_migrated", storage="PostgresStorage", count=migration.version
+                ),
+            )
     return MigrationResult(applied, max(applied, LATEST_VERSION))
 
 

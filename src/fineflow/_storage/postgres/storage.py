@@ -17,12 +17,13 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..._errors import StorageClosedError, StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate_algorithm
-from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
+from ..base import Hit, KeyStatus, StatsRow, StorageHealth, check_hits, storage_key
 from . import migrations
 from .admin import Admin
 from .cleaner import Cleaner
 from .connect import check_reachable, libpq_seconds, why_unreachable
 from .errors import driver_errors, storage_error
+from .health import check_health
 from .migrations import MigrationResult
 from .options import check_identifier, check_interval, check_sizes, check_source, check_timeout
 from .scheduler import statement_scheduler
@@ -241,6 +242,16 @@ class PostgresStorage:
         await self._scheduler.close(self.statement_timeout)
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
+
+    async def health(self, *, timeout: float = 1.0) -> StorageHealth:  # noqa: ASYNC109
+        """Whether the storage works now: a pooled connection that
+        answers ``SELECT 1`` within ``timeout`` seconds (default 1).
+
+        Never raises: a storage that is down, slow, not open or closed is reported
+        unhealthy, with the reason. What :func:`fineflow.health_app` asks.
+        """
+        open_pool = self._pool if self._opened and not self._closed else None
+        return await check_health(open_pool, timeout)
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:

@@ -20,6 +20,7 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
 from ..._errors import StorageClosedError, StorageError
+from ..._logfields import error_text, log_extra
 from ..coalescing import Request
 from .admin import Client
 from .batch import Call, answer, pack, plan, refunds
@@ -147,11 +148,19 @@ class ScriptSender:
         failures = [r for r in replies if isinstance(r, BaseException)]
         self.refunded += len(replies) - len(failures)
         if failures:
-            logger.warning("refund of a denied multi-slot request failed: %r", failures[0])
+            error = error_text(failures[0], (key for call in charged for key in call.keys))
+            logger.warning(
+                "refund of a denied multi-slot request failed: %s",
+                error,
+                extra=log_extra("storage_refund_failed", storage="RedisStorage", error=error),
+            )
 
 
 async def _load(client: Client) -> None:
-    logger.info("loading the rate-limit script into Redis (NOSCRIPT)")
+    logger.info(
+        "loading the rate-limit script into Redis (NOSCRIPT)",
+        extra=log_extra("storage_script_loaded", storage="RedisStorage", reason="NOSCRIPT"),
+    )
     if isinstance(client, RedisCluster):
         # Master by master: one that is down must not keep the others from the script
         # (it gets it when it is back and answers NOSCRIPT).

@@ -23,13 +23,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..._errors import ConfigurationError, StorageClosedError
+from ..._logfields import log_extra
 from ..._ratelimit.algorithms import ALGORITHMS, Decision
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
-from ..base import Hit, KeyStatus, StatsRow, check_hits
+from ..base import Hit, KeyStatus, StatsRow, StorageHealth, check_hits
 from ..coalescing import Scheduler
 from . import admin
 from .admin import Client
 from .errors import translated
+from .health import check_health
 from .scripts import DECIDE, Names
 from .sender import ScriptSender
 
@@ -197,6 +199,15 @@ class RedisStorage:
             with contextlib.suppress(RedisError, OSError):
                 await self._client.aclose()
 
+    async def health(self, *, timeout: float = 1.0) -> StorageHealth:  # noqa: ASYNC109
+        """Whether the storage works now: an answer to ``PING`` within ``timeout`` seconds.
+
+        Never raises: a storage that is down, slow, not open or closed is reported
+        unhealthy, with the reason. What :func:`fineflow.health_app` asks.
+        """
+        open_client = self._client if self._opened and not self._closed else None
+        return await check_health(open_client, timeout)
+
     @property
     def client(self) -> Client:
         """The Redis client (after ``open()``)."""
@@ -267,7 +278,10 @@ class RedisStorage:
         moment its last state becomes equivalent to no state). Returns 0."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        logger.debug("RedisStorage.cleanup(): nothing to do, Redis expires state by itself")
+        logger.debug(
+            "RedisStorage.cleanup(): nothing to do, Redis expires state by itself",
+            extra=log_extra("storage_cleanup_skipped", storage="RedisStorage"),
+        )
         return 0
 
     async def stats(self) -> list[StatsRow]:

@@ -61,7 +61,9 @@ def outer_storage() -> ff.MemoryStorage | ff.PostgresStorage:
     return ff.PostgresStorage(dsn, schema=os.environ["OBS_SCHEMA"])
 
 
-def create_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+def create_app(
+    registry: CollectorRegistry | None = None, storage: ff.PostgresStorage | None = None
+) -> ASGIApp:
     shadowed = ff.RateLimitMiddleware(
         echo, storage=ff.MemoryStorage(), rules=[SHADOW_RULE], shadow=True
     )
@@ -73,7 +75,7 @@ def create_app(registry: CollectorRegistry | None = None) -> ASGIApp:
 
     limited = ff.RateLimitMiddleware(
         inner,
-        storage=outer_storage(),
+        storage=outer_storage() if storage is None else storage,
         rules=RULES,
         tier=tier_of,
         exempt_paths=["/metrics"],

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fineflow as ff
 from fineflow._ratelimit.algorithms import Decision
-from fineflow._ratelimit.counters import DecisionCounts
+from fineflow._ratelimit.counters import OUTCOMES, DecisionCounts
 from fineflow._storage.base import Hit
 from fineflow._storage.figures import ROUND_TRIP_BUCKETS, Histogram, HistogramSnapshot
 
@@ -71,17 +71,24 @@ def test_one_count_per_rule_and_request(
     expected: dict[tuple[str, str, str], int],
 ) -> None:
     counts = DecisionCounts()
-    counts.count(hits, decisions, storage_failed=failed, shadow=shadow)
-    assert counts.snapshot() == expected
-    counts.count(hits, decisions, storage_failed=failed, shadow=shadow)
-    assert counts.snapshot() == {k: 2 * v for k, v in expected.items()}
+    counts.count(hits, decisions, failed, shadow)
+    assert nonzero(counts.snapshot()) == expected
+    counts.count(hits, decisions, failed, shadow)
+    assert nonzero(counts.snapshot()) == {k: 2 * v for k, v in expected.items()}
 
 
-def test_a_snapshot_is_a_copy() -> None:
+def nonzero(counts: dict[tuple[str, str, str], int]) -> dict[tuple[str, str, str], int]:
+    return {k: v for k, v in counts.items() if v}
+
+
+def test_every_outcome_of_a_rule_seen_is_listed_and_a_snapshot_is_a_copy() -> None:
     counts = DecisionCounts()
+    assert counts.snapshot() == {}
+    counts.count([hit("a", "pro")], [ALLOW], False, False)
     snap = counts.snapshot()
-    counts.count([hit("a")], [ALLOW], storage_failed=False, shadow=False)
-    assert snap == {}
+    assert snap == {("a", "pro", o): int(o == "allowed") for o in OUTCOMES}
+    counts.count([hit("a", "pro")], [ALLOW], False, False)
+    assert snap["a", "pro", "allowed"] == 1
 
 
 def test_a_value_on_a_bound_falls_in_that_bucket() -> None:

@@ -27,26 +27,27 @@ __all__ = ["OUTCOMES", "DecisionCounts", "DecisionKey"]
 
 #: Every outcome, in the order the exporters list them.
 OUTCOMES = ("allowed", "denied", "failed_open", "failed_closed", "shadow_denied")
+ALLOWED, DENIED, FAILED_OPEN, FAILED_CLOSED, SHADOW_DENIED = range(len(OUTCOMES))
 
 #: ``(rule, tier, outcome)``
 DecisionKey = tuple[str, str, str]
 
 
 class DecisionCounts:
-    """Counts of rule decisions, keyed ``(rule, tier, outcome)``; written by its owner only."""
+    """Counts of rule decisions by rule, tier and outcome; written by its owner only.
 
-    __slots__ = ("_counts",)
+    Kept as rule -> tier -> one count per outcome (indexed like ``OUTCOMES``): a request
+    pays two lookups of strings whose hashes are cached and one list increment, not the
+    hash of a new tuple key.
+    """
+
+    __slots__ = ("_rows",)
 
     def __init__(self) -> None:
-        self._counts: dict[DecisionKey, int] = {}
+        self._rows: dict[str, dict[str, list[int]]] = {}
 
     def count(
-        self,
-        hits: Sequence[Hit],
-        decisions: Sequence[Decision],
-        *,
-        storage_failed: bool,
-        shadow: bool,
+        self, hits: Sequence[Hit], decisions: Sequence[Decision], storage_failed: bool, shadow: bool
     ) -> None:
         """Count one request: once under each rule (``Hit.endpoint``) of its ``hits``.
 
@@ -56,38 +57,52 @@ class DecisionCounts:
             storage_failed: the decisions are ``on_storage_error``'s, not the storage's.
             shadow: shadow mode (a denial lets the request through).
         """
-        counts = self._counts
         if storage_failed:
-            outcome = "failed_open" if decisions[0].allowed else "failed_closed"
-            for hit in _one_per_rule(hits):
-                key = (hit.endpoint, hit.tier, outcome)
-                counts[key] = counts.get(key, 0) + 1
+            outcome = FAILED_OPEN if decisions[0].allowed else FAILED_CLOSED
+            for rule, tier in _rules(hits):
+                self._row(rule, tier)[outcome] += 1
             return
-        denied = "shadow_denied" if shadow else "denied"
+        denied = SHADOW_DENIED if shadow else DENIED
         if len(hits) == 1:  # one rule, one quota: most requests
             hit = hits[0]
-            key = (hit.endpoint, hit.tier, "allowed" if decisions[0].allowed else denied)
-            counts[key] = counts.get(key, 0) + 1
+            tiers = self._rows.get(hit.endpoint)
+            row = None if tiers is None else tiers.get(hit.tier)
+            if row is None:
+                row = self._row(hit.endpoint, hit.tier)
+            row[ALLOWED if decisions[0].allowed else denied] += 1
             return
         verdicts: dict[tuple[str, str], bool] = {}
         for hit, decision in zip(hits, decisions, strict=True):
-            rule = (hit.endpoint, hit.tier)
-            verdicts[rule] = verdicts.get(rule, True) and decision.allowed
+            key = (hit.endpoint, hit.tier)
+            verdicts[key] = verdicts.get(key, True) and decision.allowed
         for (rule_name, tier), allowed in verdicts.items():
-            key = (rule_name, tier, "allowed" if allowed else denied)
-            counts[key] = counts.get(key, 0) + 1
+            self._row(rule_name, tier)[ALLOWED if allowed else denied] += 1
+
+    def _row(self, rule: str, tier: str) -> list[int]:
+        tiers = self._rows.get(rule)
+        if tiers is None:
+            tiers = self._rows[rule] = {}
+        row = tiers.get(tier)
+        if row is None:
+            row = tiers[tier] = [0] * len(OUTCOMES)
+        return row
 
     def snapshot(self) -> dict[DecisionKey, int]:
-        """The counts now (a copy: the dict is copied in one step, so a scrape on another
-        thread never sees it change size under it)."""
-        return self._counts.copy()
+        """The counts now, every outcome of each (rule, tier) seen, zeros included (so a
+        first denial is an increase from 0 to a query, not a new series)."""
+        for _ in range(3):
+            try:
+                return {
+                    (rule, tier, outcome): n
+                    for rule, tiers in list(self._rows.items())
+                    for tier, row in list(tiers.items())
+                    for outcome, n in zip(OUTCOMES, row, strict=True)
+                }
+            except RuntimeError:  # a new rule or tier meanwhile (a scrape on another thread)
+                continue
+        return {}
 
 
-def _one_per_rule(hits: Sequence[Hit]) -> list[Hit]:
-    """The first hit of each ``(rule, tier)``, in order."""
-    if len(hits) == 1:
-        return [hits[0]]
-    seen: dict[tuple[str, str], Hit] = {}
-    for hit in hits:
-        seen.setdefault((hit.endpoint, hit.tier), hit)
-    return list(seen.values())
+def _rules(hits: Sequence[Hit]) -> list[tuple[str, str]]:
+    """Each ``(rule, tier)`` of ``hits`` once, in order."""
+    return list(dict.fromkeys((hit.endpoint, hit.tier) for hit in hits))

@@ -103,9 +103,7 @@ class Gate:
                 f"{type(self.limiter).__name__} returned {len(decisions)} decisions for "
                 f"{len(hits)} hits; decide() and decide_nowait() return one per hit"
             )
-        self._counts.count(
-            hits, decisions, storage_failed=decisions.storage_failed, shadow=self.shadow
-        )
+        self._counts.count(hits, decisions, decisions.storage_failed, self.shadow)
         return decisions
 
     def allowed_headers(

@@ -263,6 +263,7 @@ def _scraping(once: Callable[[], Awaitable[Any]], registry: Any) -> Callable[[],
 
     from ._apps import SCRAPE_EVERY
 
+    generate_latest(registry)  # the first scrape's one-time set-up stays out of the counts
     calls = [0]
 
     def scraping() -> Awaitable[Any]:

@@ -22,58 +22,57 @@ def hit(rule: str, tier: str = "") -> Hit:
     return Hit("k", Q, 1, rule, tier)
 
 
-def decision(allowed: bool) -> Decision:
-    return Decision(allowed, 10, 5 if allowed else 0, 1.0, 0.0 if allowed else 6.0, Q.policy)
+def decision(allowed: bool, reason: str | None = None) -> Decision:
+    return Decision(
+        allowed, 10, 5 if allowed else 0, 1.0, 0.0 if allowed else 6.0, Q.policy, reason=reason
+    )
 
 
 ALLOW, DENY = decision(True), decision(False)
+#: on_storage_error's decisions (the limiter's reason) and a denial with another reason
+FAILED = "storage unavailable"
+OPEN, CLOSED = decision(True, FAILED), decision(False, FAILED)
+TOO_BIG = decision(False, "cost exceeds burst")
 
 
 @pytest.mark.parametrize(
-    ("hits", "decisions", "failed", "shadow", "expected"),
+    ("hits", "decisions", "shadow", "expected"),
     [
-        ([hit("a")], [ALLOW], False, False, {("a", "", "allowed"): 1}),
-        ([hit("a", "pro")], [DENY], False, False, {("a", "pro", "denied"): 1}),
-        ([hit("a")], [DENY], False, True, {("a", "", "shadow_denied"): 1}),
+        ([hit("a")], [ALLOW], False, {("a", "", "allowed"): 1}),
+        ([hit("a", "pro")], [DENY], False, {("a", "pro", "denied"): 1}),
+        ([hit("a")], [DENY], True, {("a", "", "shadow_denied"): 1}),
         # two rules: each its own verdict (b admitted, though a denied the request)
         (
             [hit("a"), hit("b")],
             [DENY, ALLOW],
             False,
-            False,
-            {
-                ("a", "", "denied"): 1,
-                ("b", "", "allowed"): 1,
-            },
+            {("a", "", "denied"): 1, ("b", "", "allowed"): 1},
         ),
         # one rule, two quotas: one count, denied when either quota denied
-        ([hit("a"), hit("a")], [ALLOW, DENY], False, False, {("a", "", "denied"): 1}),
-        ([hit("a"), hit("a")], [ALLOW, ALLOW], False, False, {("a", "", "allowed"): 1}),
+        ([hit("a"), hit("a")], [ALLOW, DENY], False, {("a", "", "denied"): 1}),
+        ([hit("a"), hit("a")], [ALLOW, ALLOW], False, {("a", "", "allowed"): 1}),
         # the storage failed: the policy's answer for every rule, in shadow mode too
         (
             [hit("a"), hit("a"), hit("b")],
-            [ALLOW] * 3,
-            True,
+            [OPEN] * 3,
             False,
-            {
-                ("a", "", "failed_open"): 1,
-                ("b", "", "failed_open"): 1,
-            },
+            {("a", "", "failed_open"): 1, ("b", "", "failed_open"): 1},
         ),
-        ([hit("a")], [DENY], True, True, {("a", "", "failed_closed"): 1}),
+        ([hit("a")], [CLOSED], True, {("a", "", "failed_closed"): 1}),
+        # a denial with a reason that is not the storage's is a denial
+        ([hit("a")], [TOO_BIG], False, {("a", "", "denied"): 1}),
     ],
 )
 def test_one_count_per_rule_and_request(
     hits: list[Hit],
     decisions: list[Decision],
-    failed: bool,
     shadow: bool,
     expected: dict[tuple[str, str, str], int],
 ) -> None:
-    counts = DecisionCounts()
-    counts.count(hits, decisions, failed, shadow)
+    counts = DecisionCounts(FAILED)
+    counts.count(hits, decisions, shadow)
     assert nonzero(counts.snapshot()) == expected
-    counts.count(hits, decisions, failed, shadow)
+    counts.count(hits, decisions, shadow)
     assert nonzero(counts.snapshot()) == {k: 2 * v for k, v in expected.items()}
 
 
@@ -82,12 +81,12 @@ def nonzero(counts: dict[tuple[str, str, str], int]) -> dict[tuple[str, str, str
 
 
 def test_every_outcome_of_a_rule_seen_is_listed_and_a_snapshot_is_a_copy() -> None:
-    counts = DecisionCounts()
+    counts = DecisionCounts(FAILED)
     assert counts.snapshot() == {}
-    counts.count([hit("a", "pro")], [ALLOW], False, False)
+    counts.count([hit("a", "pro")], [ALLOW], False)
     snap = counts.snapshot()
     assert snap == {("a", "pro", o): int(o == "allowed") for o in OUTCOMES}
-    counts.count([hit("a", "pro")], [ALLOW], False, False)
+    counts.count([hit("a", "pro")], [ALLOW], False)
     assert snap["a", "pro", "allowed"] == 1
 
 

@@ -39,42 +39,45 @@ class DecisionCounts:
     Kept as rule -> tier -> one count per outcome (indexed like ``OUTCOMES``): a request
     pays two lookups of strings whose hashes are cached and one list increment, not the
     hash of a new tuple key.
+
+    Args:
+        failed_reason: the ``Decision.reason`` of the decisions ``on_storage_error`` makes
+            when the storage fails (the limiter's; a plain decision has no reason).
     """
 
-    __slots__ = ("_rows",)
+    __slots__ = ("_failed_reason", "_rows")
 
-    def __init__(self) -> None:
+    def __init__(self, failed_reason: str) -> None:
+        self._failed_reason = failed_reason
         self._rows: dict[str, dict[str, list[int]]] = {}
 
-    def count(
-        self, hits: Sequence[Hit], decisions: Sequence[Decision], storage_failed: bool, shadow: bool
-    ) -> None:
+    def count(self, hits: Sequence[Hit], decisions: Sequence[Decision], shadow: bool) -> None:
         """Count one request: once under each rule (``Hit.endpoint``) of its ``hits``.
 
         Args:
             hits: the request's hits, one per quota (a rule with several quotas has several).
             decisions: their decisions, in the same order.
-            storage_failed: the decisions are ``on_storage_error``'s, not the storage's.
             shadow: shadow mode (a denial lets the request through).
         """
-        if storage_failed:
-            outcome = FAILED_OPEN if decisions[0].allowed else FAILED_CLOSED
-            for rule, tier in _rules(hits):
-                self._row(rule, tier)[outcome] += 1
-            return
-        denied = SHADOW_DENIED if shadow else DENIED
-        if len(hits) == 1:  # one rule, one quota: most requests
+        first = decisions[0]
+        if len(hits) == 1 and first.reason is None:  # one rule, one quota: most requests
             hit = hits[0]
             tiers = self._rows.get(hit.endpoint)
             row = None if tiers is None else tiers.get(hit.tier)
             if row is None:
                 row = self._row(hit.endpoint, hit.tier)
-            row[ALLOWED if decisions[0].allowed else denied] += 1
+            row[ALLOWED if first.allowed else SHADOW_DENIED if shadow else DENIED] += 1
+            return
+        if first.reason == self._failed_reason:  # all of a request's, or none
+            outcome = FAILED_OPEN if first.allowed else FAILED_CLOSED
+            for rule, tier in _rules(hits):
+                self._row(rule, tier)[outcome] += 1
             return
         verdicts: dict[tuple[str, str], bool] = {}
         for hit, decision in zip(hits, decisions, strict=True):
             key = (hit.endpoint, hit.tier)
             verdicts[key] = verdicts.get(key, True) and decision.allowed
+        denied = SHADOW_DENIED if shadow else DENIED
         for (rule_name, tier), allowed in verdicts.items():
             self._row(rule_name, tier)[ALLOWED if allowed else denied] += 1
 

@@ -19,7 +19,7 @@ from .._storage.lifespan import OwnedStorage
 from . import live
 from .counters import DecisionCounts, DecisionKey
 from .headers import AppliedPolicy, HeaderStyle, render_headers
-from .limiter import Decisions, RateLimiter
+from .limiter import STORAGE_UNAVAILABLE, Decisions, RateLimiter
 from .problems import quota_exceeded, storage_unavailable
 
 __all__ = ["LIMITER_STATE", "Gate", "Headers", "adding_headers"]
@@ -70,7 +70,7 @@ class Gate:
         self.headers_for = headers_for
         self.shadow = shadow
         self.deny_app = deny_app
-        self._counts = DecisionCounts()
+        self._counts = DecisionCounts(STORAGE_UNAVAILABLE)
         live.track(self)
 
     def decision_counts(self) -> dict[DecisionKey, int]:
@@ -103,7 +103,7 @@ class Gate:
                 f"{type(self.limiter).__name__} returned {len(decisions)} decisions for "
                 f"{len(hits)} hits; decide() and decide_nowait() return one per hit"
             )
-        self._counts.count(hits, decisions, decisions.storage_failed, self.shadow)
+        self._counts.count(hits, decisions, self.shadow)
         return decisions
 
     def allowed_headers(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import threading
+import time
 import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -23,6 +25,8 @@ from starlette.routing import Route
 __all__ = [
     "ALLOW_QUOTA",
     "DENY_QUOTA",
+    "SCRAPE_EVERY",
+    "SCRAPE_INTERVAL",
     "Passthrough",
     "build",
     "fineflow_name",
@@ -34,6 +38,12 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Seconds between two scrapes of the ``-export`` variants under uvicorn (Prometheus's own
+#: default is 15 s to 1 min: this is pessimistic).
+SCRAPE_INTERVAL = 1.0
+#: Requests between two scrapes of the ``-export`` variants in the instruction counts.
+SCRAPE_EVERY = 1_000
 
 #: A quota no benchmark can exhaust (the allowed path) and one exhausted at once (429 path).
 ALLOW_QUOTA = "1000000/second"
@@ -119,7 +129,9 @@ def build(variant: str, **options: Any) -> Starlette | None:
 
     Variants: ``bare``, ``passthrough``, ``floor`` (the least middleware with fineflow's
     contract: :class:`benchmarks._floors.MinimalRateLimit`), ``fineflow-memory``,
-    ``fineflow-memory-429``, ``fineflow-tiers`` (three tiers, a tier function),
+    ``fineflow-memory-429``, ``fineflow-memory-export`` (``fineflow-memory`` with
+    ``fineflow.prometheus.register`` into ``app.state.metrics_registry``, scraped every
+    ``SCRAPE_INTERVAL`` s under uvicorn), ``fineflow-tiers`` (three tiers, a tier function),
     ``fineflow-postgres`` (``limiter=`` or ``dsn=``/``schema=``), ``fineflow-redis``
     (``redis_url=``/``prefix=``), ``asgi-ratelimit``,
     ``slowapi`` (decorator + ``SlowAPIMiddleware``), ``slowapi-decorator``, ``breaker``.
@@ -151,7 +163,7 @@ def build(variant: str, **options: Any) -> Starlette | None:
                 tier=_tier_of_caller,
             )
         )
-    elif variant in ("fineflow-memory", "fineflow-memory-429"):
+    elif variant in ("fineflow-memory", "fineflow-memory-429", "fineflow-memory-export"):
         from fineflow import MemoryStorage
 
         quota = DENY_QUOTA if variant.endswith("429") else ALLOW_QUOTA
@@ -159,6 +171,8 @@ def build(variant: str, **options: Any) -> Starlette | None:
         if mw is None:
             return None
         middleware.append(mw)
+        if variant.endswith("export"):
+            state["metrics_registry"] = _exported()
     elif variant == "fineflow-postgres":
         if "limiter" in options:
             mw = _fineflow_middleware(limiter=options["limiter"])
@@ -222,6 +236,31 @@ def build(variant: str, **options: Any) -> Starlette | None:
     return app
 
 
+def _exported() -> Any:
+    """A prometheus_client registry with fineflow's collector registered in it."""
+    from prometheus_client import CollectorRegistry
+
+    import fineflow.prometheus
+
+    registry = CollectorRegistry()
+    fineflow.prometheus.register(registry)
+    return registry
+
+
+def _scrape_every(registry: Any, seconds: float) -> None:
+    """Scrape ``registry`` every ``seconds`` on a daemon thread, as a Prometheus server
+    polling ``/metrics`` would make the process do (prometheus_client's own HTTP server
+    scrapes on a thread too)."""
+    from prometheus_client import generate_latest
+
+    def scrape() -> None:
+        while True:
+            time.sleep(seconds)
+            generate_latest(registry)
+
+    threading.Thread(target=scrape, name="bench-scrape", daemon=True).start()
+
+
 def _slowapi_hello() -> Callable[[Request], Awaitable[Response]]:
     # A distinct function per app: slowapi registers limits by the endpoint's name.
     async def hello(request: Request) -> Response:
@@ -242,4 +281,7 @@ def http_app() -> Starlette:
     )
     if app is None:
         raise SystemExit(f"benchmark variant {variant!r} is not available")
+    registry = getattr(app.state, "metrics_registry", None)
+    if registry is not None:
+        _scrape_every(registry, SCRAPE_INTERVAL)
     return app

@@ -52,6 +52,7 @@ _CONTENDERS = [
     ("bare", "bare Starlette"),
     ("bare-aa", "bare Starlette, 2nd server (A/A control)"),
     ("fineflow-memory", "fineflow memory"),
+    ("fineflow-memory-export", "fineflow memory, Prometheus export (scraped every 1 s)"),
     ("fineflow-postgres", "fineflow PostgreSQL"),
     ("fineflow-redis", "fineflow Redis"),
     ("slowapi", "slowapi (decorator + middleware)"),
@@ -352,6 +353,17 @@ async def run(ctx: Context) -> list[Table]:
                     met=at_least(r.median, bound),
                 )
             )
+    if "fineflow-memory-export" in results and "fineflow-memory" in results:
+        r = stat(ratios(results["fineflow-memory-export"], results["fineflow-memory"]))
+        targets.add(
+            Row(
+                "fineflow memory with Prometheus export / without, req/s",
+                r,
+                "x",
+                target=">= 0.95",
+                met=at_least(r.median, 0.95),
+            )
+        )
     for peer in ("bare-aa", "slowapi", "asgi-ratelimit"):
         if peer in results:
             targets.add(Row(f"{labels[peer]} req/s / bare", stat(ratios(results[peer], bare)), "x"))

@@ -43,6 +43,7 @@ CONTENDERS: list[tuple[str, str, str]] = [
     ("asgi", "floor", "least middleware with fineflow's contract"),
     ("asgi", "fineflow-memory", "fineflow memory, allowed"),
     ("asgi", "fineflow-memory-429", "fineflow memory, 429 path"),
+    ("asgi", "fineflow-memory-export", "fineflow memory, allowed, Prometheus export (1 scrape/1k)"),
     ("asgi", "fineflow-tiers", "fineflow memory, tiers, allowed"),
     ("asgi", "asgi-ratelimit", "asgi-ratelimit (memory)"),
     ("asgi", "slowapi-decorator", "slowapi decorator only"),
@@ -63,7 +64,14 @@ _OPS = {"smoke": 20, "quick": 1_000, "full": 5_000}
 # More than the memory group's 1,000 keys: each is inserted on first sight.
 _WARM_UP = {"asgi": 200, "memory": 1_200, "breaker": 200}
 # A smoke run counts these only (seconds, not a minute): every group's child runs, one peer.
-_SMOKE = {"bare", "fineflow-memory", "fineflow", "limits-fixed", "closed:fineflow call"}
+_SMOKE = {
+    "bare",
+    "fineflow-memory",
+    "fineflow-memory-export",
+    "fineflow",
+    "limits-fixed",
+    "closed:fineflow call",
+}
 _EXPECTED_STATUS = {"fineflow-memory-429": 429}
 _MARKER = "os_getppid*"  # the C function behind os.getppid(): callgrind dumps before it
 _SUMMARY = re.compile(r"^summary:\s*(\d+)", re.MULTILINE)
@@ -125,6 +133,7 @@ def _ratios(found: dict[tuple[str, str], float], table: Table) -> None:
         return over("asgi", name, "bare")
 
     ff, peer, least = added("fineflow-memory"), added("asgi-ratelimit"), added("floor")
+    exported = found.get(("asgi", "fineflow-memory-export"))
     slowapi, decorator = added("slowapi"), added("slowapi-decorator")
     denied, allowed = (
         found.get(("asgi", "fineflow-memory-429")),
@@ -143,6 +152,7 @@ def _ratios(found: dict[tuple[str, str], float], table: Table) -> None:
         ("fineflow allowed added / slowapi added", ff, slowapi),
         ("fineflow allowed added / slowapi decorator-only added", ff, decorator),
         ("fineflow 429 path / allowed path (per request)", denied, allowed),
+        ("fineflow with Prometheus export / without (per request)", exported, allowed),
         ("fineflow tiers added / asgi-ratelimit added", added("fineflow-tiers"), peer),
         # How low the ratios can go for any middleware with fineflow's contract.
         ("least middleware added / asgi-ratelimit added", least, peer),
@@ -237,10 +247,32 @@ async def _asgi(name: str) -> Contender:
     def once() -> Awaitable[Any]:
         return app(scope.copy(), _receive, _drop)
 
+    registry = getattr(app.state, "metrics_registry", None)
+    if registry is not None:
+        once = _scraping(once, registry)
+
     async def check() -> bool:
         return await _status(app) == _EXPECTED_STATUS.get(name, 200)
 
     return once, check
+
+
+def _scraping(once: Callable[[], Awaitable[Any]], registry: Any) -> Callable[[], Awaitable[Any]]:
+    """``once``, with a scrape of ``registry`` every ``SCRAPE_EVERY`` calls (counted in)."""
+    from prometheus_client import generate_latest
+
+    from ._apps import SCRAPE_EVERY
+
+    generate_latest(registry)  # the first scrape's one-time set-up stays out of the counts
+    calls = [0]
+
+    def scraping() -> Awaitable[Any]:
+        calls[0] += 1
+        if calls[0] % SCRAPE_EVERY == 0:
+            generate_latest(registry)
+        return once()
+
+    return scraping
 
 
 async def _memory(name: str) -> Contender:

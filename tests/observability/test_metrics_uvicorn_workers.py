@@ -27,10 +27,10 @@ SETTLE_DEADLINE = 20.0  # seconds for every worker's figures to reach the direct
 STATE = "fineflow_circuitbreaker_state"
 
 
-def serve(env: dict[str, str], *args: str) -> Iterator[UvicornProcess]:
-    server = UvicornProcess(
-        "obs_metrics_app:create_app", factory=True, app_dir=HERE, env=env, args=args
-    )
+def serve(
+    env: dict[str, str], *args: str, app: str = "obs_metrics_app:create_app"
+) -> Iterator[UvicornProcess]:
+    server = UvicornProcess(app, factory=True, app_dir=HERE, env=env, args=args)
     try:
         try:
             server.wait_listening(START_DEADLINE)

@@ -143,10 +143,17 @@ def test_the_grafana_dashboard_queries_only_exported_families() -> None:
 
     path = Path(__file__).resolve().parents[2] / "examples" / "grafana-fineflow.json"
     dashboard = json.loads(path.read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", ())]
     used = {name for expr in exprs for name in re.findall(r"fineflow_[a-z_]+", expr)}
-    exported = {f.name for f in breaker_families()}
-    # prometheus_client's family names drop ``_total``; the samples carry it
-    assert used <= exported | {f"{name}_total" for name in exported}
+    exported = {f.name for build in fineflow.prometheus.FAMILIES for f in build()}
+    # prometheus_client's family names drop ``_total``; the samples carry it (and a
+    # histogram's its ``_bucket``, ``_sum`` and ``_count``)
+    suffixes = ("", "_total", "_bucket", "_sum", "_count")
+    assert used <= {name + suffix for name in exported for suffix in suffixes}
     assert "fineflow_circuitbreaker_state" in used
     assert "fineflow_circuitbreaker_calls_total" in used
+    assert {
+        "fineflow_ratelimit_decisions_total",
+        "fineflow_storage_round_trip_seconds_bucket",
+        "fineflow_storage_errors_total",
+    } <= used

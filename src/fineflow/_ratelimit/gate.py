@@ -4,7 +4,8 @@
 share once a request's hits are collected (by :class:`~.ruleset.RuleSet`): decide them all
 at once (without awaiting when the storage is in-process and open), render the rate-limit
 headers of an admitted request, and build the ASGI app answering a denied one (the
-problem+json 429, the fail-closed 503, or the user's ``deny_app``).
+problem+json 429, the fail-closed 503, or the user's ``deny_app``). Every decision it
+returns is counted once per rule (:class:`~.counters.DecisionCounts`), for the exporters.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from .._asgi.problem import ProblemResponse
 from .._asgi.types import ASGIApp, Message, Scope, Send
 from .._storage.base import Hit
 from .._storage.lifespan import OwnedStorage
+from . import live
+from .counters import DecisionCounts, DecisionKey
 from .deniedlog import DeniedLog
 from .headers import AppliedPolicy, HeaderStyle, render_headers
-from .limiter import Decisions, RateLimiter
+from .limiter import STORAGE_UNAVAILABLE, Decisions, RateLimiter
 from .problems import quota_exceeded, storage_unavailable
 
 __all__ = ["LIMITER_STATE", "Gate", "Headers", "adding_headers"]
@@ -42,7 +45,17 @@ class Gate:
         denied_log: where denied requests are logged (:meth:`log_denial`), or ``None``.
     """
 
-    __slots__ = ("denied_log", "deny_app", "headers_for", "limiter", "owned", "shadow", "style")
+    __slots__ = (
+        "__weakref__",
+        "_counts",
+        "denied_log",
+        "deny_app",
+        "headers_for",
+        "limiter",
+        "owned",
+        "shadow",
+        "style",
+    )
 
     def __init__(
         self,
@@ -62,6 +75,12 @@ class Gate:
         self.shadow = shadow
         self.deny_app = deny_app
         self.denied_log = denied_log
+        self._counts = DecisionCounts(STORAGE_UNAVAILABLE)
+        live.track(self)
+
+    def decision_counts(self) -> dict[DecisionKey, int]:
+        """The decisions this gate made, by ``(rule, tier, outcome)``."""
+        return self._counts.snapshot()
 
     def decide_nowait(self, hits: Sequence[Hit]) -> Decisions | None:
         """The decisions without awaiting, when the storage is in-process and open; else
@@ -89,6 +108,7 @@ class Gate:
                 f"{type(self.limiter).__name__} returned {len(decisions)} decisions for "
                 f"{len(hits)} hits; decide() and decide_nowait() return one per hit"
             )
+        self._counts.count(hits, decisions, self.shadow)
         return decisions
 
     def allowed_headers(

@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ..._errors import StorageClosedError, StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate_algorithm
 from ..base import Hit, KeyStatus, StatsRow, StorageHealth, check_hits, storage_key
+from ..figures import StorageFigures
 from . import migrations
 from .admin import Admin
 from .cleaner import Cleaner
@@ -172,6 +173,21 @@ class PostgresStorage:
     def batched_requests(self) -> int:
         """The requests those statements decided."""
         return self._scheduler.batched_requests
+
+    def pool_stats(self) -> dict[str, int]:
+        """The connection pool's own figures (psycopg_pool's ``get_stats()``: ``pool_size``,
+        ``pool_available``, ``requests_waiting``, ``requests_num``, ...; counters it has not
+        incremented yet are absent); empty while the storage is not open."""
+        if self._pool is None or not self._opened or self._closed:
+            return {}
+        return self._pool.get_stats()
+
+    def figures(self) -> StorageFigures:
+        """Errors, timeouts, round-trip times and batch sizes of the decisions so far, and
+        the pool's figures, for the exporters (``fineflow.prometheus``,
+        ``fineflow.opentelemetry``)."""
+        name = "" if self._pool is None else self._pool.name
+        return StorageFigures("postgres", self._scheduler.figures(), self.pool_stats(), name)
 
     # -- lifecycle -------------------------------------------------------------------------
 

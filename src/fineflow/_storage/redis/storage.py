@@ -28,6 +28,7 @@ from ..._ratelimit.algorithms import ALGORITHMS, Decision
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
 from ..base import Hit, KeyStatus, StatsRow, StorageHealth, check_hits
 from ..coalescing import Scheduler
+from ..figures import StorageFigures
 from . import admin
 from .admin import Client
 from .errors import translated
@@ -158,6 +159,11 @@ class RedisStorage:
     def refunded(self) -> int:
         """Refund calls that succeeded (a Cluster request on several slots that was denied)."""
         return self._sender.refunded
+
+    def figures(self) -> StorageFigures:
+        """Errors, timeouts, round-trip times and batch sizes of the decisions so far, for
+        the exporters (``fineflow.prometheus``, ``fineflow.opentelemetry``)."""
+        return StorageFigures("redis", self._scheduler.figures())
 
     # -- lifecycle -------------------------------------------------------------------------
 

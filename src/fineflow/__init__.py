@@ -30,7 +30,7 @@ from ._ratelimit.limiter import Decisions, LimiterMetrics, RateLimiter
 from ._ratelimit.middleware import MiddlewareMetrics, RateLimitMiddleware
 from ._ratelimit.quota import Quota
 from ._ratelimit.rules import Rule
-from ._storage.base import Hit, KeyStatus, LocalStorage, StatsRow, Storage
+from ._storage.base import Hit, KeyStatus, LocalStorage, StatsPoint, StatsRow, Storage
 from ._storage.memory import MemoryStorage
 from ._storage.url import storage_from_url
 
@@ -73,6 +73,7 @@ __all__ = [
     "RedisStorage",
     "Rule",
     "SchemaVersionError",
+    "StatsPoint",
     "StatsRow",
     "Storage",
     "StorageClosedError",

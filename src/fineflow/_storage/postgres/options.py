@@ -12,7 +12,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..._errors import ConfigurationError
 
-__all__ = ["check_identifier", "check_interval", "check_sizes", "check_source", "check_timeout"]
+__all__ = [
+    "check_identifier",
+    "check_interval",
+    "check_sizes",
+    "check_source",
+    "check_timeout",
+]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +28,7 @@ from ..._ratelimit.algorithms import ALGORITHMS, Decision
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
 from ..base import Hit, KeyStatus, StatsRow, check_hits
 from ..coalescing import Scheduler
+from ..rollups import Cell, check_by, check_since, totals
 from . import admin
 from .admin import Client
 from .errors import translated
@@ -270,14 +272,24 @@ class RedisStorage:
         logger.debug("RedisStorage.cleanup(): nothing to do, Redis expires state by itself")
         return 0
 
-    async def stats(self) -> list[StatsRow]:
+    async def stats(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsRow]:
         """Allowed and denied counts grouped by endpoint and tier, over live state.
 
         Sums the per-state counters of every key's hash (SCAN on each server, then one
         pipeline per page): proportional to the number of live keys, an administrative
         query rather than one for every request.
         """
-        return await admin.stats(self.client, self.names)
+        check_since(since)
+        rows = await admin.stats(self.client, self.names)
+        return totals(
+            [Cell(0, r.endpoint, r.tier, r.allowed, r.denied) for r in rows], check_by(by)
+        )
 
 
 def _check_url(url: str, cluster: bool) -> tuple[str, bool]:

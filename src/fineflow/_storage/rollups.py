@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 from .._errors import ConfigurationError
 from .base import Hit, StatsPoint, StatsRow
+from .coalescing import Request
 
 __all__ = [
     "MINUTE_NS",
@@ -30,6 +31,7 @@ __all__ = [
     "Cell",
     "Rollups",
     "check_by",
+    "check_flush_every",
     "check_retention",
     "check_since",
     "minute_start",
@@ -84,6 +86,16 @@ class Rollups:
             return
         for group in {(h.endpoint, h.tier) for h in hits if h.cost}:
             self._add(minute, cells, group, allowed)
+
+    def count_answered(self, batch: Sequence[Request], now: int) -> None:
+        """Count the requests of ``batch`` that got their decisions (a networked storage's
+        batch, once answered), at their own ``now`` or else this one."""
+        count = self.count
+        for request in batch:
+            result = request.result
+            if result:
+                allowed = all(d.allowed for d in result)
+                count(request.hits, allowed, now if request.now is None else request.now)
 
     def _add(
         self, minute: int, cells: dict[tuple[str, str], list[int]], group: tuple[str, str], ok: bool
@@ -159,6 +171,22 @@ class Rollups:
                 self._minute, self._cells = -1, {}
         self._size -= removed
         return removed
+
+
+def check_flush_every(seconds: object) -> float | None:
+    """``stats_flush_every``: float seconds > 0, or ``None`` (no counting);
+    ``ConfigurationError`` otherwise."""
+    if seconds is None:
+        return None
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not (seconds > 0 and math.isfinite(seconds))
+    ):
+        raise ConfigurationError(
+            f"stats_flush_every must be seconds > 0 (e.g. 5) or None for no stats, got {seconds!r}"
+        )
+    return float(seconds)
 
 
 def check_retention(retention: object) -> float:

@@ -59,15 +59,11 @@ class StatsKeeper:
         """``run`` (which decides a batch), counting the batch's requests once it answered."""
         if not self.counting:
             return run
-        count = self._rollups.count
+        count = self._rollups.count_answered
 
         async def run_and_count(cur: Cursor, algorithm: str, batch: list[Request]) -> str:
             name = await run(cur, algorithm, batch)
-            now = time.time_ns()
-            for request in batch:
-                if request.result:
-                    allowed = all(d.allowed for d in request.result)
-                    count(request.hits, allowed, now if request.now is None else request.now)
+            count(batch, time.time_ns())
             return name
 
         return run_and_count

@@ -8,8 +8,9 @@ every ``every`` seconds and :meth:`Flusher.flush`\\ es: it drains the cells and 
 ``write`` (one statement, one pipeline). A write that fails puts its cells back (within the
 bound of the rollups) for the next flush; the failure is counted, logged as a warning once
 per burst (later ones at debug level), and the first flush that works again says so. No
-failure reaches a caller of ``decide()``. ``stop()`` ends the task, then flushes one last
-time.
+failure reaches a caller of ``decide()``. ``stop()`` wakes the task, lets a write in
+flight finish (cancelling it could not say whether the server applied it, and the counts
+would be written twice), then flushes one last time.
 """
 
 from __future__ import annotations
@@ -64,22 +65,24 @@ class Flusher:
         self._write = write
         self._name = name
         self._task: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Event | None = None
         self._failing = False
         self._flushes = self._failures = self._lost = 0
 
     def start(self) -> None:
         """Start the task (on the running loop), if ``every`` is set; idempotent."""
         if self._task is None and self.every is not None:
+            self._stopping = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(
-                self._loop(self.every), name=f"fineflow-stats-{self._name}"
+                self._loop(self.every, self._stopping), name=f"fineflow-stats-{self._name}"
             )
 
     async def stop(self) -> None:
         """End the task, then flush one last time (counts it cannot write are dropped and
         logged)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        if task is not None and self._stopping is not None:
+            self._stopping.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if not await self.flush():
@@ -131,7 +134,11 @@ class Flusher:
             exc,
         )
 
-    async def _loop(self, every: float) -> None:
+    async def _loop(self, every: float, stopping: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(every)
-            await self.flush()
+            try:
+                await asyncio.wait_for(stopping.wait(), every)
+            except TimeoutError:
+                await self.flush()
+            else:
+                return

@@ -25,6 +25,7 @@ def plot_series(points: list[StatsPoint], path: str | Path, *, by: tuple[str, ..
         raise FineflowError("--plot needs matplotlib: pip install 'fineflow[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.dates import DateFormatter
 
     groups = sorted({(p.endpoint, p.tier) for p in points})
     minutes = _minutes(points)
@@ -47,6 +48,10 @@ def plot_series(points: list[StatsPoint], path: str | Path, *, by: tuple[str, ..
         top.legend(fontsize="small", loc="upper left")
     else:
         top.text(0.5, 0.5, "no requests counted", ha="center", transform=top.transAxes)
+    if minutes and minutes[-1] - minutes[0] < timedelta(days=1):
+        bottom.xaxis.set_major_formatter(DateFormatter("%H:%M"))
+    else:
+        bottom.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d %H:%M"))
     fig.autofmt_xdate()
     fig.tight_layout()
     try:

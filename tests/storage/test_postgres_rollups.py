@@ -146,8 +146,8 @@ async def test_a_failing_write_keeps_the_counts_and_is_logged_once(
     decision still works, the counts wait; once allowed again, they are all written."""
     role = f"ff_rt_{secrets.token_hex(4)}"
     await admin.grant_runtime(role, create=True)
-    function = sql.SQL("FUNCTION {}.add_rollups(bigint[], text[], text[], bigint[], bigint[])")
-    function = function.format(sql.Identifier(pg_schema))
+    signature = "FUNCTION {}.add_rollups(bigint[], text[], text[], bigint[], bigint[])"
+    function = sql.SQL(signature).format(sql.Identifier(pg_schema))
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as owner:
         await owner.execute(
             sql.SQL("REVOKE EXECUTE ON {} FROM {}").format(function, sql.Identifier(role))

@@ -333,7 +333,7 @@ async def test_stats_per_minute_and_since(storage: Storage) -> None:
     assert (row.allowed, row.denied) == (1, 2)
     for bad in ({"since": -1}, {"since": float("nan")}, {"by": ["user"]}, {"by": "keys"}):
         with pytest.raises(ValueError):
-            await stats.stats(**bad)  # type: ignore[arg-type]
+            await stats.stats(**bad)
 
 
 async def test_stats_survive_cleanup(storage: Storage) -> None:

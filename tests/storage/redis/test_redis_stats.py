@@ -110,7 +110,8 @@ async def test_minutes_expire_after_the_retention_and_leave_the_index(
             for at in (now - 20 * MINUTE, now - 2 * MINUTE):
                 await storage.decide("gcra", [Hit("k", Quota(9, 60.0), 1, "/e")], now=at)
                 await storage.stats()  # (each minute's counts written now)
-            minutes = [int(m) for m in await client.zrange(f"{prefix}:s:minutes", 0, -1)]
+            index: list[bytes] = await client.zrange(f"{prefix}:s:minutes", 0, -1)  # type: ignore[assignment]
+            minutes = [int(m) for m in index]
             assert minutes == [(now - 2 * MINUTE) // MINUTE]  # the older one trimmed
             for minute in (now - 20 * MINUTE, now - 2 * MINUTE):
                 ttl = await client.pttl(f"{prefix}:s:{minute // MINUTE}")

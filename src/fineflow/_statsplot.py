@@ -48,10 +48,10 @@ def plot_series(points: list[StatsPoint], path: str | Path, *, by: tuple[str, ..
         top.legend(fontsize="small", loc="upper left")
     else:
         top.text(0.5, 0.5, "no requests counted", ha="center", transform=top.transAxes)
-    if minutes and minutes[-1] - minutes[0] < timedelta(days=1):
-        bottom.xaxis.set_major_formatter(DateFormatter("%H:%M"))
-    else:
-        bottom.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d %H:%M"))
+    within_a_day = bool(minutes) and minutes[-1] - minutes[0] < timedelta(days=1)
+    # (matplotlib's DateFormatter is not annotated)
+    formatter = DateFormatter("%H:%M" if within_a_day else "%Y-%m-%d %H:%M")  # type: ignore[no-untyped-call]
+    bottom.xaxis.set_major_formatter(formatter)
     fig.autofmt_xdate()
     fig.tight_layout()
     try:

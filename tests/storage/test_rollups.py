@@ -16,7 +16,7 @@ from fineflow._storage.rollups import (
     Cell,
     Rollups,
     check_by,
-    check_flush_every,
+    check_interval,
     check_retention,
     check_since,
     since_minute,
@@ -94,9 +94,9 @@ def test_checks_of_since_by_and_the_options() -> None:
     assert check_retention(timedelta(days=1)) == 86400.0
     with pytest.raises(ConfigurationError, match="stats_retention"):
         check_retention(59)
-    assert check_flush_every(None) is None
-    with pytest.raises(ConfigurationError, match="stats_flush_every"):
-        check_flush_every(-5)
+    assert check_interval("stats_flush_every", None) is None
+    with pytest.raises(ConfigurationError, match="stats_flush_every must be seconds > 0"):
+        check_interval("stats_flush_every", -5)
 
 
 class Store:

@@ -31,7 +31,7 @@ __all__ = [
     "Cell",
     "Rollups",
     "check_by",
-    "check_flush_every",
+    "check_interval",
     "check_retention",
     "check_since",
     "minute_start",
@@ -185,9 +185,8 @@ class Rollups:
         return removed
 
 
-def check_flush_every(seconds: object) -> float | None:
-    """``stats_flush_every``: float seconds > 0, or ``None`` (no counting);
-    ``ConfigurationError`` otherwise."""
+def check_interval(name: str, seconds: object) -> float | None:
+    """``seconds`` as float seconds > 0, or ``None`` (off); ``ConfigurationError`` otherwise."""
     if seconds is None:
         return None
     if (
@@ -196,7 +195,7 @@ def check_flush_every(seconds: object) -> float | None:
         or not (seconds > 0 and math.isfinite(seconds))
     ):
         raise ConfigurationError(
-            f"stats_flush_every must be seconds > 0 (e.g. 5) or None for no stats, got {seconds!r}"
+            f"{name} must be seconds > 0 (e.g. 300) or None for none, got {seconds!r}"
         )
     return float(seconds)
 

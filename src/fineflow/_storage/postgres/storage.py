@@ -21,7 +21,7 @@ from ..._errors import StorageClosedError, StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate_algorithm
 from ..base import Hit, KeyStatus, StatsPoint, StatsRow, check_hits, storage_key
 from ..flusher import FlushSnapshot
-from ..rollups import check_flush_every, check_retention
+from ..rollups import check_retention
 from . import migrations
 from .admin import Admin
 from .cleaner import Cleaner
@@ -126,7 +126,7 @@ class PostgresStorage:
         check_sizes(min_size=min_size, max_size=max_size)
         check_sizes(max_in_flight=max_in_flight, max_batch=max_batch)
         cleanup_every = check_interval("cleanup_every", cleanup_every)
-        flush_every = check_flush_every(stats_flush_every)
+        flush_every = check_interval("stats_flush_every", stats_flush_every)
         retention = check_retention(stats_retention)
         self.dsn = dsn
         self.schema = schema

@@ -29,7 +29,7 @@ from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
 from ..base import Hit, KeyStatus, StatsPoint, StatsRow, check_hits
 from ..coalescing import Scheduler
 from ..flusher import FlushSnapshot
-from ..rollups import check_flush_every, check_retention
+from ..rollups import check_interval, check_retention
 from . import admin
 from .admin import Client
 from .errors import translated
@@ -150,7 +150,7 @@ class RedisStorage:
             lambda: self.client,
             prefix,
             retention=check_retention(stats_retention),
-            flush_every=check_flush_every(stats_flush_every),
+            flush_every=check_interval("stats_flush_every", stats_flush_every),
         )
         self._sender = ScriptSender(
             lambda: self.client,

@@ -92,6 +92,35 @@ def _groups(value: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _stats_arguments(stats: argparse.ArgumentParser) -> None:
+    """The options of `fineflow stats`."""
+    stats.add_argument(
+        "--since",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="only the last DURATION: 90s, 15m, 1h, 7d, ... (default: every minute kept)",
+    )
+    stats.add_argument(
+        "--by",
+        type=_groups,
+        default=("endpoint", "tier"),
+        metavar="GROUPS",
+        help="group by endpoint,tier (default), endpoint, tier, or none (totals)",
+    )
+    stats.add_argument(
+        "--per-minute",
+        action="store_true",
+        help="one row per minute and group instead of totals",
+    )
+    stats.add_argument(
+        "--plot",
+        metavar="PNG",
+        default=None,
+        help="also draw allowed and denied per minute to PNG (needs fineflow[plot])",
+    )
+
+
 def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fineflow",
@@ -157,33 +186,11 @@ def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         metavar="DURATION",
         help="also delete per-minute stats older than DURATION (default: 7d, as the storage's)",
     )
-    stats = storage_command(
-        "stats", "allowed and denied requests by endpoint and tier, from the per-minute rollups"
-    )
-    stats.add_argument(
-        "--since",
-        type=_duration,
-        default=None,
-        metavar="DURATION",
-        help="only the last DURATION: 90s, 15m, 1h, 7d, ... (default: every minute kept)",
-    )
-    stats.add_argument(
-        "--by",
-        type=_groups,
-        default=("endpoint", "tier"),
-        metavar="GROUPS",
-        help="group by endpoint,tier (default), endpoint, tier, or none (totals)",
-    )
-    stats.add_argument(
-        "--per-minute",
-        action="store_true",
-        help="one row per minute and group instead of totals",
-    )
-    stats.add_argument(
-        "--plot",
-        metavar="PNG",
-        default=None,
-        help="also draw allowed and denied per minute to PNG (needs fineflow[plot])",
+    _stats_arguments(
+        storage_command(
+            "stats",
+            "allowed and denied requests by endpoint and tier, from the per-minute rollups",
+        )
     )
     demo = command("demo", "run the demo: a limited app driven by a scripted burst")
     demo.add_argument("--dsn", default=None, help="PostgreSQL to use (default: found or started)")

@@ -82,7 +82,12 @@ class Rollups:
         if len(hits) == 1:
             hit = hits[0]
             if hit.cost:
-                self._add(minute, cells, (hit.endpoint, hit.tier), allowed)
+                group = (hit.endpoint, hit.tier)
+                cell = cells.get(group)
+                if cell is None:
+                    self._add(minute, cells, group, allowed)
+                else:
+                    cell[0 if allowed else 1] += 1
             return
         for group in {(h.endpoint, h.tier) for h in hits if h.cost}:
             self._add(minute, cells, group, allowed)

@@ -1,6 +1,7 @@
 """Redis decisions per second and latency: fineflow's RedisStorage against limits' async
 Redis storage (moving and fixed window, redis-py) and against PostgresStorage, same run,
-interleaved, as ratios; and a lone decision against one raw EVALSHA round trip.
+interleaved, as ratios; and a lone decision against one raw EVALSHA round trip; and the
+cost of the per-minute stats (the default) against the same storage with them off.
 
 Concurrency 1/16/64, keys spread over 10,000 or one hot key. The Redis server is found as
 the tests find it (``FINEFLOW_TEST_REDIS_URL``, the local 127.0.0.1:6379, else a throwaway
@@ -45,18 +46,21 @@ __all__ = ["main", "run"]
 SUITE = "redis"
 QUOTA = "1000000000/second"  # never exhausted: every decision writes
 
+NO_STATS = "fineflow RedisStorage, stats off"
+
 Decide = Callable[[str], Awaitable[Any]]
 Opener = Callable[[], contextlib.AbstractAsyncContextManager[Decide]]
 
 
-def _fineflow(url: str, prefix: str) -> Opener:
+def _fineflow(url: str, prefix: str, *, stats: bool = True) -> Opener:
     from fineflow import Hit, Quota, RedisStorage
 
     quota = Quota.parse(QUOTA)
+    flush_every = 5.0 if stats else None
 
     @contextlib.asynccontextmanager
     async def open_() -> AsyncIterator[Decide]:
-        async with RedisStorage(url, prefix=prefix) as storage:
+        async with RedisStorage(url, prefix=prefix, stats_flush_every=flush_every) as storage:
 
             async def decide(key: str) -> Any:
                 return await storage.decide("gcra", [Hit(key, quota, 1, "bench")])
@@ -196,6 +200,11 @@ async def _cell(
                 met=at_least(r.median, 3.0) if goal else None,
             )
         )
+    if NO_STATS in results:
+        r = stat(ratios(base, results[NO_STATS]))
+        targets.add(
+            Row(f"c={conc} {mode}: RedisStorage with stats / without (decisions/s)", r, "x")
+        )
     if "raw EVALSHA" in results:
         lone = [d["p50_ms"] for d in details["fineflow RedisStorage"]]
         raw = [d["p50_ms"] for d in details["raw EVALSHA"]]
@@ -221,15 +230,17 @@ async def run(ctx: Context) -> list[Table]:
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(find_redis())
         table.notes.append(f"Redis: {server.source} server")
-        prefixes = {name: unique_prefix("ffbench") for name in ("ff", "raw", "moving", "fixed")}
+        names = ("ff", "ff-no-stats", "raw", "moving", "fixed")
+        prefixes = {name: unique_prefix("ffbench") for name in names}
         openers: dict[str, Opener] = {
             "fineflow RedisStorage": _fineflow(server.url, prefixes["ff"]),
+            NO_STATS: _fineflow(server.url, prefixes["ff-no-stats"], stats=False),
         }
         for strategy in ("moving", "fixed"):
             opener = _limits(server.url, prefixes[strategy], strategy)
             if opener is not None:
                 openers[f"limits {strategy} window"] = opener
-        if len(openers) == 1:
+        if len(openers) == 2:
             table.notes.append("limits (with redis-py) not installed: no peer")
         if ctx.postgres() is not None:
             dsn = stack.enter_context(ctx.database())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -20,7 +21,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from ._errors import ConfigurationError, FineflowError
-from ._storage.base import KeyStatus
+from ._storage.base import KeyStatus, StatsPoint
 from ._storage.postgres.options import check_identifier
 from ._storage.postgres.storage import PostgresStorage
 
@@ -65,6 +66,61 @@ def _positive_int(value: str) -> int:
     return number
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(value: str) -> float:
+    """``90s``, ``15m``, ``1h``, ``7d``, ``2w`` or plain seconds, as seconds > 0."""
+    match = _DURATION.match(value.lower())
+    seconds = float(match[1]) * _UNITS[match[2]] if match else 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a duration such as 90s, 15m, 1h, 7d (or seconds), got {value!r}"
+        )
+    return seconds
+
+
+def _groups(value: str) -> tuple[str, ...]:
+    """``endpoint,tier``, ``endpoint``, ``tier`` or ``none`` (totals)."""
+    names = [] if value.strip().lower() in ("", "none") else value.split(",")
+    names = [n.strip() for n in names]
+    if any(n not in ("endpoint", "tier") for n in names):
+        raise argparse.ArgumentTypeError(
+            f"must be endpoint, tier, endpoint,tier or none, got {value!r}"
+        )
+    return tuple(names)
+
+
+def _stats_arguments(stats: argparse.ArgumentParser) -> None:
+    """The options of `fineflow stats`."""
+    stats.add_argument(
+        "--since",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="only the last DURATION: 90s, 15m, 1h, 7d, ... (default: every minute kept)",
+    )
+    stats.add_argument(
+        "--by",
+        type=_groups,
+        default=("endpoint", "tier"),
+        metavar="GROUPS",
+        help="group by endpoint,tier (default), endpoint, tier, or none (totals)",
+    )
+    stats.add_argument(
+        "--per-minute",
+        action="store_true",
+        help="one row per minute and group instead of totals",
+    )
+    stats.add_argument(
+        "--plot",
+        metavar="PNG",
+        default=None,
+        help="also draw allowed and denied per minute to PNG (needs fineflow[plot])",
+    )
+
+
 def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fineflow",
@@ -103,7 +159,7 @@ def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
             action="store_true",
             help="print one JSON document on stdout, errors included",
         )
-        cmd.set_defaults(unlogged=False)
+        cmd.set_defaults(unlogged=False, stats_retention=None)
         return cmd
 
     migrate = storage_command("migrate", "create or upgrade fineflow's schema (idempotent)")
@@ -123,7 +179,19 @@ def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     cleanup.add_argument(
         "--batch-size", type=_positive_int, default=1000, help="rows per batch (default: 1000)"
     )
-    storage_command("stats", "allowed and denied counts by endpoint and tier")
+    cleanup.add_argument(
+        "--stats-retention",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="also delete per-minute stats older than DURATION (default: 7d, as the storage's)",
+    )
+    _stats_arguments(
+        storage_command(
+            "stats",
+            "allowed and denied requests by endpoint and tier, from the per-minute rollups",
+        )
+    )
     demo = command("demo", "run the demo: a limited app driven by a scripted burst")
     demo.add_argument("--dsn", default=None, help="PostgreSQL to use (default: found or started)")
     demo.add_argument("--memory", action="store_true", help="use in-memory storage")
@@ -144,8 +212,17 @@ Outcome = tuple[object, str]
 
 
 async def _storage_command(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {}
+    if args.stats_retention is not None:
+        options["stats_retention"] = args.stats_retention
     storage = PostgresStorage(
-        args.dsn, schema=args.schema, unlogged=args.unlogged, min_size=1, max_size=1
+        args.dsn,
+        schema=args.schema,
+        unlogged=args.unlogged,
+        min_size=1,
+        max_size=1,
+        stats_flush_every=None,  # (it decides nothing: no requests to count)
+        **options,
     )
     try:
         # Connect once first: an unreachable or refusing server fails at once with its
@@ -232,10 +309,37 @@ async def _cleanup(storage: PostgresStorage, args: argparse.Namespace) -> Outcom
 
 
 async def _stats(storage: PostgresStorage, args: argparse.Namespace) -> Outcome:
-    stats = await storage.stats()
-    rows = [[r.endpoint or "-", r.tier or "-", r.keys, r.allowed, r.denied] for r in stats]
-    table = _table(["endpoint", "tier", "keys", "allowed", "denied"], rows)
-    return [asdict(r) for r in stats], table
+    points: list[StatsPoint] = []
+    if args.per_minute or args.plot:
+        points = await storage.stats_series(since=args.since, by=args.by)
+    if args.plot:
+        from ._statsplot import plot_series
+
+        plot_series(points, args.plot, by=args.by)
+    if args.per_minute:
+        payload: object = [_point_dict(p) for p in points]
+        text = _table(
+            ["minute", "endpoint", "tier", "allowed", "denied"],
+            [[_minute(p), p.endpoint or "-", p.tier or "-", p.allowed, p.denied] for p in points],
+        )
+    else:
+        stats = await storage.stats(since=args.since, by=args.by)
+        rows = [[r.endpoint or "-", r.tier or "-", r.keys, r.allowed, r.denied] for r in stats]
+        payload = [asdict(r) for r in stats]
+        text = _table(["endpoint", "tier", "keys", "allowed", "denied"], rows)
+    if args.plot and not args.json:
+        text += f"\nwrote {args.plot} ({len(points)} points)"
+    return payload, text
+
+
+def _minute(point: StatsPoint) -> str:
+    return point.minute.strftime("%Y-%m-%dT%H:%MZ")
+
+
+def _point_dict(point: StatsPoint) -> dict[str, object]:
+    out = asdict(point)
+    out["minute"] = point.minute.isoformat()
+    return out
 
 
 _COMMANDS: dict[str, Callable[[PostgresStorage, argparse.Namespace], Awaitable[Outcome]]] = {

@@ -230,3 +230,62 @@ def test_bench_outside_a_clone_is_a_runtime_failure(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "from a clone of the repository" in done.stderr
+
+
+def test_stats_since_by_per_minute_and_plot(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    """The durable stats through the command: totals by the groups asked for, one row per
+    minute, and a PNG of allowed and denied per minute."""
+    base = ["--dsn", pg_dsn, "--schema", pg_schema]
+    assert fineflow_cli("migrate", *base).returncode == 0
+    _seed(pg_dsn, pg_schema)  # 2 allowed, 1 denied on /chat, tier free
+    done = fineflow_cli("stats", *base, "--since", "1h", "--by", "endpoint,tier", "--json")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert json.loads(done.stdout) == [
+        {"endpoint": "/chat", "tier": "free", "keys": 1, "allowed": 2, "denied": 1}
+    ]
+    done = fineflow_cli("stats", *base, "--by", "tier", "--json")
+    assert json.loads(done.stdout) == [
+        {"endpoint": "", "tier": "free", "keys": 1, "allowed": 2, "denied": 1}
+    ]
+    done = fineflow_cli("stats", *base, "--per-minute", "--since", "15m", "--json")
+    (point,) = json.loads(done.stdout)
+    assert (point["endpoint"], point["tier"], point["allowed"], point["denied"]) == (
+        "/chat",
+        "free",
+        2,
+        1,
+    )
+    assert point["minute"].endswith("+00:00")
+    png = tmp_path / "stats.png"
+    done = fineflow_cli("stats", *base, "--since", "1h", "--plot", str(png))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[-1] == f"wrote {png} (1 points)"
+    assert "/chat" in done.stdout.splitlines()[2]
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG: its signature, then its IHDR chunk
+    assert data[12:16] == b"IHDR"
+    assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (1000, 600)
+    done = fineflow_cli("stats", *base, "--by", "none", "--plot", str(png), "--json")
+    assert json.loads(done.stdout) == [
+        {"endpoint": "", "tier": "", "keys": 1, "allowed": 2, "denied": 1}
+    ]
+    done = fineflow_cli("stats", *base, "--plot", str(tmp_path / "no" / "such" / "dir.png"))
+    assert done.returncode == 1
+    assert done.stderr.startswith("fineflow: error: cannot write the plot to ")
+    done = fineflow_cli("cleanup", *base, "--stats-retention", "1d", "--json")
+    assert json.loads(done.stdout) == {"removed": 0}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["stats", "--since", "1x"], "must be a duration such as 90s, 15m, 1h, 7d"),
+        (["stats", "--since", "0"], "must be a duration"),
+        (["stats", "--by", "user"], "must be endpoint, tier, endpoint,tier or none"),
+        (["cleanup", "--stats-retention", "30s"], "stats_retention must be seconds >= 60"),
+    ],
+)
+def test_bad_stats_arguments_are_usage_errors(args: list[str], message: str) -> None:
+    done = fineflow_cli(*args, "--dsn", "host=127.0.0.1")
+    assert done.returncode == 2
+    assert message in done.stderr

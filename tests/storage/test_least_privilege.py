@@ -57,6 +57,13 @@ async def test_runtime_role_decides_but_cannot_read_or_change_rows(
             await runtime.cleanup()
         with pytest.raises(StorageError):
             await runtime.migrate()
+        with pytest.raises(StorageError):
+            await runtime.stats()  # (it writes its counts first: that it may do)
+
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as admin:
+        # The runtime instance's requests were written through add_rollups(), at close.
+        rows = await admin.stats(by=())
+        assert (rows[0].allowed, rows[0].denied) == (1 + 1 + 5 + 1, 1 + 15)
 
     with psycopg.connect(runtime_dsn, autocommit=True) as conn:
         table = sql.SQL("{}.buckets").format(sql.Identifier(pg_schema))
@@ -65,6 +72,9 @@ async def test_runtime_role_decides_but_cannot_read_or_change_rows(
             sql.SQL("UPDATE {} SET count = 0").format(table),
             sql.SQL("DELETE FROM {}").format(table),
             sql.SQL("SELECT * FROM {}.stats").format(sql.Identifier(pg_schema)),
+            sql.SQL("SELECT * FROM {}.rollups").format(sql.Identifier(pg_schema)),
+            sql.SQL("DELETE FROM {}.rollups").format(sql.Identifier(pg_schema)),
+            sql.SQL("SELECT {}.prune_rollups(0)").format(sql.Identifier(pg_schema)),
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
@@ -82,7 +92,18 @@ async def test_functions_pin_search_path_and_definer_only_where_needed(
             (pg_schema,),
         ).fetchall()
     names = {name for name, _, _ in rows}
-    assert names == {"decide", "hit", "hit_many", "hit_keys", "peek", "status", "reset", "cleanup"}
+    assert names == {
+        "decide",
+        "hit",
+        "hit_many",
+        "hit_keys",
+        "peek",
+        "status",
+        "reset",
+        "cleanup",
+        "add_rollups",
+        "prune_rollups",
+    }
     for _, definer, config in rows:
         assert definer
         assert config == ["search_path=pg_catalog, pg_temp"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from fineflow import BucketState, Hit, MemoryStorage, PostgresStorage, Quota, Storage
 from fineflow._ratelimit.algorithms import NS, step_all
+from fineflow._storage.base import MinuteStats
 
 pytestmark = pytest.mark.anyio
 
@@ -266,3 +268,79 @@ async def test_concurrent_batches_match_the_model_in_arrival_order(
         )
     )
     assert [g[0] for g in got] == expected
+
+
+# -- stats: requests counted per minute, endpoint and tier -------------------------------
+
+
+def minute_stats(storage: Storage) -> MinuteStats:
+    """Every fineflow storage counts requests per minute (the MinuteStats protocol)."""
+    from fineflow import RedisStorage
+
+    assert isinstance(storage, MemoryStorage | PostgresStorage | RedisStorage)
+    return storage
+
+
+async def test_stats_count_requests_once_by_endpoint_and_tier(storage: Storage) -> None:
+    """A request counts once per endpoint and tier, whatever its quotas and cost; denied when
+    any quota denies; a peek counts nothing."""
+    one, two = ep(), ep()
+    quotas = [
+        Hit("k", Quota(2, 60.0), 1, one, "free"),
+        Hit("k", Quota(99, 86400.0), 1, one, "free"),
+    ]
+    wide = [Hit("k", Quota(5, 60.0), 3, one, "pro"), Hit("g", Quota(1, 60.0), 1, two)]
+    seen = [all(d.allowed for d in await storage.decide("gcra", quotas, now=T0)) for _ in "abc"]
+    seen += [all(d.allowed for d in await storage.decide("gcra", wide, now=T0)) for _ in "ab"]
+    await storage.decide("gcra", [Hit("k", Quota(2, 60.0), 0, one, "free")], now=T0)  # a peek
+    assert seen == [True, True, False, True, False]
+    stats = minute_stats(storage)
+    rows = {(r.endpoint, r.tier): (r.allowed, r.denied) for r in await stats.stats()}
+    assert rows == {(one, "free"): (2, 1), (one, "pro"): (1, 1), (two, ""): (1, 1)}
+    by_endpoint = await stats.stats(by=["endpoint"])
+    assert [(r.endpoint, r.tier, r.allowed, r.denied) for r in by_endpoint] == sorted(
+        [(one, "", 3, 2), (two, "", 1, 1)]
+    )
+    (total,) = await stats.stats(by=())
+    assert (total.endpoint, total.tier, total.allowed, total.denied) == ("", "", 4, 3)
+    keys = {(r.endpoint, r.tier): r.keys for r in await stats.stats()}
+    if storage.__class__.__name__ == "RedisStorage":
+        assert set(keys.values()) == {0}  # (it would take a scan)
+    else:
+        assert keys == {(one, "free"): 1, (one, "pro"): 1, (two, ""): 1}
+
+
+async def test_stats_per_minute_and_since(storage: Storage) -> None:
+    endpoint, quota = ep(), Quota(2, 3600.0)
+    at = [T0, T0 + 61 * NS, T0 + 125 * NS, T0 + 126 * NS]  # minutes m0, m1, m2, m2
+    for now in at:
+        await storage.decide("gcra", [Hit("u", quota, 1, endpoint, "t")], now=now)
+    stats = minute_stats(storage)
+    points = await stats.stats_series()
+    m0 = T0 // (60 * NS) * 60
+    assert [(int(p.minute.timestamp()) - m0, p.allowed, p.denied) for p in points] == [
+        (0, 1, 0),
+        (60, 1, 0),
+        (120, 0, 2),
+    ]
+    assert {(p.endpoint, p.tier) for p in points} == {(endpoint, "t")}
+    recent = await stats.stats_series(since=60, now=at[-1], by=["tier"])
+    assert [(p.endpoint, p.tier, p.allowed, p.denied) for p in recent] == [
+        ("", "t", 1, 0),
+        ("", "t", 0, 2),
+    ]
+    (row,) = await stats.stats(since=timedelta(seconds=60), now=at[-1])
+    assert (row.allowed, row.denied) == (1, 2)
+    for bad in ({"since": -1}, {"since": float("nan")}, {"by": ["user"]}, {"by": "keys"}):
+        with pytest.raises(ValueError):
+            await stats.stats(**bad)
+
+
+async def test_stats_survive_cleanup(storage: Storage) -> None:
+    endpoint = ep()
+    for _ in range(3):
+        await storage.decide("gcra", [Hit("u", Quota(2, 1.0), 1, endpoint)], now=T0)
+    await storage.cleanup(now=T0 + 600 * NS)  # the state is gone (Redis: expired by itself)
+    assert await storage.status("u", now=T0 + 600 * NS) == []
+    (row,) = await minute_stats(storage).stats()
+    assert (row.endpoint, row.keys, row.allowed, row.denied) == (endpoint, 0, 2, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from .._ratelimit.algorithms import Decision
@@ -14,6 +15,8 @@ __all__ = [
     "Hit",
     "KeyStatus",
     "LocalStorage",
+    "MinuteStats",
+    "StatsPoint",
     "StatsRow",
     "Storage",
     "StorageHealth",
@@ -81,11 +84,40 @@ class KeyStatus:
 
 @dataclass(frozen=True, slots=True)
 class StatsRow:
-    """Allowed and denied counts of one (endpoint, tier) group over live state."""
+    """Allowed and denied requests of one group, as ``storage.stats()`` reports them.
+
+    Attributes:
+        endpoint: the rule or endpoint name (``""`` when not grouped by endpoint).
+        tier: the callers' tier (``""`` when none, or not grouped by tier).
+        keys: keys with rate-limit state stored in the group now, where the storage can
+            count them cheaply (PostgreSQL, memory; 0 on Redis, where it would take a scan).
+        allowed: requests admitted (a request counts once per endpoint and tier, whatever
+            its number of quotas or its cost).
+        denied: requests denied (by any of their quotas).
+    """
 
     endpoint: str
     tier: str
     keys: int
+    allowed: int
+    denied: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsPoint:
+    """Allowed and denied requests of one group in one minute (``stats_series()``).
+
+    Attributes:
+        minute: the start of the minute (an aware UTC datetime).
+        endpoint: the rule or endpoint name (``""`` when not grouped by endpoint).
+        tier: the callers' tier (``""`` when none, or not grouped by tier).
+        allowed: requests admitted in that minute.
+        denied: requests denied in that minute.
+    """
+
+    minute: datetime
+    endpoint: str
+    tier: str
     allowed: int
     denied: int
 
@@ -152,7 +184,45 @@ class Storage(Protocol):
         ...
 
     async def stats(self) -> list[StatsRow]:
-        """Allowed and denied counts grouped by endpoint and tier."""
+        """Allowed and denied requests by endpoint and tier (fineflow's storages take
+        more arguments: see :class:`MinuteStats`)."""
+        ...
+
+
+class MinuteStats(Protocol):
+    """The statistics of a storage that counts requests per minute (each of fineflow's):
+    what the ``fineflow stats`` command and the conformance suite use."""
+
+    async def stats(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsRow]:
+        """Allowed and denied requests by endpoint and tier (or the groups ``by``).
+
+        Args:
+            since: how far back, in seconds or a ``timedelta`` (``None``: every minute
+                kept); the minute it falls in counts whole.
+            by: the groups: ``"endpoint"``, ``"tier"``, both (the default) or neither.
+            now: the time in nanoseconds since the epoch ``since`` counts back from
+                (``None``: the storage's clock).
+
+        Raises:
+            ValueError: a bad ``since`` or ``by``.
+        """
+        ...
+
+    async def stats_series(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsPoint]:
+        """Allowed and denied requests per minute and group (arguments as :meth:`stats`),
+        by minute, then group."""
         ...
 
 

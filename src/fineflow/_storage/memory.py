@@ -8,6 +8,10 @@ storage is full, the entry at the front of the queue is evicted if it is expired
 used since the hand last passed it, else its bit is cleared and it goes to the back. Removed
 entries (``reset``, ``cleanup``) are dropped from the queue lazily, and the queue is
 compacted when they outnumber the live ones.
+
+Statistics: every decision counts its request in a :class:`~.rollups.Rollups` (per minute of
+the decision's time, endpoint and tier), the same counts the networked storages keep in
+their tables; ``cleanup`` forgets minutes older than ``stats_retention``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from .._errors import ConfigurationError, StorageClosedError
 from .._logfields import log_extra
@@ -33,12 +38,24 @@ from .base import (
     MAX_KEY_BYTES,
     Hit,
     KeyStatus,
+    StatsPoint,
     StatsRow,
     StorageHealth,
     check_cost,
     storage_key,
 )
 from .probe import closed
+from .rollups import (
+    MINUTE_NS,
+    Cell,
+    Rollups,
+    check_by,
+    check_retention,
+    check_since,
+    series,
+    since_minute,
+    totals,
+)
 
 __all__ = ["MemoryStorage"]
 
@@ -88,13 +105,25 @@ class MemoryStorage:
             costs about 350 bytes: a million keys measured 341 MB of RSS).
         clock: a function returning nanoseconds since the epoch (default ``time.time_ns``);
             tests inject a fake one.
+        stats_retention: how long the per-minute request counts are kept, in seconds or a
+            ``timedelta`` (default 7 days): :meth:`cleanup` forgets older minutes. (They are
+            bounded anyway: at most 100,000 (minute, endpoint, tier) cells, the oldest
+            minute going first.)
     """
 
-    def __init__(self, *, max_keys: int = 100_000, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], int] = time.time_ns,
+        stats_retention: float | timedelta = 7 * 86400.0,
+    ) -> None:
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ConfigurationError(f"max_keys must be a positive int, got {max_keys!r}")
         self.max_keys = max_keys
         self.clock = clock
+        self.stats_retention = check_retention(stats_retention)
+        self._rollups = Rollups()
         self.evictions = 0
         self._index: _Index = {}
         self._queue: deque[_Entry] = deque()
@@ -120,6 +149,7 @@ class MemoryStorage:
         self._index.clear()
         self._queue.clear()
         self._size = 0
+        self._rollups.drain()
 
     async def migrate(self) -> None:
         """Nothing to migrate for memory storage."""
@@ -165,6 +195,7 @@ class MemoryStorage:
         state = None if entry is None or entry.expires <= now else entry.state
         decision, new_state = step(state, now, hit.quota, hit.cost)
         self._record(hit, entry, algorithm, decision.allowed, new_state, now)
+        self._rollups.count(hits, decision.allowed, now)
         return [decision]
 
     def _decide_all(
@@ -183,6 +214,7 @@ class MemoryStorage:
                 decision, _ = step(state, now, hit.quota, 0)  # what it admits: a peek
             self._record(hit, entry, algorithm, allowed, new_state if allowed else state, now)
             decisions.append(decision)
+        self._rollups.count(hits, allowed, now)
         return decisions
 
     def _find(self, hit: Hit) -> _Entry | None:
@@ -337,9 +369,11 @@ class MemoryStorage:
         return len(doomed)
 
     async def cleanup(self, *, batch_size: int = 1000, now: int | None = None) -> int:
-        """Delete expired entries, at most ``batch_size`` per pass until none are left."""
+        """Delete expired entries, at most ``batch_size`` per pass until none are left;
+        forget the request counts of minutes older than ``stats_retention``."""
         if now is None:
             now = self.clock()
+        self._rollups.prune((now - round(self.stats_retention * 1e9)) // MINUTE_NS)
         removed = 0
         while True:
             doomed = [e for e in self._entries() if e.expires <= now][:batch_size]
@@ -350,12 +384,37 @@ class MemoryStorage:
                 self._compact()
                 return removed
 
-    async def stats(self) -> list[StatsRow]:
-        """Allowed and denied counts grouped by endpoint and tier (entries not yet cleaned)."""
-        groups: dict[tuple[str, str], list[int]] = {}
+    async def stats(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsRow]:
+        """Allowed and denied requests by endpoint and tier (see :meth:`fineflow.Storage.stats`);
+        ``keys``: the keys with an entry in each group."""
+        cells = self._cells(since, now)
+        groups = check_by(by)
+        keys: dict[tuple[str, str], set[str]] = {}
         for entry in self._entries():
-            group = groups.setdefault((entry.endpoint, entry.tier), [0, 0, 0])
-            group[0] += 1
-            group[1] += entry.allowed
-            group[2] += entry.denied
-        return [StatsRow(ep, tier, k, a, d) for (ep, tier), (k, a, d) in sorted(groups.items())]
+            keys.setdefault((entry.endpoint, entry.tier), set()).add(entry.key)
+        return totals(cells, groups, {group: len(names) for group, names in keys.items()})
+
+    async def stats_series(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsPoint]:
+        """Allowed and denied requests per minute and group (arguments as :meth:`stats`)."""
+        cells = self._cells(since, now)
+        return series(cells, check_by(by))
+
+    def _cells(self, since: float | timedelta | None, now: int | None) -> list[Cell]:
+        first = since_minute(check_since(since), self.clock() if now is None else now)
+        return [
+            Cell(c.minute, _key(c.endpoint), c.tier, c.allowed, c.denied)
+            for c in self._rollups.cells()
+            if first is None or c.minute >= first
+        ]

@@ -10,8 +10,10 @@ Module map (a decision runs top to bottom)::
     errors.py       psycopg errors -> StorageError, in one place
     migrations.py   versioned migrations under an advisory lock; the runtime role's grants
     admin.py        status, reset, cleanup, stats
+    stats.py        durable stats: requests counted per minute, written to the rollups table
     cleaner.py      background cleanup (cleanup_every=): a task, one instance at a time
     sqlfiles.py     reads sql/ (package data) and fills in identifiers with psycopg.sql
-    sql/            schema.sql, functions/<name>.sql, revoke.sql, grant_runtime.sql,
-                    versions.sql: the text the database runs
+    sql/            schema.sql, migrations/NNNN_<what>.sql, functions/<name>.sql,
+                    queries/<name>.sql, revoke.sql, grant_runtime.sql, versions.sql: the
+                    text the database runs
 """

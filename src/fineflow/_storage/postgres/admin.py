@@ -1,4 +1,4 @@
-"""The administration queries: one key's status, reset, cleanup and the stats view."""
+"""The administration queries: one key's status, reset, cleanup and the stats."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..._ratelimit.algorithms import ALGORITHMS, NS, BucketState
 from ..._ratelimit.quota import Quota
-from ..base import KeyStatus, StatsRow, storage_key
+from ..base import KeyStatus, StatsPoint, StatsRow, storage_key
+from ..rollups import Cell, series, totals
 from .errors import driver_errors
+from .sqlfiles import compose
+from .statements import tier_text
 
 __all__ = ["Admin", "cleanup_lock"]
 
@@ -35,8 +38,12 @@ class Admin:
         self._status = sql.SQL("SELECT * FROM {}.status(%s, %s::bigint)").format(ident)
         self._reset = sql.SQL("SELECT {}.reset(%s, %s)").format(ident)
         self._cleanup = sql.SQL("SELECT {}.cleanup(%s, %s)").format(ident)
-        self._stats = sql.SQL(
-            "SELECT endpoint, tier, keys, allowed, denied FROM {}.stats ORDER BY 1, 2"
+        self._stats = compose("queries/stats.sql", schema=ident)
+        self._series = compose("queries/stats_series.sql", schema=ident)
+        self._prune = sql.SQL("SELECT {}.prune_rollups(%s, %s::bigint)").format(ident)
+        self._add = sql.SQL(
+            "SELECT {}.add_rollups(%b::bigint[], %b::text[], %b::text[], %b::bigint[], "
+            "%b::bigint[])"
         ).format(ident)
 
     async def status(
@@ -102,13 +109,57 @@ class Admin:
         row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def stats(self, pool: AsyncConnectionPool[Any]) -> list[StatsRow]:
-        """Allowed and denied counts grouped by endpoint and tier (the ``stats`` view)."""
+    async def prune(self, pool: AsyncConnectionPool[Any], keep: float, now: int | None) -> int:
+        """Delete the per-minute counts of minutes that ended ``keep`` seconds ago or
+        earlier; return how many rows."""
+        with driver_errors("pruning the stats"):
+            async with pool.connection() as conn:
+                cur = await conn.execute(self._prune, (keep, now))
+                row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def stats(
+        self,
+        pool: AsyncConnectionPool[Any],
+        since: float | None,
+        by: tuple[str, ...],
+        now: int | None,
+    ) -> list[StatsRow]:
+        """Allowed and denied requests by endpoint and tier (then by the groups ``by``),
+        with the keys that have state stored."""
         with driver_errors("stats query"):
             async with pool.connection() as conn:
-                cur = await conn.execute(self._stats)
+                cur = await conn.execute(self._stats, {"since": since, "now": now})
                 rows = await cur.fetchall()
-        return [StatsRow(e, t, int(k), int(a), int(d)) for e, t, k, a, d in rows]
+        cells = [Cell(0, e, t, int(a), int(d)) for e, t, _, a, d in rows]
+        return totals(cells, by, {(e, t): int(k) for e, t, k, _, _ in rows})
+
+    async def series(
+        self,
+        pool: AsyncConnectionPool[Any],
+        since: float | None,
+        by: tuple[str, ...],
+        now: int | None,
+    ) -> list[StatsPoint]:
+        """Allowed and denied requests per minute and group ``by``."""
+        with driver_errors("stats query"):
+            async with pool.connection() as conn:
+                cur = await conn.execute(self._series, {"since": since, "now": now})
+                rows = await cur.fetchall()
+        return series([Cell(int(m), e, t, int(a), int(d)) for m, e, t, a, d in rows], by)
+
+    async def add_rollups(self, pool: AsyncConnectionPool[Any], cells: list[Cell]) -> None:
+        """Add ``cells`` (an instance's counts) to the rollups, in one statement."""
+        params = (
+            [c.minute for c in cells],
+            [storage_key(c.endpoint) for c in cells],
+            [tier_text(c.tier) for c in cells],
+            [c.allowed for c in cells],
+            [c.denied for c in cells],
+        )
+        with driver_errors("writing the stats"):
+            async with pool.connection() as conn:
+                await conn.execute(self._add, params, prepare=True)
 
 
 async def _drain(batch: Callable[[], Awaitable[int]], batch_size: int) -> int:

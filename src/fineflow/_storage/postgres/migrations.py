@@ -26,7 +26,7 @@ from psycopg import sql
 
 from ..._errors import SchemaVersionError
 from ..._logfields import log_extra
-from .sqlfiles import FUNCTIONS, compose
+from .sqlfiles import INITIAL_FUNCTIONS, compose
 
 __all__ = [
     "LATEST_VERSION",
@@ -79,7 +79,19 @@ class MigrationResult:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
-        ("schema.sql", *(f"functions/{name}.sql" for name in FUNCTIONS), "revoke.sql"),
+        ("schema.sql", *(f"functions/{name}.sql" for name in INITIAL_FUNCTIONS), "revoke.sql"),
+        compatible_with=1,
+    ),
+    # Additive (a table, two functions, the view over the table): code of version 1 keeps
+    # running on it, and its requests simply go uncounted.
+    Migration(
+        2,
+        (
+            "migrations/0002_rollups.sql",
+            "functions/add_rollups.sql",
+            "functions/prune_rollups.sql",
+            "revoke.sql",
+        ),
         compatible_with=1,
     ),
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Any
@@ -11,8 +10,15 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from ..._errors import ConfigurationError
+from ..rollups import check_interval  # (the storages' one check of an interval)
 
-__all__ = ["check_identifier", "check_interval", "check_sizes", "check_source", "check_timeout"]
+__all__ = [
+    "check_identifier",
+    "check_interval",
+    "check_sizes",
+    "check_source",
+    "check_timeout",
+]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -25,21 +31,6 @@ def check_timeout(timeout: float) -> float:
         # (not > 0 refuses NaN too: it would upset the timers)
         raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
     return float(timeout)
-
-
-def check_interval(name: str, seconds: object) -> float | None:
-    """``seconds`` as float seconds > 0, or ``None`` (off); ``ConfigurationError`` otherwise."""
-    if seconds is None:
-        return None
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not (seconds > 0 and math.isfinite(seconds))
-    ):
-        raise ConfigurationError(
-            f"{name} must be seconds > 0 (e.g. 300) or None for none, got {seconds!r}"
-        )
-    return float(seconds)
 
 
 def check_identifier(what: str, name: object) -> None:

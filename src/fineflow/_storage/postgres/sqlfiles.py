@@ -1,11 +1,12 @@
 """The SQL of the PostgreSQL storage, read from the ``sql/`` files shipped in the package.
 
 Each file is the complete text the database runs: ``sql/schema.sql`` (the table and the
-stats view), one file per function in ``sql/functions/``, ``sql/revoke.sql`` and
-``sql/grant_runtime.sql``. The only placeholders are identifiers and one keyword, filled
-with :mod:`psycopg.sql` objects (never string formatting): ``{schema}``, ``{role}`` and
-``{unlogged}`` (``UNLOGGED`` or nothing). Literal braces would be written ``{{``/``}}``;
-none of the files needs one.
+stats view), one file per function in ``sql/functions/``, the later versions in
+``sql/migrations/``, ``sql/revoke.sql``, ``sql/grant_runtime.sql``, and the longer queries
+of the administration commands in ``sql/queries/``. The only placeholders are identifiers
+and one keyword, filled with :mod:`psycopg.sql` objects (never string formatting):
+``{schema}``, ``{role}`` and ``{unlogged}`` (``UNLOGGED`` or nothing). Literal braces would
+be written ``{{``/``}}``; none of the files needs one.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from importlib import resources
 
 from psycopg import sql
 
-__all__ = ["FUNCTIONS", "compose", "text"]
+__all__ = ["FUNCTIONS", "INITIAL_FUNCTIONS", "QUERIES", "compose", "text"]
 
-# Every function of the schema, by name: sql/functions/<name>.sql.
-FUNCTIONS = ("hit", "hit_keys", "hit_many", "decide", "peek", "status", "reset", "cleanup")
+# The functions of version 1 of the schema, by name: sql/functions/<name>.sql.
+INITIAL_FUNCTIONS = ("hit", "hit_keys", "hit_many", "decide", "peek", "status", "reset", "cleanup")
+# Every function of the schema (later ones are created by their migration).
+FUNCTIONS = (*INITIAL_FUNCTIONS, "add_rollups", "prune_rollups")
+# The administration queries too long to read inline: sql/queries/<name>.sql.
+QUERIES = ("stats", "stats_series")
 
 
 @functools.cache

@@ -3,13 +3,15 @@
 The facade: options, the pool's lifecycle and the public methods. Decisions go through the
 coalescing :mod:`.scheduler` and the statements of :mod:`.statements`; the schema is made by
 :mod:`.migrations` from the ``sql/`` files; status, reset, cleanup and stats are the
-queries of :mod:`.admin`, and :mod:`.cleaner` runs cleanup in the background.
+queries of :mod:`.admin`, and :mod:`.cleaner` runs cleanup in the background; :mod:`.stats`
+counts requests per minute and writes them to the rollups.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Sequence
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -17,8 +19,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..._errors import StorageClosedError, StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate_algorithm
-from ..base import Hit, KeyStatus, StatsRow, StorageHealth, check_hits, storage_key
+from ..base import Hit, KeyStatus, StatsPoint, StatsRow, StorageHealth, check_hits, storage_key
 from ..figures import StorageFigures
+from ..flusher import FlushSnapshot
+from ..rollups import check_retention
 from . import migrations
 from .admin import Admin
 from .cleaner import Cleaner
@@ -26,14 +30,22 @@ from .connect import check_reachable, libpq_seconds, why_unreachable
 from .errors import driver_errors, storage_error
 from .health import check_health
 from .migrations import MigrationResult
-from .options import check_identifier, check_interval, check_sizes, check_source, check_timeout
+from .options import (
+    check_identifier,
+    check_interval,
+    check_sizes,
+    check_source,
+    check_timeout,
+)
 from .scheduler import statement_scheduler
 from .statements import FAST_PATHS, Decider
+from .stats import StatsKeeper
 
 __all__ = ["PostgresStorage"]
 
 # Rows per batch of a background cleanup round (as cleanup()'s default).
 _CLEANUP_BATCH = 1000
+_WEEK = 7 * 86400.0
 
 
 class PostgresStorage:
@@ -80,6 +92,11 @@ class PostgresStorage:
             all the instances on one schema, one at a time does the work (an advisory
             lock); failures are logged once per burst and never raised. Needs a role that
             may run ``cleanup()`` (the schema's owner, not a runtime role).
+        stats_flush_every: seconds between writes of this instance's per-minute request
+            counts to the ``rollups`` table (default 5; one statement each, in the
+            background, never in a request's way). ``None`` turns the counting off.
+        stats_retention: how long the per-minute counts are kept, in seconds or a
+            ``timedelta`` (default 7 days): :meth:`cleanup` deletes older minutes.
 
     Raises:
         ConfigurationError: for a bad schema name or option, or both ``dsn`` and ``pool``.
@@ -102,6 +119,8 @@ class PostgresStorage:
         statement_timeout: float = 5.0,
         fast_paths: Collection[str] = FAST_PATHS,
         cleanup_every: float | None = None,
+        stats_flush_every: float | None = 5.0,
+        stats_retention: float | timedelta = _WEEK,
     ) -> None:
         dsn = check_source(dsn, pool)
         check_identifier("schema", schema)
@@ -109,6 +128,8 @@ class PostgresStorage:
         check_sizes(min_size=min_size, max_size=max_size)
         check_sizes(max_in_flight=max_in_flight, max_batch=max_batch)
         cleanup_every = check_interval("cleanup_every", cleanup_every)
+        flush_every = check_interval("stats_flush_every", stats_flush_every)
+        retention = check_retention(stats_retention)
         self.dsn = dsn
         self.schema = schema
         self.unlogged = unlogged
@@ -121,20 +142,23 @@ class PostgresStorage:
         self._opened = False
         self._closed = False
         self._decider = Decider(schema, fast_paths)
+        self._admin = Admin(schema)
+        self._stats = StatsKeeper(
+            self._admin,
+            lambda: self.pool,
+            retention=retention,
+            flush_every=flush_every,
+            name=schema,
+        )
         self._scheduler = statement_scheduler(
             lambda: self.pool.connection(),
-            self._decider.run,
+            self._stats.counted(self._decider.run),
             coalesce=coalesce,
             max_in_flight=max_in_flight,
             max_batch=max_batch,
         )
-        self._admin = Admin(schema)
         self._cleaner = (
-            None
-            if cleanup_every is None
-            else Cleaner(
-                lambda: self._admin.cleanup_alone(self.pool, _CLEANUP_BATCH), cleanup_every, schema
-            )
+            None if cleanup_every is None else Cleaner(self._cleanup_round, cleanup_every, schema)
         )
 
     # -- options and counters --------------------------------------------------------------
@@ -189,6 +213,16 @@ class PostgresStorage:
         name = "" if self._pool is None else self._pool.name
         return StorageFigures("postgres", self._scheduler.figures(), self.pool_stats(), name)
 
+    @property
+    def stats_retention(self) -> float:
+        """Seconds the per-minute request counts are kept (cleanup deletes older ones)."""
+        return self._stats.retention
+
+    def stats_flush_snapshot(self) -> FlushSnapshot:
+        """The counters of the per-minute stats' writes: flushes, failures (their counts
+        kept for the next write), cells pending, requests dropped."""
+        return self._stats.snapshot()
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> PostgresStorage:
@@ -230,6 +264,7 @@ class PostgresStorage:
         self._opened = True
         if self._cleaner is not None:
             self._cleaner.start()
+        self._stats.start()
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
@@ -250,12 +285,19 @@ class PostgresStorage:
         )
 
     async def close(self) -> None:
-        """Stop the background cleanup, finish statements in flight, close the pool if this
-        storage owns it; the storage refuses use afterwards."""
+        """Stop the background cleanup, finish statements in flight, write the last request
+        counts, close the pool if this storage owns it; the storage refuses use afterwards."""
+        was_open = self._opened and not self._closed
         self._closed = True
         if self._cleaner is not None:
             await self._cleaner.stop()
         await self._scheduler.close(self.statement_timeout)
+        if was_open:
+            self._closed = False  # (the last write takes a connection of the pool)
+            try:
+                await self._stats.stop()
+            finally:
+                self._closed = True
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
 
@@ -413,11 +455,53 @@ class PostgresStorage:
     async def cleanup(self, *, batch_size: int = 1000, now: int | None = None) -> int:
         """Delete expired rows in batches of ``batch_size`` (short locks, skipping rows in
         use) until none are left; return how many were deleted. Lossless: an expired row
-        is equivalent to no row."""
+        is equivalent to no row. Also deletes the per-minute request counts older than
+        ``stats_retention`` (not counted in the figure returned)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        await self._stats.prune(now)
         return await self._admin.cleanup(self.pool, batch_size, now)
 
-    async def stats(self) -> list[StatsRow]:
-        """Allowed and denied counts grouped by endpoint and tier (the ``stats`` view)."""
-        return await self._admin.stats(self.pool)
+    async def _cleanup_round(self) -> int | None:
+        await self._stats.prune(None)
+        return await self._admin.cleanup_alone(self.pool, _CLEANUP_BATCH)
+
+    async def stats(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsRow]:
+        """Allowed and denied requests by endpoint and tier (or the groups ``by``), from
+        the per-minute rollups that every instance writes; this instance's pending counts
+        are written first. ``keys``: the keys with state stored in each group.
+
+        Args:
+            since: how far back, in seconds or a ``timedelta`` (``None``: every minute
+                kept); the minute it falls in counts whole.
+            by: the groups: ``"endpoint"``, ``"tier"``, both (the default) or neither.
+            now: nanoseconds since the epoch to count back from (``None``: the database
+                clock).
+
+        Raises:
+            ValueError: a bad ``since`` or ``by``.
+            StorageError: the database failed or refused (say, to a runtime role).
+        """
+        return await self._stats.stats(since, by, now)
+
+    async def stats_series(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsPoint]:
+        """Allowed and denied requests per minute and group (arguments as :meth:`stats`),
+        by minute, then group; minutes with no request are absent.
+
+        Raises:
+            ValueError: a bad ``since`` or ``by``.
+            StorageError: the database failed or refused.
+        """
+        return await self._stats.series(since, by, now)

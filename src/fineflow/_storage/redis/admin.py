@@ -1,18 +1,17 @@
-"""The administrative calls of RedisStorage: status, reset and stats of a key's hash."""
+"""The administrative calls of RedisStorage: status and reset of a key's hash (the stats
+are :mod:`.stats`')."""
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from ..._ratelimit.algorithms import ALGORITHMS, expires_at
-from ..base import KeyStatus, StatsRow, storage_key
+from ..base import KeyStatus, storage_key
 from .errors import translated
 from .scripts import Names, Stored
 
-__all__ = ["reset", "stats", "status"]
+__all__ = ["Client", "reset", "status"]
 
 Client = aioredis.Redis | RedisCluster
 
@@ -63,35 +62,3 @@ async def reset(client: Client, names: Names, key: str, endpoint: str | None) ->
         if doomed:
             await client.hdel(name, *doomed)
         return len(doomed)
-
-
-async def stats(client: Client, names: Names) -> list[StatsRow]:
-    """Allowed and denied counts grouped by endpoint and tier, over every key's hash."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    with translated("stats query"):
-        async for page in _scan(client, names):
-            pipe = client.pipeline(transaction=False)
-            for name in page:
-                pipe.hgetall(name)
-            for fields in await pipe.execute():
-                for field, value in fields.items():
-                    if field.startswith(b"~"):
-                        continue
-                    row = Stored.decode(field, value)
-                    group = groups.setdefault((row.endpoint, row.tier), [0, 0, 0])
-                    group[0] += 1
-                    group[1] += row.allowed
-                    group[2] += row.denied
-    return [StatsRow(ep, tier, k, a, d) for (ep, tier), (k, a, d) in sorted(groups.items())]
-
-
-async def _scan(client: Client, names: Names) -> AsyncIterator[list[bytes]]:
-    """Every key's hash, in pages (SCAN on every primary of a cluster)."""
-    page: list[bytes] = []
-    async for name in client.scan_iter(match=names.pattern, count=1000):
-        page.append(name)
-        if len(page) == 1000:
-            yield page
-            page = []
-    if page:
-        yield page

@@ -67,9 +67,6 @@ class Names:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._key = f"{prefix}:k:{{"
-        # A SCAN pattern for every hash (glob characters in the prefix escaped).
-        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
-        self.pattern = f"{escaped}:k:*"
 
     def key(self, key: str) -> str:
         """The name of ``key``'s hash (``key`` already a storage key)."""

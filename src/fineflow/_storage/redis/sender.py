@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from redis.asyncio.cluster import RedisCluster
@@ -22,6 +23,7 @@ from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 from ..._errors import StorageClosedError, StorageError
 from ..._logfields import error_text, log_extra
 from ..coalescing import Request
+from ..rollups import Rollups
 from .admin import Client
 from .batch import Call, answer, pack, plan, refunds
 from .errors import DecisionTimeout, storage_error
@@ -50,15 +52,24 @@ class ScriptSender:
         client: gives the storage's client (raises when the storage is not open).
         names: the storage's key names.
         cluster: whether the client is a ``RedisCluster`` (calls go per slot).
+        rollups: where answered requests are counted for the stats (``None``: not counted).
 
     Attributes:
         refunded: refund calls that succeeded (cluster, several slots, one denied).
     """
 
-    def __init__(self, client: Callable[[], Client], names: Names, *, cluster: bool) -> None:
+    def __init__(
+        self,
+        client: Callable[[], Client],
+        names: Names,
+        *,
+        cluster: bool,
+        rollups: Rollups | None = None,
+    ) -> None:
         self._client = client
         self._names = names
         self._slot_of = slot if cluster else None
+        self._rollups = rollups
         self.refunded = 0
 
     def session(self) -> contextlib.nullcontext[Client]:
@@ -72,6 +83,8 @@ class ScriptSender:
         charged: list[Call] = []
         for calls in per_request:
             charged += answer(calls)
+        if self._rollups is not None:
+            self._rollups.count_answered(batch, time.time_ns())
         if charged:
             await self._refund(session, charged)
         return True

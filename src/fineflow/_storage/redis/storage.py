@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,15 +27,18 @@ from ..._errors import ConfigurationError, StorageClosedError
 from ..._logfields import log_extra
 from ..._ratelimit.algorithms import ALGORITHMS, Decision
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
-from ..base import Hit, KeyStatus, StatsRow, StorageHealth, check_hits
+from ..base import Hit, KeyStatus, StatsPoint, StatsRow, StorageHealth, check_hits
 from ..coalescing import Scheduler
 from ..figures import StorageFigures
+from ..flusher import FlushSnapshot
+from ..rollups import check_interval, check_retention
 from . import admin
 from .admin import Client
 from .errors import translated
 from .health import check_health
 from .scripts import DECIDE, Names
 from .sender import ScriptSender
+from .stats import RedisStats
 
 __all__ = ["RedisStorage"]
 
@@ -77,6 +81,11 @@ class RedisStorage:
         socket_timeout: seconds to wait for any reply (default 5); the limiter's own time
             budget per decision is usually far shorter.
         max_connections: connections per server (default 32).
+        stats_flush_every: seconds between writes of this instance's per-minute request
+            counts (default 5; one pipeline each, in the background, never in a request's
+            way; see :meth:`stats`). ``None`` turns the counting off.
+        stats_retention: how long the per-minute counts are kept, in seconds or a
+            ``timedelta`` (default 7 days): each minute's hash expires by itself.
 
     Raises:
         ConfigurationError: for a bad URL, prefix or option, or both ``url`` and ``client``.
@@ -95,6 +104,8 @@ class RedisStorage:
         connect_timeout: float = 5.0,
         socket_timeout: float = 5.0,
         max_connections: int = 32,
+        stats_flush_every: float | None = 5.0,
+        stats_retention: float | timedelta = 7 * 86400.0,
     ) -> None:
         if url is not None and client is not None:
             raise ConfigurationError("give RedisStorage a url or a client, not both")
@@ -138,7 +149,18 @@ class RedisStorage:
         self._owns_client = client is None
         self._opened = False
         self._closed = False
-        self._sender = ScriptSender(lambda: self.client, self.names, cluster=self.cluster)
+        self._stats = RedisStats(
+            lambda: self.client,
+            prefix,
+            retention=check_retention(stats_retention),
+            flush_every=check_interval("stats_flush_every", stats_flush_every),
+        )
+        self._sender = ScriptSender(
+            lambda: self.client,
+            self.names,
+            cluster=self.cluster,
+            rollups=self._stats.rollups if self._stats.counting else None,
+        )
         self._scheduler = Scheduler(
             self._sender, coalesce=coalesce, max_in_flight=max_in_flight, max_batch=max_batch
         )
@@ -164,6 +186,16 @@ class RedisStorage:
         """Errors, timeouts, round-trip times and batch sizes of the decisions so far, for
         the exporters (``fineflow.prometheus``, ``fineflow.opentelemetry``)."""
         return StorageFigures("redis", self._scheduler.figures())
+
+    @property
+    def stats_retention(self) -> float:
+        """Seconds the per-minute request counts are kept."""
+        return self._stats.retention
+
+    def stats_flush_snapshot(self) -> FlushSnapshot:
+        """The counters of the per-minute stats' writes: flushes, failures (their counts
+        kept for the next write), cells pending, requests dropped."""
+        return self._stats.snapshot()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -195,12 +227,20 @@ class RedisStorage:
             else:
                 self._client = aioredis.Redis.from_url(self.url, **options)
         self._opened = True
+        self._stats.start()
 
     async def close(self) -> None:
         """Finish the calls in flight, close the client if this storage owns it; the storage
         refuses use afterwards."""
+        was_open = self._opened and not self._closed
         self._closed = True
         await self._scheduler.close(self.socket_timeout)
+        if was_open:
+            self._closed = False  # (the last write uses the client)
+            try:
+                await self._stats.stop()
+            finally:
+                self._closed = True
         if self._client is not None and self._owns_client:
             with contextlib.suppress(RedisError, OSError):
                 await self._client.aclose()
@@ -290,14 +330,46 @@ class RedisStorage:
         )
         return 0
 
-    async def stats(self) -> list[StatsRow]:
-        """Allowed and denied counts grouped by endpoint and tier, over live state.
+    async def stats(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsRow]:
+        """Allowed and denied requests by endpoint and tier (or the groups ``by``), from the
+        per-minute counters every instance writes (this one's pending counts first): one
+        sorted set of minutes and one hash per minute, never a scan of the keys. ``keys``
+        is 0: counting the keys with state would take one.
 
-        Sums the per-state counters of every key's hash (SCAN on each server, then one
-        pipeline per page): proportional to the number of live keys, an administrative
-        query rather than one for every request.
+        Args:
+            since: how far back, in seconds or a ``timedelta`` (``None``: every minute
+                kept); the minute it falls in counts whole.
+            by: the groups: ``"endpoint"``, ``"tier"``, both (the default) or neither.
+            now: nanoseconds since the epoch to count back from (``None``: the server's
+                clock).
+
+        Raises:
+            ValueError: a bad ``since`` or ``by``.
+            StorageError: the server failed.
         """
-        return await admin.stats(self.client, self.names)
+        return await self._stats.stats(since, by, now)
+
+    async def stats_series(
+        self,
+        *,
+        since: float | timedelta | None = None,
+        by: Sequence[str] = ("endpoint", "tier"),
+        now: int | None = None,
+    ) -> list[StatsPoint]:
+        """Allowed and denied requests per minute and group (arguments as :meth:`stats`),
+        by minute, then group; minutes with no request are absent.
+
+        Raises:
+            ValueError: a bad ``since`` or ``by``.
+            StorageError: the server failed.
+        """
+        return await self._stats.series(since, by, now)
 
 
 def _check_url(url: str, cluster: bool) -> tuple[str, bool]:

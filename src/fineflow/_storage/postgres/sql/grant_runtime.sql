@@ -14,3 +14,7 @@ GRANT EXECUTE ON FUNCTION {schema}.decide(
 ) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.peek(text[], text[], text[]) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.status(text, bigint) TO {role};
+-- ... and add its instance's per-minute request counts (never read or delete them).
+GRANT EXECUTE ON FUNCTION {schema}.add_rollups(
+    bigint[], text[], text[], bigint[], bigint[]
+) TO {role};

@@ -11,13 +11,14 @@ lifespan), else the route limit's own, which lives as long as the process.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .._asgi.problem import ProblemResponse
 from .._asgi.types import Scope
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, StorageError
 from .._storage.base import Storage
 from .._storage.lifespan import OwnedStorage
 from ..keys import client_ip
@@ -28,6 +29,8 @@ from .rules import CostFunc, QuotaFunc, QuotaSpec, Rule
 from .ruleset import RuleSet
 
 __all__ = ["DefaultGate", "RouteLimit", "RouteOutcome"]
+
+logger = logging.getLogger("fineflow.middleware")
 
 _MAX_NAMES = 10_000  # rule sets kept per route limit (one per route it guards)
 
@@ -71,10 +74,14 @@ class DefaultGate:
         return gate
 
     async def aclose(self) -> None:
-        """Close the storage if one was built (a pool is never left open)."""
+        """Close the storage if one was built (a pool is never left open); an error while
+        closing is logged, not raised (the app is shutting down)."""
         gate, self._gate = self._gate, None
         if gate is not None and gate.owned is not None:
-            await gate.owned.storage.close()
+            try:
+                await gate.owned.storage.close()
+            except (StorageError, OSError) as exc:
+                logger.warning("error closing the default rate-limit storage: %r", exc)
 
 
 class RouteLimit:

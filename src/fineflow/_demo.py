@@ -65,6 +65,9 @@ def _build_app(storage: Storage) -> Any:
         key=_key,
         tier=_tier,
         default_tier="free",
+        # The demo shows exact quotas: a first concurrent burst on a cold pool, on a busy
+        # machine, must not fail open for want of the 50 ms production budget.
+        timeout=1.0,
     )
     return CircuitBreakerMiddleware(
         limited,

@@ -195,6 +195,9 @@ def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     demo = command("demo", "run the demo: a limited app driven by a scripted burst")
     demo.add_argument("--dsn", default=None, help="PostgreSQL to use (default: found or started)")
     demo.add_argument("--memory", action="store_true", help="use in-memory storage")
+    demo.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout, errors included"
+    )
     command("bench", "run the benchmark suite from a clone (python -m benchmarks ARGS...)")
     return parser
 
@@ -384,7 +387,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from ._demo import run_demo
 
-        return run_demo(dsn=args.dsn, memory=args.memory)
+        return run_demo(dsn=args.dsn, memory=args.memory, as_json=args.json)
     return asyncio.run(_storage_command(args))
 
 

@@ -6,7 +6,7 @@
     from fineflow.fastapi import RateLimit, install
 
     app = FastAPI()
-    install(app)  # denials as application/problem+json (else FastAPI's {"detail": ...})
+    install(app)  # problem+json denials; the default storage closed with the app
 
     @app.get("/search", dependencies=[Depends(RateLimit("5/minute"))])
     async def search(q: str) -> list[str]: ...
@@ -15,12 +15,18 @@ A :class:`RateLimit` decides through the same code as :class:`fineflow.RateLimit
 (the rules' collecting, the limiter, the headers and the problem responses are shared). It
 uses, in order: its ``limiter=``; the limiter of a ``RateLimitMiddleware`` wrapping the app,
 which the middleware publishes in ``scope["state"]["fineflow.limiter"]`` on every request;
-the default storage of ``FINEFLOW_STORAGE_URL`` or ``FINEFLOW_DSN`` (opened on first use).
+the app's default storage, from ``FINEFLOW_STORAGE_URL`` or ``FINEFLOW_DSN``: one storage,
+one pool, for every dependency of the app, opened on first use. :func:`install` closes it
+when the app's lifespan ends; without ``install`` it still works, but nothing closes it
+(a warning says so once per app).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -28,11 +34,14 @@ from fastapi.routing import APIRoute
 
 from ._asgi.problem import ProblemResponse
 from ._errors import ConfigurationError
+from ._logfields import log_extra
 from ._ratelimit.limiter import Decisions, RateLimiter
-from ._ratelimit.route import RouteLimit
+from ._ratelimit.route import DefaultGate, RouteLimit
 from ._ratelimit.rules import CostFunc, QuotaFunc, QuotaSpec
 
 __all__ = ["RateLimit", "RateLimitExceeded", "install", "problem_response"]
+
+logger = logging.getLogger("fineflow.middleware")
 
 
 class RateLimitExceeded(HTTPException):
@@ -75,9 +84,50 @@ async def problem_response(request: Request, exc: Exception) -> Response:
     return Response(problem.body, problem.status, headers)
 
 
-def install(app: FastAPI) -> None:
-    """Answer the app's :class:`RateLimitExceeded` with problem+json (one line, at setup)."""
-    app.add_exception_handler(RateLimitExceeded, problem_response)
+_APP_DEFAULTS: weakref.WeakKeyDictionary[Any, DefaultGate] = weakref.WeakKeyDictionary()
+
+
+def install(app: FastAPI, *, problem_json: bool = True) -> None:
+    """Set up fineflow on ``app`` (one line, before it serves; a second call does nothing).
+
+    * Answer the app's :class:`RateLimitExceeded` with problem+json (``problem_json=False``
+      keeps FastAPI's ``{"detail": ...}``).
+    * Give the app its default storage, for the :class:`RateLimit` dependencies that have
+      neither ``limiter=`` nor a ``RateLimitMiddleware`` around them: built from
+      ``FINEFLOW_STORAGE_URL`` / ``FINEFLOW_DSN`` and opened on first use, closed when the
+      app's lifespan ends (after the app's own shutdown), so no pool outlives the app.
+    """
+    if app in _APP_DEFAULTS:
+        return
+    if problem_json:
+        app.add_exception_handler(RateLimitExceeded, problem_response)
+    defaults = _APP_DEFAULTS[app] = DefaultGate()
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(served: Any) -> AsyncIterator[Any]:
+        try:
+            async with inner(served) as state:
+                yield state
+        finally:
+            await defaults.aclose()
+
+    app.router.lifespan_context = lifespan
+
+
+def _default_gate(app: Any) -> DefaultGate:
+    """The app's default gate; for an app :func:`install` did not set up, made on its first
+    rate-limited request (with a warning: nothing closes its storage with the app)."""
+    defaults = _APP_DEFAULTS.get(app)
+    if defaults is None:
+        defaults = _APP_DEFAULTS[app] = DefaultGate()
+        logger.warning(
+            "fineflow.fastapi.install(app) was not called: the default rate-limit storage "
+            "(FINEFLOW_STORAGE_URL / FINEFLOW_DSN) is opened for this app and not closed with "
+            "its lifespan; call install(app) at setup to close it",
+            extra=log_extra("ratelimit_default_storage_unmanaged"),
+        )
+    return defaults
 
 
 class RateLimit:
@@ -101,12 +151,13 @@ class RateLimit:
         tier: with tiered quotas: a function of the scope returning the caller's tier.
         cost: what a request costs, an int or a function of the scope.
         limiter: the :class:`fineflow.RateLimiter` to use (you open it); default the
-            middleware's, else one over the default storage.
+            middleware's, else the app's default storage (see :func:`install`).
         enabled: ``False`` (or ``FINEFLOW_ENABLED=0`` when the dependency is built) lets
             every request through undecided.
 
     Raises:
-        ConfigurationError: for an invalid quota, key, tier or cost.
+        ConfigurationError: for an invalid quota, key, tier or cost; on a request, when no
+            limiter is found and neither ``FINEFLOW_STORAGE_URL`` nor ``FINEFLOW_DSN`` is set.
     """
 
     def __init__(
@@ -134,7 +185,7 @@ class RateLimit:
             return None
         scope = request.scope
         name = self._name or _route_name(scope, scope.get("method") or "GET")
-        outcome = await self._limit.decide(scope, name)
+        outcome = await self._limit.decide(scope, name, default=_default_gate(request.app))
         if outcome is None:
             return None
         if outcome.denial is not None:

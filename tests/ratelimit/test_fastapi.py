@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from asgi_lifespan import LifespanManager
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.middleware import Middleware
 
@@ -174,3 +178,68 @@ async def test_per_request_quotas_and_tiers_in_the_dependency() -> None:
         assert sf(pro[0].headers["ratelimit-policy"].encode()) == [
             ("GET /tiered", {"q": 3, "w": 60})
         ]
+
+
+def connections(dsn: str, application_name: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_the_default_storage_lives_and_dies_with_the_app_lifespan(
+    monkeypatch: pytest.MonkeyPatch, pg_dsn: str
+) -> None:
+    """A real PostgreSQL pool, opened by the first request and closed when the lifespan
+    ends: afterwards no connection of that application name is left on the server."""
+    name = f"ff_lifespan_{secrets.token_hex(4)}"
+    monkeypatch.delenv("FINEFLOW_STORAGE_URL", raising=False)
+    monkeypatch.setenv(
+        "FINEFLOW_DSN", psycopg.conninfo.make_conninfo(pg_dsn, application_name=name)
+    )
+    app = create_app()
+    install(app)  # (a second call does nothing)
+    for expected in ([200, 200, 429], [429, 429, 429]):  # a second lifespan: a new storage
+        async with LifespanManager(app) as manager:
+            assert connections(pg_dsn, name) == 0  # nothing opened before it is needed
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert [(await client.get("/search")).status_code for _ in range(3)] == expected
+                assert (await client.get("/r/a")).status_code in (200, 429)
+            assert connections(pg_dsn, name) >= 1
+        assert connections(pg_dsn, name) == 0
+
+
+async def test_without_install_the_default_storage_still_decides_and_says_install(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("FINEFLOW_STORAGE_URL", "memory://")
+    app = create_app(problems=False)
+    with caplog.at_level(logging.WARNING, logger="fineflow.middleware"):
+        statuses = [r.status_code for r in await get_all(app, *["/search"] * 3)]
+        statuses += [r.status_code for r in await get_all(app, "/search")]
+    assert statuses == [200, 200, 429, 429]  # one storage for the app, kept between clients
+    warnings = [r for r in caplog.records if "install(app)" in r.getMessage()]
+    assert len(warnings) == 1  # once per app
+    # Neither a limiter nor a storage in the environment: the error says what to set.
+    monkeypatch.delenv("FINEFLOW_STORAGE_URL")
+    monkeypatch.delenv("FINEFLOW_DSN", raising=False)
+    with pytest.raises(ConfigurationError, match="FINEFLOW_STORAGE_URL"):
+        await get_all(create_app(problems=False), "/search")
+    # With a limiter, install() is only for problem+json.
+    limiter = RateLimiter(MemoryStorage())
+    *_, denied = await get_all(create_app(limiter, problems=False), *["/search"] * 3)
+    assert denied.status_code == 429
+
+
+async def test_install_without_problem_json_keeps_fastapis_error_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FINEFLOW_STORAGE_URL", "memory://")
+    app = create_app(problems=False)
+    install(app, problem_json=False)
+    *_, denied = await get_all(app, *["/search"] * 3)
+    assert denied.status_code == 429 and denied.json() == {"detail": "Too Many Requests"}

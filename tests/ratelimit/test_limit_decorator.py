@@ -1,11 +1,16 @@
-"""``@ff.limit``: a limit declared on a Starlette endpoint."""
+"""``@ff.limit``: a limit declared on a Starlette endpoint or a Quart view (Quart's test
+client and a real uvicorn)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from quart.testing.connections import WebsocketResponseError
+from quart_limited_app import create_app as create_quart_app
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -14,7 +19,7 @@ from starlette.routing import Route
 
 import fineflow as ff
 from asgi_helpers import sf
-from fineflow.testing import FakeClock
+from fineflow.testing import FakeClock, UvicornProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -80,3 +85,87 @@ async def test_disabled_endpoints_and_the_middlewares_limiter() -> None:
     assert "ratelimit" not in responses[0].headers
     status = await storage.status("127.0.0.1")
     assert [(s.endpoint, s.allowed_total) for s in status] == [("search", 2)]
+
+
+# -- Quart ------------------------------------------------------------------------------------
+
+
+async def test_quart_views_send_headers_then_the_problem_429() -> None:
+    clock = FakeClock()
+    app = create_quart_app(ff.RateLimiter(ff.MemoryStorage(clock=clock.time_ns)))
+    client = app.test_client()
+    ok, ok2, denied = [await client.get("/search") for _ in range(3)]
+    assert await ok.get_json() == {"remaining": 1} and await ok2.get_json() == {"remaining": 0}
+    assert sf(ok.headers["ratelimit-policy"].encode()) == [("search", {"q": 2, "w": 60})]
+    assert sf(ok.headers["ratelimit"].encode()) == [("search", {"r": 1, "t": 30})]
+    assert denied.status_code == 429
+    assert denied.headers["content-type"] == "application/problem+json"
+    assert denied.headers["retry-after"] == "30"
+    assert (await denied.get_json())["violated-policies"] == ["search"]
+    assert "ratelimit" in denied.headers
+    clock.advance(30)
+    assert (await client.get("/search")).status_code == 200
+
+
+async def test_quart_path_parameters_streams_and_disabled_views() -> None:
+    app = create_quart_app(ff.RateLimiter(ff.MemoryStorage()))
+    client = app.test_client()
+    users = [await client.get(f"/users/{i}") for i in (1, 2)]
+    assert await users[0].get_json() == {"id": 1}  # the path parameter reached the view
+    assert [r.status_code for r in users] == [200, 429]  # one limit for every user id
+    first, second = await client.get("/stream"), await client.get("/stream")
+    assert await first.get_data() == b"ab" and "ratelimit" in first.headers
+    assert str(sf(first.headers["ratelimit-policy"].encode())[0][0]).endswith(".stream")
+    assert second.status_code == 429
+    free = [await client.get("/free") for _ in range(3)]
+    assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in free)
+
+
+async def test_quart_websocket_views_are_denied_at_the_handshake() -> None:
+    client = create_quart_app(ff.RateLimiter(ff.MemoryStorage())).test_client()
+    async with client.websocket("/ws") as ws:
+        await ws.send("hi")
+        assert await ws.receive() == "hi"
+    with pytest.raises(WebsocketResponseError) as denied:
+        async with client.websocket("/ws") as ws:
+            await ws.send("again")
+    assert denied.value.response.status_code == 429
+    assert denied.value.response.headers["retry-after"] == "60"
+
+
+async def test_quart_views_use_the_limiter_of_the_middleware_around_the_app() -> None:
+    storage = ff.MemoryStorage()
+    app = create_quart_app()
+    app.asgi_app = ff.RateLimitMiddleware(  # type: ignore[assignment]
+        app.asgi_app,  # type: ignore[arg-type]
+        storage=storage,
+        rules=[ff.Rule("/other", quota="1/second")],
+    )
+    client = app.test_client()
+    assert [(await client.get("/search")).status_code for _ in range(3)] == [200, 200, 429]
+    status = await storage.status("unknown")  # (Quart's test client sends no client address)
+    assert [(s.endpoint, s.allowed_total, s.denied_total) for s in status] == [("search", 2, 1)]
+
+
+@pytest.fixture
+def quart_server() -> Iterator[UvicornProcess]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINEFLOW_")}
+    env.update(FINEFLOW_STORAGE_URL="memory://", PYTHONUNBUFFERED="1")
+    app_dir = Path(__file__).resolve().parent
+    with UvicornProcess(
+        "quart_limited_app:create_app", factory=True, app_dir=app_dir, env=env
+    ) as process:
+        process.wait_listening(60.0)
+        yield process
+
+
+def test_quart_views_under_a_real_uvicorn(quart_server: UvicornProcess) -> None:
+    with httpx.Client(base_url=quart_server.url, timeout=10) as client:
+        search = [client.get("/search") for _ in range(3)]
+        assert [r.status_code for r in search] == [200, 200, 429]
+        assert search[0].json() == {"remaining": 1}
+        assert sf(search[0].headers["ratelimit-policy"].encode()) == [("search", {"q": 2, "w": 60})]
+        assert search[2].headers["content-type"] == "application/problem+json"
+        assert search[2].json()["violated-policies"] == ["search"]
+        stream = client.get("/stream")
+        assert stream.text == "ab" and "ratelimit" in stream.headers

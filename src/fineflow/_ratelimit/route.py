@@ -4,18 +4,23 @@
 :class:`~.ruleset.RuleSet` and decided by the :class:`~.gate.Gate` the middleware uses. Its
 limiter is, in order: the one given; the one a :class:`RateLimitMiddleware` wrapping the
 app publishes in ``scope["state"]["fineflow.limiter"]``; one over the default storage
-(``FINEFLOW_STORAGE_URL`` / ``FINEFLOW_DSN``), opened on first use.
+(``FINEFLOW_STORAGE_URL`` / ``FINEFLOW_DSN``), opened on first use by a :class:`DefaultGate`:
+the caller's (``fineflow.fastapi.install`` gives each app one, closed with the app's
+lifespan), else the route limit's own, which lives as long as the process.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .._asgi.problem import ProblemResponse
 from .._asgi.types import Scope
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, StorageError
+from .._logfields import error_text, log_extra
+from .._storage.base import Storage
 from .._storage.lifespan import OwnedStorage
 from ..keys import client_ip
 from .environment import default_storage, limits_enabled
@@ -24,7 +29,9 @@ from .limiter import Decisions, RateLimiter
 from .rules import CostFunc, QuotaFunc, QuotaSpec, Rule
 from .ruleset import RuleSet
 
-__all__ = ["RouteLimit", "RouteOutcome"]
+__all__ = ["DefaultGate", "RouteLimit", "RouteOutcome"]
+
+logger = logging.getLogger("fineflow.middleware")
 
 _MAX_NAMES = 10_000  # rule sets kept per route limit (one per route it guards)
 
@@ -42,6 +49,44 @@ class RouteOutcome:
     decisions: Decisions
     headers: Headers
     denial: ProblemResponse | None
+
+
+class DefaultGate:
+    """The gate over the default storage: built on first use, its storage opened then (and
+    migrated), closed by :meth:`aclose` (after which a later use builds a new one).
+
+    Args:
+        storage: what builds the storage (default :func:`~.environment.default_storage`, the
+            environment's); it may raise :class:`ConfigurationError` to refuse.
+    """
+
+    __slots__ = ("_gate", "_storage")
+
+    def __init__(self, storage: Callable[[], Storage] = default_storage) -> None:
+        self._storage = storage
+        self._gate: Gate | None = None
+
+    def get(self) -> Gate:
+        """The gate (built on the first call; its storage opens on its first decision)."""
+        gate = self._gate
+        if gate is None:
+            storage = self._storage()
+            gate = self._gate = Gate(RateLimiter(storage), owned=OwnedStorage(storage))
+        return gate
+
+    async def aclose(self) -> None:
+        """Close the storage if one was built (a pool is never left open); an error while
+        closing is logged, not raised (the app is shutting down)."""
+        gate, self._gate = self._gate, None
+        if gate is not None and gate.owned is not None:
+            try:
+                await gate.owned.storage.close()
+            except (StorageError, OSError) as exc:
+                logger.warning(
+                    "error closing the default rate-limit storage: %s",
+                    error_text(exc),
+                    extra=log_extra("storage_close_failed", error=error_text(exc)),
+                )
 
 
 class RouteLimit:
@@ -77,7 +122,7 @@ class RouteLimit:
         self._ruleset("route")  # validates the options now, not on a request
         self._rulesets.clear()
         self._gate: Gate | None = None
-        self._default: Gate | None = None
+        self._default = DefaultGate()
 
     def _ruleset(self, name: str) -> RuleSet:
         ruleset = self._rulesets.get(name)
@@ -96,30 +141,31 @@ class RouteLimit:
                 self._rulesets[name] = ruleset
         return ruleset
 
-    def _gate_for(self, scope: Scope) -> Gate:
+    def _gate_for(self, scope: Scope, default: DefaultGate | None) -> Gate:
         limiter = self._limiter
         if limiter is None:
             limiter = (scope.get("state") or {}).get(LIMITER_STATE)
         if limiter is None:
-            if self._default is None:
-                storage = default_storage()
-                self._default = Gate(RateLimiter(storage), owned=OwnedStorage(storage))
-            return self._default
+            return (default or self._default).get()
         gate = self._gate
         if gate is None or gate.limiter is not limiter:
             gate = self._gate = Gate(limiter)
         return gate
 
-    async def decide(self, scope: Scope, name: str) -> RouteOutcome | None:
+    async def decide(
+        self, scope: Scope, name: str, *, default: DefaultGate | None = None
+    ) -> RouteOutcome | None:
         """Decide the request under the limit named ``name``; ``None`` when limits are off
-        or the key (or the quota function) exempts it."""
+        or the key (or the quota function) exempts it. ``default``: the gate over the
+        default storage to use when neither ``limiter=`` nor a middleware gives a limiter
+        (else the route limit's own)."""
         if not self.enabled:
             return None
         method = scope.get("method") or "GET"
         hits, applied, _ = await self._ruleset(name).collect(scope, method, "/")
         if not hits:
             return None
-        gate = self._gate_for(scope)
+        gate = self._gate_for(scope, default)
         decisions = gate.decide_nowait(hits)
         if decisions is None:
             decisions = await gate.decide(hits)

@@ -189,6 +189,7 @@ class Storage(Protocol):
         ...
 
 
+@runtime_checkable
 class MinuteStats(Protocol):
     """The statistics of a storage that counts requests per minute (each of fineflow's):
     what the ``fineflow stats`` command and the conformance suite use."""

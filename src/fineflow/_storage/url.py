@@ -17,8 +17,8 @@ __all__ = ["storage_from_url"]
 
 _FORMS = (
     "postgresql:// or postgres:// (PostgresStorage), redis://, rediss:// or unix:// "
-    "(RedisStorage), redis+cluster:// (RedisStorage on a Redis Cluster), memory:// "
-    "(MemoryStorage)"
+    "(RedisStorage), redis+cluster:// (RedisStorage on a Redis Cluster), redis+sentinel:// "
+    "(RedisStorage on the master of a Sentinel service), memory:// (MemoryStorage)"
 )
 
 
@@ -29,6 +29,7 @@ def storage_from_url(url: str) -> Storage:
     ``postgresql://…``, ``postgres://…``      :class:`PostgresStorage` (the URL is its DSN)
     ``redis://…``, ``rediss://…``, ``unix://…``  :class:`RedisStorage`
     ``redis+cluster://host:port``             :class:`RedisStorage` with ``cluster=True``
+    ``redis+sentinel://host:port/service``    :class:`RedisStorage` on the service's master
     ``memory://``                             :class:`MemoryStorage`
     ========================================  ===========================================
 
@@ -40,7 +41,7 @@ def storage_from_url(url: str) -> Storage:
     scheme = urlsplit(url.strip()).scheme.lower()
     if scheme in ("postgresql", "postgres"):
         return _postgres(url)
-    if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+    if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel"):
         return _redis(url)
     if scheme == "memory":
         return MemoryStorage()

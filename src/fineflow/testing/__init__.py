@@ -5,6 +5,8 @@
   local default server, or a throwaway cluster) and :func:`temporary_database` makes a
   database for one test session (see :mod:`fineflow.testing.postgres`).
 * :func:`free_port` and :class:`UvicornProcess`: a real server for end-to-end tests.
+* :mod:`fineflow.testing.conformance`: the storage conformance suite, for a storage of
+  your own (a pytest base class).
 
 The PostgreSQL helpers import psycopg when first used, so ``from fineflow.testing import
 FakeClock`` stays light.

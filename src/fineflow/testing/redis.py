@@ -12,7 +12,9 @@ is shared: give each run its own key prefix (``unique_prefix()``) and remove onl
 keys (``delete_prefix()``); never FLUSHDB a server you did not start.
 
 ``throwaway_cluster()`` starts a Redis Cluster of three masters (``redis-server
---cluster-enabled yes`` on free ports, joined by ``redis-cli --cluster create``)::
+--cluster-enabled yes`` on free ports, joined by ``redis-cli --cluster create``);
+``throwaway_sentinel()`` a master, a replica and ``redis-server --sentinel`` processes
+watching them, for failover tests::
 
     from fineflow.testing.redis import find_redis, throwaway_cluster
 
@@ -20,6 +22,8 @@ keys (``delete_prefix()``); never FLUSHDB a server you did not start.
         storage = RedisStorage(server.url, prefix=unique_prefix())
     with throwaway_cluster() as cluster:
         storage = RedisStorage(cluster.url, cluster=True)
+    with throwaway_sentinel() as sentinel:
+        storage = RedisStorage(sentinel.url)  # redis+sentinel://127.0.0.1:port/fineflow
 """
 
 from __future__ import annotations
@@ -45,12 +49,15 @@ __all__ = [
     "RedisNotFoundError",
     "RedisProcess",
     "RedisServer",
+    "SentinelProcess",
     "ThrowawayCluster",
+    "ThrowawaySentinel",
     "delete_prefix",
     "find_redis",
     "shared_cluster",
     "shared_redis",
     "throwaway_cluster",
+    "throwaway_sentinel",
     "throwaway_server",
     "unique_prefix",
 ]
@@ -117,19 +124,26 @@ class RedisProcess:
     """
 
     def __init__(
-        self, *, cluster: bool = False, directory: Path | None = None, node_timeout: float = 2.0
+        self,
+        *,
+        cluster: bool = False,
+        directory: Path | None = None,
+        node_timeout: float = 2.0,
+        replica_of: int | None = None,
     ) -> None:
         self.port = _cluster_port() if cluster else free_port()
         self.directory = directory or Path(tempfile.mkdtemp(prefix="fineflow-redis-"))
         self.cluster = cluster
         self.node_timeout = node_timeout
+        self.replica_of = replica_of
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, *, wait: float = 10.0) -> None:
+    def command(self) -> list[str]:
+        """The command line that starts the process."""
         args = [
             _binary("redis-server"),
             "--port", str(self.port),
@@ -144,8 +158,16 @@ class RedisProcess:
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             args += ["--cluster-node-timeout", str(int(self.node_timeout * 1000))]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        return args
+
+    def start(self, *, wait: float = 10.0) -> None:
         self._process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + wait
         while not _ping("127.0.0.1", self.port):
@@ -273,6 +295,148 @@ def throwaway_cluster(masters: int = 3, *, node_timeout: float = 2.0) -> Iterato
         yield cluster
     finally:
         cluster.close()
+
+
+class SentinelProcess(RedisProcess):
+    """A ``redis-server --sentinel`` process monitoring the master on ``master_port`` as
+    ``service``: the master is taken for down after ``down_after`` seconds of silence, and
+    ``failover_timeout`` bounds a failover."""
+
+    def __init__(
+        self,
+        master_port: int,
+        *,
+        service: str = "fineflow",
+        quorum: int = 1,
+        down_after: float = 1.0,
+        failover_timeout: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.master_port = master_port
+        self.service = service
+        self.quorum = quorum
+        self.down_after = down_after
+        self.failover_timeout = failover_timeout
+
+    def command(self) -> list[str]:
+        conf = self.directory / "sentinel.conf"
+        if not conf.exists():  # (a restarted sentinel keeps what it rewrote there)
+            conf.write_text(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                "logfile sentinel.log\nprotected-mode no\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.service} {int(self.down_after * 1000)}\n"
+                f"sentinel failover-timeout {self.service} {int(self.failover_timeout * 1000)}\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+        return [_binary("redis-server"), str(conf), "--sentinel"]
+
+
+@dataclass
+class ThrowawaySentinel:
+    """A throwaway Redis Sentinel set on 127.0.0.1: a master, its replica, the sentinels."""
+
+    master: RedisProcess
+    replica: RedisProcess
+    sentinels: list[SentinelProcess] = field(default_factory=list)
+    service: str = "fineflow"
+
+    @property
+    def url(self) -> str:
+        """The ``redis+sentinel://`` URL of the service (``storage_from_url`` form)."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def master_port(self) -> int | None:
+        """The port of the master the sentinels name now (``None`` if none answers)."""
+        for sentinel in self.sentinels:
+            try:
+                out = _cli(sentinel.port, "sentinel", "get-master-addr-by-name", self.service)
+            except (subprocess.SubprocessError, OSError):
+                continue
+            lines = out.split()
+            if len(lines) == 2 and lines[1].isdigit():
+                return int(lines[1])
+        return None
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait until the replica is in sync and every sentinel knows it (a failover needs
+        a replica to promote)."""
+        replica = str(self.replica.port)
+
+        def synced() -> bool:
+            return "master_link_status:up" in _cli(self.replica.port, "info", "replication")
+
+        def known() -> bool:
+            return all(
+                replica in _cli(s.port, "sentinel", "replicas", self.service)
+                for s in self.sentinels
+            )
+
+        self._wait(synced, "the replica did not sync with the master", timeout)
+        self._wait(known, "the sentinels did not discover the replica", timeout)
+
+    def wait_failover(self, old_port: int, timeout: float = 30.0) -> int:
+        """Wait until the sentinels name a master other than ``old_port`` and it takes
+        writes; return its port."""
+
+        def promoted() -> bool:
+            port = self.master_port()
+            return port not in (None, old_port) and "role:master" in _cli(
+                port, "info", "replication"
+            )
+
+        self._wait(promoted, "the sentinels did not fail over", timeout)
+        port = self.master_port()
+        assert port is not None
+        return port
+
+    @staticmethod
+    def _wait(ready: Callable[[], bool], what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ready():
+                    return
+            except (subprocess.SubprocessError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RedisNotFoundError(f"{what} within {timeout}s")
+            time.sleep(0.05)  # polling another process, not moving time
+
+    def close(self) -> None:
+        for process in (*self.sentinels, self.replica, self.master):
+            process.close()
+
+
+@contextlib.contextmanager
+def throwaway_sentinel(
+    sentinels: int = 1, *, down_after: float = 1.0, failover_timeout: float = 2.0
+) -> Iterator[ThrowawaySentinel]:
+    """Start a master, one replica of it and ``sentinels`` sentinels (quorum: a majority)
+    watching it as service ``"fineflow"``; stop and delete them all afterwards. The short
+    ``down_after`` and ``failover_timeout`` (seconds) make a failover take a few seconds."""
+    master = RedisProcess()
+    replica = RedisProcess(replica_of=master.port)
+    group = ThrowawaySentinel(master, replica)
+    atexit.register(group.close)
+    try:
+        master.start()
+        replica.start()
+        for _ in range(sentinels):
+            sentinel = SentinelProcess(
+                master.port,
+                service=group.service,
+                quorum=sentinels // 2 + 1,
+                down_after=down_after,
+                failover_timeout=failover_timeout,
+            )
+            group.sentinels.append(sentinel)
+            sentinel.start()
+        group.wait_ready()
+        yield group
+    finally:
+        group.close()
 
 
 _T = TypeVar("_T")

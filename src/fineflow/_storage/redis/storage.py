@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -38,6 +39,7 @@ from .errors import translated
 from .health import check_health
 from .scripts import DECIDE, Names
 from .sender import ScriptSender
+from .sentinel import SENTINEL_SCHEME, SentinelURL, close_sentinel, master_client
 from .stats import RedisStats
 
 __all__ = ["RedisStorage"]
@@ -64,8 +66,10 @@ class RedisStorage:
     on the same key see less room for a moment.
 
     Args:
-        url: ``redis://[user:pass@]host:port/db``, ``rediss://…`` (TLS), ``unix:///path``, or
-            ``redis+cluster://host:port`` (a Cluster; any node). ``None`` takes
+        url: ``redis://[user:pass@]host:port/db``, ``rediss://…`` (TLS), ``unix:///path``,
+            ``redis+cluster://host:port`` (a Cluster; any node), or
+            ``redis+sentinel://host:port[,host:port…]/service[/db]`` (the master of a
+            Sentinel ``service``, found again after a failover). ``None`` takes
             ``FINEFLOW_REDIS_URL``, else ``redis://127.0.0.1:6379/0``.
         client: a ``redis.asyncio.Redis`` (Sentinel's ``master_for()`` gives one) or
             ``RedisCluster`` you own, opened and closed by you. A cluster client's retries
@@ -147,6 +151,7 @@ class RedisStorage:
         self.names = Names(prefix)
         self._client = client
         self._owns_client = client is None
+        self._sentinel: Sentinel | None = None
         self._opened = False
         self._closed = False
         self._stats = RedisStats(
@@ -224,6 +229,8 @@ class RedisStorage:
             }
             if self.cluster:
                 self._client = RedisCluster.from_url(self.url, **options)
+            elif urlsplit(self.url).scheme.lower() == SENTINEL_SCHEME:
+                self._client, self._sentinel = master_client(SentinelURL.parse(self.url), options)
             else:
                 self._client = aioredis.Redis.from_url(self.url, **options)
         self._opened = True
@@ -244,6 +251,8 @@ class RedisStorage:
         if self._client is not None and self._owns_client:
             with contextlib.suppress(RedisError, OSError):
                 await self._client.aclose()
+        if self._sentinel is not None:
+            await close_sentinel(self._sentinel)
 
     async def health(self, *, timeout: float = 1.0) -> StorageHealth:  # noqa: ASYNC109
         """Whether the storage works now: an answer to ``PING`` within ``timeout`` seconds.
@@ -376,12 +385,17 @@ def _check_url(url: str, cluster: bool) -> tuple[str, bool]:
     if not isinstance(url, str):
         raise ConfigurationError(f"url must be a string, got {type(url).__name__}")
     scheme = urlsplit(url).scheme.lower()
+    if scheme == SENTINEL_SCHEME:
+        if cluster:
+            raise ConfigurationError("a Sentinel URL names one master: drop cluster=True")
+        SentinelURL.parse(url)  # (a bad URL fails here, not on open())
+        return url, False
     if scheme in _CLUSTER_SCHEMES:
         return url.split("+cluster", 1)[0] + url.split("+cluster", 1)[1], True
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"invalid Redis URL {url[:80]!r}: the scheme must be redis://, rediss://, unix:// "
-            'or redis+cluster://; e.g. "redis://localhost:6379/0"'
+            f"invalid Redis URL {url[:80]!r}: the scheme must be redis://, rediss://, unix://, "
+            'redis+cluster:// or redis+sentinel://; e.g. "redis://localhost:6379/0"'
         )
     if cluster and scheme == "unix":
         raise ConfigurationError("a Redis Cluster is reached over TCP: use redis://host:port")

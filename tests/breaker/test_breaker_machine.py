@@ -264,8 +264,9 @@ def test_admits_all_follows_state_and_hold() -> None:
 
 def test_transition_table() -> None:
     assert check_transition(CLOSED, OPEN) == "trip"
-    with pytest.raises(IllegalTransitionError, match="CLOSED -> HALF_OPEN"):
-        check_transition(CLOSED, HALF)
+    with pytest.raises(IllegalTransitionError, match="DISABLED -> HALF_OPEN"):
+        check_transition(CircuitState.DISABLED, HALF)
+    assert check_transition(CLOSED, HALF) == "half-open at another instance"
     with pytest.raises(IllegalTransitionError):
         check_transition(OPEN, OPEN)
     assert (CircuitState.DISABLED, OPEN) not in TRANSITIONS

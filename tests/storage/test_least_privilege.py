@@ -82,7 +82,10 @@ async def test_functions_pin_search_path_and_definer_only_where_needed(
             (pg_schema,),
         ).fetchall()
     names = {name for name, _, _ in rows}
-    assert names == {"decide", "hit", "hit_many", "hit_keys", "peek", "status", "reset", "cleanup"}
+    assert names == {
+        *("decide", "hit", "hit_many", "hit_keys", "peek", "status", "reset", "cleanup"),
+        *("breaker_state", "breaker_step"),
+    }
     for _, definer, config in rows:
         assert definer
         assert config == ["search_path=pg_catalog, pg_temp"]

@@ -24,8 +24,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..._breaker.shared import breaker_channel
 from ..._errors import SchemaVersionError
-from .sqlfiles import FUNCTIONS, compose
+from .sqlfiles import BREAKER_FUNCTIONS, FUNCTIONS, compose
 
 __all__ = [
     "LATEST_VERSION",
@@ -81,6 +82,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         ("schema.sql", *(f"functions/{name}.sql" for name in FUNCTIONS), "revoke.sql"),
         compatible_with=1,
     ),
+    # Shared circuit breakers: additive, older code keeps running.
+    Migration(
+        2,
+        (
+            "migrations/0002_breakers.sql",
+            *(f"functions/{name}.sql" for name in BREAKER_FUNCTIONS),
+            "revoke.sql",
+        ),
+        compatible_with=1,
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -109,9 +120,10 @@ async def migrate(
             )
         applied = await _max_version(conn, ident, "schema_migrations")
         keyword = sql.SQL("UNLOGGED" if unlogged else "")
+        channel = sql.Literal(breaker_channel(schema))
         for migration in MIGRATIONS[applied:]:
             for name in migration.files:
-                await conn.execute(compose(name, schema=ident, unlogged=keyword))
+                await conn.execute(compose(name, schema=ident, unlogged=keyword, channel=channel))
             await conn.execute(
                 sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)").format(ident),
                 (migration.version,),

@@ -15,11 +15,13 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from ..._breaker.shared import BreakerStore
 from ..._errors import StorageClosedError, StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate_algorithm
 from ..base import Hit, KeyStatus, StatsRow, check_hits, storage_key
 from . import migrations
 from .admin import Admin
+from .breakers import PostgresBreakerStore
 from .cleaner import Cleaner
 from .connect import check_reachable, libpq_seconds, why_unreachable
 from .errors import driver_errors, storage_error
@@ -127,6 +129,7 @@ class PostgresStorage:
             max_batch=max_batch,
         )
         self._admin = Admin(schema)
+        self._breakers = PostgresBreakerStore(schema, lambda: self.pool)
         self._cleaner = (
             None
             if cleanup_every is None
@@ -213,6 +216,7 @@ class PostgresStorage:
         self._opened = True
         if self._cleaner is not None:
             self._cleaner.start()
+        self._breakers.start()
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
@@ -236,6 +240,7 @@ class PostgresStorage:
         """Stop the background cleanup, finish statements in flight, close the pool if this
         storage owns it; the storage refuses use afterwards."""
         self._closed = True
+        await self._breakers.stop()
         if self._cleaner is not None:
             await self._cleaner.stop()
         await self._scheduler.close(self.statement_timeout)
@@ -250,6 +255,12 @@ class PostgresStorage:
                 "PostgresStorage is not open: use `async with storage:` or `await storage.open()`"
             )
         return self._pool
+
+    def breaker_store(self) -> BreakerStore:
+        """Where ``CircuitBreaker(shared=storage)`` keeps its shared state: the
+        ``breakers`` table of the schema, with one connection that LISTENs for changes
+        while the storage is open and breakers use it."""
+        return self._breakers
 
     # -- schema ----------------------------------------------------------------------------
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import anyio
 import pytest
-from shared_instances import eventually, in_state, opened, postgres_instances
 
 from fineflow import BreakerRegistry, CircuitBreaker, CircuitState, ConfigurationError, Permit
+from shared_breaker_helpers import eventually, in_state, opened, postgres_instances
 
 pytestmark = pytest.mark.anyio
 

@@ -41,15 +41,17 @@ def postgres_instances(dsn: str, schema: str) -> Callable[[], PostgresStorage]:
 
 
 @contextlib.asynccontextmanager
-async def opened(factory: Callable[[], Any], n: int) -> AsyncIterator[list[Any]]:
-    """``n`` storages from ``factory``, open (the first one migrates)."""
+async def opened(
+    factory: Callable[[], Any], n: int, *, migrate: bool = True
+) -> AsyncIterator[list[Any]]:
+    """``n`` storages from ``factory``, open (the first one migrates, if ``migrate``)."""
     async with contextlib.AsyncExitStack() as stack:
         storages = []
         for i in range(n):
             storage = factory()
             await storage.open()
             stack.push_async_callback(storage.close)
-            if i == 0:
+            if i == 0 and migrate:
                 await storage.migrate()
             storages.append(storage)
         yield storages

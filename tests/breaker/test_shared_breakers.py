@@ -14,7 +14,15 @@ from typing import Any
 import anyio
 import pytest
 
-from fineflow import BreakerRegistry, CircuitBreaker, CircuitState, ConfigurationError, Permit
+from fineflow import (
+    BreakerRegistry,
+    CircuitBreaker,
+    CircuitState,
+    ConfigurationError,
+    MemoryStorage,
+    Permit,
+    PostgresStorage,
+)
 from shared_breaker_helpers import eventually, in_state, opened, postgres_instances
 
 pytestmark = pytest.mark.anyio
@@ -23,9 +31,13 @@ CLOSED, OPEN, HALF = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_O
 RESET = 0.15  # seconds: real time on the store's clock
 
 
-@pytest.fixture(params=["postgres"])
+@pytest.fixture(params=["memory", "postgres"])
 def instances(request: pytest.FixtureRequest) -> Callable[[], Any]:
-    """A factory of storages that are instances of one service on one store."""
+    """A factory of storages that are instances of one service on one store (in memory:
+    breakers sharing one ``MemoryStorage``)."""
+    if request.param == "memory":
+        storage = MemoryStorage()
+        return lambda: storage
     if request.param == "postgres":
         dsn: str = request.getfixturevalue("pg_dsn")
         return postgres_instances(dsn, request.getfixturevalue("pg_schema"))
@@ -168,9 +180,9 @@ def test_shared_must_be_a_storage_that_shares() -> None:
 
 
 async def test_a_store_not_open_is_logged_once_and_calls_go_on(
-    instances: Callable[[], Any], caplog: pytest.LogCaptureFixture
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    storage = instances()  # never opened
+    storage = PostgresStorage(pg_dsn)  # never opened
     b = breaker(storage)
     caplog.set_level(logging.WARNING, "fineflow.breaker")
     assert not await b.sync()

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from .._breaker.shared import BreakerStore
 from .._errors import ConfigurationError, StorageClosedError
 from .._ratelimit.algorithms import (
     ALGORITHMS,
@@ -29,6 +30,7 @@ from .._ratelimit.algorithms import (
 )
 from .._ratelimit.quota import Quota
 from .base import MAX_KEY_BYTES, Hit, KeyStatus, StatsRow, check_cost, storage_key
+from .memory_breakers import MemoryBreakerStore
 
 __all__ = ["MemoryStorage"]
 
@@ -91,6 +93,7 @@ class MemoryStorage:
         self._size = 0
         self._closed = False
         self._warned_eviction = False
+        self._breakers = MemoryBreakerStore(lambda: self.clock() / 1e9)
 
     async def __aenter__(self) -> MemoryStorage:
         await self.open()
@@ -105,14 +108,22 @@ class MemoryStorage:
             raise StorageClosedError("this MemoryStorage was closed; create a new one")
 
     async def close(self) -> None:
-        """Drop all state; the storage refuses use afterwards."""
+        """Drop all state, stop the shared breakers' background work; the storage refuses
+        use afterwards."""
         self._closed = True
+        await self._breakers.stop()
         self._index.clear()
         self._queue.clear()
         self._size = 0
 
     async def migrate(self) -> None:
         """Nothing to migrate for memory storage."""
+
+    def breaker_store(self) -> BreakerStore:
+        """Where ``CircuitBreaker(shared=storage)`` keeps its shared state: breakers of
+        this process sharing this storage share their state (the reference semantics of
+        the PostgreSQL and Redis stores)."""
+        return self._breakers
 
     def __len__(self) -> int:
         return self._size

@@ -91,6 +91,7 @@ class PostgresBreakerStore:
 
     async def read(self, name: str) -> SharedState:
         """The row of ``name`` now."""
+        self._listen_if_watched()  # watchers made outside the event loop could not start it
         with driver_errors("reading shared breaker state"):
             async with self._pool().connection() as conn:
                 cur = await conn.execute(self._read_sql, (storage_key(name),), prepare=True)
@@ -107,6 +108,7 @@ class PostgresBreakerStore:
         shorten: float = 1.0,
     ) -> SharedState:
         """One ``breaker_step()`` on the row of ``name``."""
+        self._listen_if_watched()
         params = (
             storage_key(name),
             action.value,

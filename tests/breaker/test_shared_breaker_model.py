@@ -83,7 +83,7 @@ class SharedModel(RuleBasedStateMachine):
         self.loop.close()
 
     async def _generation(self) -> int:
-        return (await self.stores[0].breaker_store().read(self.name)).generation
+        return int((await self.stores[0].breaker_store().read(self.name)).generation)
 
     async def _admit(self, i: int) -> Permit | None:
         b = self.breakers[i]

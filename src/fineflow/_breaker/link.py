@@ -274,25 +274,26 @@ class SharedLink:
             return  # older than what this instance already adopted (delivered late)
         fresh = shared.generation != self.generation
         self.generation = shared.generation
-        m = self._machine
-        local, target = m.state, shared.state
+        local, target = self._machine.state, shared.state
         if local not in _SHARED:
             return  # a state set by hand stays until reset()
+        if target is local:
+            if target is _O or (target is _H and fresh):
+                self._adopt(target, shared, "")  # a new deadline, or a new round
+            return
+        if not fresh or self._close or (self._open and target is _C):
+            # Same generation, another state: this instance moved ahead (a trip, a verdict,
+            # a reset) and its own step is on its way; or the open here is early.
+            return
         if target is _C:
-            if local is not _C and not self._open:
-                reason = (
-                    "trial calls succeeded across instances"
-                    if own
-                    else "closed by another instance"
-                )
-                self._adopt(_C, shared, reason)
+            reason = (
+                "trial calls succeeded across instances" if own else "closed by another instance"
+            )
         elif target is _O:
-            if local is _H and not fresh:
-                return  # early here: _granted asks again at the store's deadline
             reason = "reopened by another instance" if local is _H else "opened by another instance"
-            self._adopt(_O, shared, reason)
-        elif local is not _H or fresh:
-            self._adopt(_H, shared, "half-open across instances")
+        else:
+            reason = "half-open across instances"
+        self._adopt(target, shared, reason)
 
     def _adopt(self, state: CircuitState, shared: SharedState, reason: str) -> None:
         self._adopting = True

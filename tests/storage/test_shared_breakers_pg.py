@@ -1,4 +1,4 @@
-"""Shared breaker state in PostgreSQL: the SQL held to the reference rules, least privilege,
+"""Shared breaker state in PostgreSQL: the SQL held to the reference rules,
 another OS process adopting an open, and the database going away and coming back (on a
 throwaway cluster this module owns, never the machine's own server)."""
 
@@ -18,53 +18,15 @@ import psycopg_pool.base
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg import sql
 
 from fineflow import CircuitBreaker, CircuitState, PostgresStorage
 from fineflow._breaker.shared import Action, SharedPolicy, SharedRow, step_row
 from fineflow.testing import ThrowawayCluster, find_postgres_bindir
-from shared_breaker_helpers import eventually, in_state, opened, postgres_instances
+from shared_breaker_helpers import eventually, in_state, opened
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 OPEN, CLOSED = CircuitState.OPEN, CircuitState.CLOSED
-
-
-@pytest.fixture
-def runtime_role(pg_dsn: str) -> Iterator[str]:
-    role = f"ff_rt_{secrets.token_hex(4)}"
-    yield role
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
-
-async def test_a_runtime_role_shares_breakers_through_the_functions_only(
-    pg_dsn: str, pg_schema: str, runtime_role: str
-) -> None:
-    async with PostgresStorage(pg_dsn, schema=pg_schema) as admin:
-        await admin.migrate()
-        await admin.grant_runtime(runtime_role, create=True)
-    runtime_dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=runtime_role)
-    async with opened(postgres_instances(runtime_dsn, pg_schema), 2, migrate=False) as (
-        one,
-        two,
-    ):
-        a = CircuitBreaker("api", failure_threshold=1, reset_timeout=30.0, shared=one)
-        b = CircuitBreaker("api", failure_threshold=1, reset_timeout=30.0, shared=two)
-        assert await a.sync() and await b.sync()
-        permit = a.try_acquire()
-        assert permit is not None
-        permit.failure()
-        await in_state(b, OPEN, "the open NOTIFYed to the runtime role's LISTEN")
-    with psycopg.connect(runtime_dsn, autocommit=True) as conn:
-        table = sql.SQL("{}.breakers").format(sql.Identifier(pg_schema))
-        for statement in (
-            sql.SQL("SELECT * FROM {}").format(table),
-            sql.SQL("UPDATE {} SET state = 'closed'").format(table),
-        ):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(statement)
 
 
 ACTIONS = st.sampled_from(list(Action))

@@ -2,7 +2,8 @@
 time (Hypothesis ``RuleBasedStateMachine``), on a real PostgreSQL and in memory:
 
 * the global half-open budget is never exceeded: across both breakers, at most
-  ``half_open_max_calls`` calls are admitted in HALF_OPEN per round of the shared row;
+  ``half_open_max_calls`` trials per round of the shared row (a trial whose outcome is
+  ignored gives its permit back, as without ``shared=``);
 * once the background work and the notifications are drained, both are in the same state.
 
 The open deadline lives on the store's clock, so ``wait`` sleeps past it (real time, short).
@@ -66,14 +67,14 @@ class SharedModel(RuleBasedStateMachine):
         ]
         for b in self.breakers:
             assert self.run(b.sync())
-        self.held: list[Permit] = []
-        self.trials: Counter[int] = Counter()  # admissions in HALF_OPEN by row generation
+        self.held: list[tuple[Permit, int | None]] = []  # and the round it is a trial of
+        self.trials: Counter[int] = Counter()  # trials (admitted in HALF_OPEN) by round
 
     def run(self, coroutine: Any) -> Any:
         return self.loop.run_until_complete(coroutine)
 
     def teardown(self) -> None:
-        for permit in self.held:
+        for permit, _ in self.held:
             permit.ignore()
         for b in self.breakers:
             self.run(b.aclose())
@@ -85,18 +86,20 @@ class SharedModel(RuleBasedStateMachine):
     async def _generation(self) -> int:
         return int((await self.stores[0].breaker_store().read(self.name)).generation)
 
-    async def _admit(self, i: int) -> Permit | None:
+    async def _admit(self, i: int) -> tuple[Permit | None, int | None]:
         b = self.breakers[i]
         permit = b.try_acquire()
+        round_ = None
         if permit is not None and b.state is HALF:
-            self.trials[await self._generation()] += 1
+            round_ = await self._generation()
+            self.trials[round_] += 1
         await asyncio.sleep(0.001)  # let notifications and replies in
-        return permit
+        return permit, round_
 
     @rule(i=st.integers(0, 1), ok=st.booleans())
     def call(self, i: int, ok: bool) -> None:
         async def call() -> None:
-            permit = await self._admit(i)
+            permit, _ = await self._admit(i)
             if permit is not None:
                 permit.success() if ok else permit.failure()
             await asyncio.sleep(0)
@@ -105,14 +108,16 @@ class SharedModel(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, 1))
     def hold(self, i: int) -> None:
-        permit = self.run(self._admit(i))
+        permit, round_ = self.run(self._admit(i))
         if permit is not None:
-            self.held.append(permit)
+            self.held.append((permit, round_))
 
     @precondition(lambda self: bool(self.held))
     @rule(index=st.integers(0, 10), outcome=st.sampled_from(["success", "failure", "ignore"]))
     def settle(self, index: int, outcome: str) -> None:
-        permit = self.held.pop(index % len(self.held))
+        permit, round_ = self.held.pop(index % len(self.held))
+        if outcome == "ignore" and round_ is not None:
+            self.trials[round_] -= 1  # the permit comes back
 
         async def settle() -> None:  # in the loop, as a response ending would
             getattr(permit, outcome)()

@@ -87,7 +87,7 @@ async def test_functions_pin_search_path_and_definer_only_where_needed(
     names = {name for name, _, _ in rows}
     assert names == {
         *("decide", "hit", "hit_many", "hit_keys", "peek", "status", "reset", "cleanup"),
-        *("breaker_state", "breaker_step"),
+        *("breaker_notify", "breaker_state", "breaker_step"),
     }
     for _, definer, config in rows:
         assert definer

@@ -231,8 +231,9 @@ class SharedLink:
             else:
                 self._exhausted = state.generation
         elif state.state is _O and same and m.state is _H:
-            # This instance's deadline passed before the store's: ask again at the store's.
-            await anyio.sleep(state.open_for)
+            # This instance's deadline passed before the store's: ask again at the store's
+            # (at most a second from now, so other work of this breaker is not held up).
+            await anyio.sleep(min(state.open_for, 1.0))
             self._want = max(self._want, 1)
 
     # -- store availability ------------------------------------------------------------------

@@ -211,10 +211,10 @@ def step_row(
 
 
 def breaker_channel(schema: str) -> str:
-    """The notification channel of a store's breakers in ``schema`` (PostgreSQL LISTEN
-    channel, Redis pub/sub channel): at most 63 bytes, PostgreSQL's identifier limit."""
-    channel = f"fineflow_breakers.{schema}"
-    return channel if len(channel.encode()) <= 63 else channel.encode()[:63].decode(errors="ignore")
+    """The notification channel of a store's breakers in ``schema`` (a plain identifier):
+    PostgreSQL's LISTEN channel, cut to its 63-character limit as ``breaker_notify()``
+    cuts it."""
+    return f"fineflow_breakers.{schema}"[:63]
 
 
 class Task(Protocol):

@@ -24,7 +24,6 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..._breaker.shared import breaker_channel
 from ..._errors import SchemaVersionError
 from .sqlfiles import BREAKER_FUNCTIONS, FUNCTIONS, compose
 
@@ -86,8 +85,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
         (
+            "functions/breaker_notify.sql",  # the table's trigger: made before the table
             "migrations/0002_breakers.sql",
-            *(f"functions/{name}.sql" for name in BREAKER_FUNCTIONS),
+            *(f"functions/{name}.sql" for name in BREAKER_FUNCTIONS if name != "breaker_notify"),
             "revoke.sql",
         ),
         compatible_with=1,
@@ -120,10 +120,9 @@ async def migrate(
             )
         applied = await _max_version(conn, ident, "schema_migrations")
         keyword = sql.SQL("UNLOGGED" if unlogged else "")
-        channel = sql.Literal(breaker_channel(schema))
         for migration in MIGRATIONS[applied:]:
             for name in migration.files:
-                await conn.execute(compose(name, schema=ident, unlogged=keyword, channel=channel))
+                await conn.execute(compose(name, schema=ident, unlogged=keyword))
             await conn.execute(
                 sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)").format(ident),
                 (migration.version,),

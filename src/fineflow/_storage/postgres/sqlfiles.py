@@ -4,8 +4,7 @@ Each file is the complete text the database runs: ``sql/schema.sql`` (the table 
 stats view), one file per function in ``sql/functions/``, ``sql/revoke.sql`` and
 ``sql/grant_runtime.sql``. The only placeholders are identifiers and one keyword, filled
 with :mod:`psycopg.sql` objects (never string formatting): ``{schema}``, ``{role}`` and
-``{unlogged}`` (``UNLOGGED`` or nothing), and one literal, ``{channel}`` (the breakers'
-notification channel). Literal braces would be written ``{{``/``}}``;
+``{unlogged}`` (``UNLOGGED`` or nothing). Literal braces would be written ``{{``/``}}``;
 none of the files needs one.
 """
 
@@ -21,7 +20,7 @@ __all__ = ["BREAKER_FUNCTIONS", "FUNCTIONS", "compose", "text"]
 # Every function of the schema's first version, by name: sql/functions/<name>.sql.
 FUNCTIONS = ("hit", "hit_keys", "hit_many", "decide", "peek", "status", "reset", "cleanup")
 # The functions of shared circuit breakers (migration 2).
-BREAKER_FUNCTIONS = ("breaker_state", "breaker_step")
+BREAKER_FUNCTIONS = ("breaker_notify", "breaker_state", "breaker_step")
 
 
 @functools.cache

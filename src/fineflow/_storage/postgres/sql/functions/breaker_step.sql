@@ -8,8 +8,8 @@
 --   'failure'  a trial of round p_generation failed: the row reopens, backed off
 --   'close'    reset() by hand
 -- A reopen lasts least(p_reset_ms * p_multiplier ^ step, p_cap_ms) * p_shorten. Every change
--- of state bumps the generation and NOTIFYs the row on the channel every instance LISTENs
--- to. Returns the row after the step with the permits granted by it.
+-- of state bumps the generation, and the trigger breaker_notify() NOTIFYs the row to every
+-- instance. Returns the row after the step with the permits granted by it.
 --
 -- The row is locked for the step (SELECT ... FOR UPDATE): steps are rare (transitions and
 -- trial calls, never a closed breaker's calls), and one lock keeps the rules readable.
@@ -85,11 +85,6 @@ BEGIN
                     THEN greatest(extract(epoch FROM r.open_until - v_now) * 1000, 0)
                     ELSE 0 END;
     granted := v_grant;
-    IF r.generation <> v_gen THEN
-        PERFORM pg_notify({channel}, json_build_object(
-            'name', p_name, 'state', r.state, 'generation', r.generation, 'open_ms', open_ms
-        )::text);
-    END IF;
     RETURN NEXT;
 END
 $fn$;

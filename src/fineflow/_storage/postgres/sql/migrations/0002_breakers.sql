@@ -14,3 +14,7 @@ CREATE TABLE IF NOT EXISTS {schema}.breakers (
     half_open_since timestamptz,
     changed_at      timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+CREATE TRIGGER breakers_changed
+    AFTER UPDATE ON {schema}.breakers
+    FOR EACH ROW WHEN (OLD.generation IS DISTINCT FROM NEW.generation)
+    EXECUTE FUNCTION {schema}.breaker_notify();

@@ -30,7 +30,16 @@ from typing import Any
 
 from ._common import PROFILES, Context, Table, machine_info
 
-SUITES = ("asgi", "http", "storage", "redis_storage", "breaker", "load", "instructions")
+SUITES = (
+    "asgi",
+    "http",
+    "storage",
+    "redis_storage",
+    "breaker",
+    "breaker_shared",
+    "load",
+    "instructions",
+)
 DEFAULT_SUITES = SUITES[:-1]  # instructions: opt-in, it needs valgrind and two minutes
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 STDOUT = Path("-")  # --json with no path: the report goes to stdout

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from ._apps import fineflow_name
-from ._common import Context, Row, Table, diffs, interleave, optional, ratios, stat
+from ._common import Context, Row, Table, at_most, diffs, interleave, optional, ratios, stat
 
 __all__ = ["run"]
 
@@ -86,6 +86,10 @@ async def _closed_contenders(notes: list[str]) -> dict[str, Call]:
         ff = breaker_cls("bench-closed")
         out["fineflow call"] = lambda: ff.call(work)
         out["fineflow execute"] = lambda: ff.execute(work)
+        # A shared breaker decides its closed calls in process like any other (no store is
+        # touched): the store here is a MemoryStorage, the path is the same for any store.
+        shared = breaker_cls("bench-shared", shared=fineflow_name("MemoryStorage")())
+        out["fineflow call, shared="] = lambda: shared.call(work)
     else:
         notes.append("fineflow CircuitBreaker not available yet")
     cb = optional("circuitbreaker")
@@ -230,6 +234,18 @@ def _ratios(over: dict[str, list[float]], rejected: dict[str, list[float]]) -> T
     table = Table(SUITE, "Breaker ratios (per round; reference figures, no targets)")
     peers = {p: over[p] for p in _PEERS if p in over}
     ff = over.get("fineflow call")
+    shared = over.get("fineflow call, shared=")
+    if ff is not None and shared is not None:
+        r = stat(ratios(shared, ff))
+        table.add(
+            Row(
+                "fineflow closed-call overhead, shared= / without",
+                r,
+                "x",
+                target="<= 1.10",
+                met=at_most(r.median, 1.10),
+            )
+        )
     if ff is None or not peers:
         table.notes.append("fineflow CircuitBreaker or every peer missing: no ratios")
         return table

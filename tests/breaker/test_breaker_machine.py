@@ -264,8 +264,9 @@ def test_admits_all_follows_state_and_hold() -> None:
 
 def test_transition_table() -> None:
     assert check_transition(CLOSED, OPEN) == "trip"
-    with pytest.raises(IllegalTransitionError, match="CLOSED -> HALF_OPEN"):
-        check_transition(CLOSED, HALF)
+    with pytest.raises(IllegalTransitionError, match="DISABLED -> HALF_OPEN"):
+        check_transition(CircuitState.DISABLED, HALF)
+    assert check_transition(CLOSED, HALF) == "half-open at another instance"
     with pytest.raises(IllegalTransitionError):
         check_transition(OPEN, OPEN)
     assert (CircuitState.DISABLED, OPEN) not in TRANSITIONS
@@ -675,7 +676,110 @@ class WrapperModel(RuleBasedStateMachine):
         assert m.total_fallbacks <= m.total_rejections
 
 
+class SharedMachineModel(RuleBasedStateMachine):
+    """A machine whose half-open permits and verdicts come from a shared store (``remote``):
+    ``grant``, ``adopt`` and ``follow`` under any interleaving with calls and time. No
+    permit is handed out beyond what was granted (or the local budget while not remote),
+    adopted states take the store's deadline, and every move is in the table."""
+
+    config = BreakerConfig(
+        failure_threshold=2, reset_timeout=10.0, half_open_max_calls=3, success_threshold=2
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves: Moves = []
+        self.trial_successes = 0
+        self.m = BreakerMachine(
+            self.config,
+            random=lambda: 0.5,
+            on_transition=lambda a, b, r, now: self.moves.append((a, b, r, now)),
+            remote=True,
+            on_trial_success=lambda now: self.count_trial_success(),
+        )
+        self.now = 0.0
+        self.in_flight: list[tuple[int, float]] = []
+        self.granted = 0  # granted in the current round
+        self.admitted = 0  # admitted in the current round
+
+    def count_trial_success(self) -> None:
+        self.trial_successes += 1
+
+    @rule(dt=st.floats(0.0, 12.0))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def acquire(self) -> None:
+        before = len(self.moves)
+        token = self.m.admit(self.now)
+        if len(self.moves) != before and self.moves[-1][1] is HALF:
+            self.granted = self.admitted = 0  # a new round
+        if token != REJECTED:
+            self.in_flight.append((token, self.now))
+            if state_of(self.m) is HALF:
+                self.admitted += 1
+                limit = self.granted if self.m.remote else self.config.half_open_max_calls
+                assert self.admitted <= max(limit, self.granted), "a permit never granted"
+
+    @precondition(lambda self: bool(self.in_flight))
+    @rule(index=st.integers(0, 50), kind=st.sampled_from(list(Outcome)))
+    def settle(self, index: int, kind: Outcome) -> None:
+        token, started = self.in_flight.pop(index % len(self.in_flight))
+        was_half = state_of(self.m) is HALF
+        self.m.settle(token, kind, self.now, started)
+        if was_half and kind is Outcome.IGNORED and state_of(self.m) is HALF:
+            self.admitted = max(self.admitted - 1, 0)  # the permit came back
+        if self.m.remote and was_half and kind is Outcome.SUCCESS:
+            assert state_of(self.m) is not CLOSED, "only the store closes a shared round"
+
+    @rule(permits=st.integers(0, 4))
+    def grant(self, permits: int) -> None:
+        if state_of(self.m) is HALF:
+            self.granted = min(self.granted + permits, self.config.half_open_max_calls)
+        self.m.grant(permits)
+
+    @rule(state=st.sampled_from([CLOSED, OPEN, HALF]), open_for=st.floats(0.0, 50.0))
+    def adopt(self, state: CircuitState, open_for: float) -> None:
+        before = state_of(self.m)
+        self.m.adopt(state, self.now, open_for=open_for, reason="by another instance")
+        if before in (CLOSED, OPEN, HALF):
+            assert state_of(self.m) is state
+        if state_of(self.m) is OPEN and before in (CLOSED, OPEN, HALF):
+            assert self.m.retry_after(self.now) == pytest.approx(open_for)
+        if state is HALF and before in (CLOSED, OPEN, HALF):
+            self.granted = self.admitted = 0  # a new round
+
+    @rule(remote=st.booleans())
+    def follow(self, remote: bool) -> None:
+        self.m.follow(remote)
+        if state_of(self.m) is HALF:
+            self.granted = max(self.granted, self.admitted)
+
+    @rule(action=st.sampled_from(["reset", "force_open"]))
+    def manual(self, action: str) -> None:
+        getattr(self.m, action)(self.now)
+        if action == "force_open":
+            self.m.adopt(CLOSED, self.now, reason="ignored while forced open")
+            assert state_of(self.m) is CircuitState.FORCED_OPEN
+
+    @invariant()
+    def only_legal_transitions(self) -> None:
+        assert all((a, b) in TRANSITIONS for a, b, _, _ in self.moves)
+
+    @invariant()
+    def permit_budget_holds(self) -> None:
+        assert 0 <= self.m.half_open_in_flight <= self.config.half_open_max_calls
+
+    @invariant()
+    def counters_consistent(self) -> None:
+        m = self.m
+        assert m.calls == m.successes + m.failures + m.ignored + m.rejections + m.in_flight
+        assert m.in_flight == len(self.in_flight)
+
+
 TestMachineModel = MachineModel.TestCase
+TestSharedMachineModel = SharedMachineModel.TestCase
 TestCountWindowModel = CountWindowModel.TestCase
 TestTimeWindowModel = TimeWindowModel.TestCase
 TestWrapperModel = WrapperModel.TestCase

@@ -11,6 +11,8 @@ import pytest
 from psycopg import sql
 
 from fineflow import (
+    CircuitBreaker,
+    CircuitState,
     ConfigurationError,
     Hit,
     PostgresStorage,
@@ -19,6 +21,7 @@ from fineflow import (
     StorageError,
 )
 from fineflow.cli import main
+from shared_breaker_helpers import in_state, opened, postgres_instances
 
 pytestmark = pytest.mark.anyio
 
@@ -103,6 +106,7 @@ async def test_functions_pin_search_path_and_definer_only_where_needed(
         "cleanup",
         "add_rollups",
         "prune_rollups",
+        *("breaker_notify", "breaker_state", "breaker_step"),
     }
     for _, definer, config in rows:
         assert definer
@@ -126,3 +130,31 @@ async def test_bad_role_name_is_a_configuration_error(pg_dsn: str, pg_schema: st
     async with PostgresStorage(pg_dsn, schema=pg_schema) as admin:
         with pytest.raises(ConfigurationError, match="identifier"):
             await admin.grant_runtime("evil; DROP ROLE x")
+
+
+async def test_a_runtime_role_shares_breakers_through_the_functions_only(
+    pg_dsn: str, pg_schema: str, runtime_role: str
+) -> None:
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as admin:
+        await admin.migrate()
+        await admin.grant_runtime(runtime_role, create=True)
+    runtime_dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=runtime_role)
+    async with opened(postgres_instances(runtime_dsn, pg_schema), 2, migrate=False) as (
+        one,
+        two,
+    ):
+        a = CircuitBreaker("api", failure_threshold=1, reset_timeout=30.0, shared=one)
+        b = CircuitBreaker("api", failure_threshold=1, reset_timeout=30.0, shared=two)
+        assert await a.sync() and await b.sync()
+        permit = a.try_acquire()
+        assert permit is not None
+        permit.failure()
+        await in_state(b, CircuitState.OPEN, "the open NOTIFYed to the runtime role's LISTEN")
+    with psycopg.connect(runtime_dsn, autocommit=True) as conn:
+        table = sql.SQL("{}.breakers").format(sql.Identifier(pg_schema))
+        for statement in (
+            sql.SQL("SELECT * FROM {}").format(table),
+            sql.SQL("UPDATE {} SET state = 'closed'").format(table),
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)

@@ -31,7 +31,7 @@ from fineflow import (
 from fineflow._storage.coalescing import DeadlinesSnapshot, SchedulerSnapshot
 from fineflow._storage.postgres import sqlfiles
 from fineflow._storage.postgres.migrations import LATEST_VERSION, MIGRATIONS
-from fineflow._storage.postgres.sqlfiles import FUNCTIONS
+from fineflow._storage.postgres.sqlfiles import BREAKER_FUNCTIONS, FUNCTIONS
 
 pytestmark = pytest.mark.anyio
 
@@ -511,8 +511,8 @@ async def test_the_functions_the_database_runs_are_the_files_text(storage: Postg
             (storage.schema,),
         )
         bodies = dict(await cur.fetchall())
-        assert set(bodies) == set(FUNCTIONS)
-        for name in FUNCTIONS:
+        assert set(bodies) == {*FUNCTIONS, *BREAKER_FUNCTIONS}
+        for name in (*FUNCTIONS, *BREAKER_FUNCTIONS):
             composed = sqlfiles.compose(
                 f"functions/{name}.sql", schema=sql.Identifier(storage.schema)
             )

@@ -44,10 +44,12 @@ from . import live
 from .config import BreakerConfig, BreakerMetrics, CircuitState, ThrottlePolicy, WindowType
 from .events import BreakerEvent, EventKind, Listener, Listeners, is_async_callable
 from .http import DEFAULT_HOLD
-from .machine import BreakerMachine, Outcome, TransitionHook
+from .link import SharedLink
+from .machine import BreakerMachine, Outcome, TransitionHook, TrialHook
 from .result import BreakerResult
+from .shared import SharesBreakers
 
-__all__ = ["CircuitBreaker", "Permit"]
+__all__ = ["CircuitBreaker", "Permit", "check_shared"]
 
 
 T = TypeVar("T")
@@ -90,6 +92,32 @@ def _check_options(
                 f"{label}_exceptions must be a tuple of exception classes "
                 f"(got {types!r}); e.g. (ConnectionError, TimeoutError)"
             )
+
+
+def check_shared(shared: object) -> SharesBreakers | None:
+    """``shared`` if it is ``None`` or a ``SharesBreakers`` storage.
+
+    Raises:
+        ConfigurationError: anything else.
+    """
+    if shared is None or isinstance(shared, SharesBreakers):
+        return shared
+    raise ConfigurationError(
+        f"shared must be a storage that can share breaker state (PostgresStorage, "
+        f"RedisStorage or MemoryStorage), got {shared!r}"
+    )
+
+
+def _weak_trial_hook(method: TrialHook) -> TrialHook:
+    """As ``_weak_hook``, for the machine's trial hook."""
+    ref = weakref.WeakMethod(method)
+
+    def succeeded(now: float) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(now)
+
+    return succeeded
 
 
 def _weak_hook(method: TransitionHook) -> TransitionHook:
@@ -139,6 +167,11 @@ class CircuitBreaker(Listeners):
         wall_clock: wall clock in epoch seconds, read only by ``metrics()`` to give the
             ``*_at`` times (never by a call).
         random: jitter source returning floats in ``[0, 1)``.
+        shared: a storage (``PostgresStorage``, ``RedisStorage``, ``MemoryStorage``) that
+            shares this breaker's state with every instance using the same name there:
+            opens, closes and a global half-open trial budget, while calls are still
+            decided in process (see "Sharing state between instances" in the docs). Needs
+            asyncio; the storage must be open for the state to be shared.
 
     Raises:
         ConfigurationError: an option is invalid; the message says the fix.
@@ -172,8 +205,10 @@ class CircuitBreaker(Listeners):
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         random: Callable[[], float] = _random_module.random,
+        shared: SharesBreakers | None = None,
     ) -> None:
         _check_options(name, to_thread, record_exceptions, ignore_exceptions)
+        shared = check_shared(shared)
         self.config = BreakerConfig(
             failure_threshold=failure_threshold,
             failure_rate_threshold=failure_rate_threshold,
@@ -204,7 +239,17 @@ class CircuitBreaker(Listeners):
         # Transitions by (from, to), counted where they are logged: never touched by a call.
         self._transitions: dict[tuple[CircuitState, CircuitState], int] = {}
         self._machine = BreakerMachine(
-            self.config, random=random, on_transition=_weak_hook(self._moved)
+            self.config,
+            random=random,
+            on_transition=_weak_hook(self._moved),
+            remote=shared is not None,
+            on_trial_success=_weak_trial_hook(self._trial_succeeded),
+        )
+        self.shared = shared
+        self._link = (
+            None
+            if shared is None
+            else SharedLink(name, shared.breaker_store(), self._machine, clock=clock, random=random)
         )
         self._fallbacks = 0  # the breaker serves fallbacks, the machine never sees them
         super().__init__()
@@ -334,6 +379,8 @@ class CircuitBreaker(Listeners):
         if token < 0:
             if fallback is None:
                 raise await self._rejected(start)
+            if self._link is not None:
+                self._link.rejected()
             if self._has_rejection:
                 self._emit("rejection", start, None)
             self._fallbacks += 1
@@ -423,6 +470,8 @@ class CircuitBreaker(Listeners):
         """
         token, start = self._admit()
         if token < 0:
+            if self._link is not None:
+                self._link.rejected()
             if self._has_rejection:
                 self._emit("rejection", start, None)
             return None
@@ -450,8 +499,37 @@ class CircuitBreaker(Listeners):
         return dict(self._transitions)
 
     def reset(self) -> None:
-        """Return to CLOSED, forgetting failures, holds and backoff (totals are kept)."""
+        """Return to CLOSED, forgetting failures, holds and backoff (totals are kept).
+
+        A shared breaker closes the shared state too, for every instance (in the
+        background).
+        """
         self._machine.reset(self._clock())
+        if self._link is not None:
+            self._link.reset()
+
+    async def sync(self) -> bool:
+        """Read the shared state now and adopt it (a shared breaker, at startup).
+
+        A shared breaker also reads it by itself when the storage starts listening, without
+        blocking any call; this waits for it. Never raises because of the store.
+
+        Returns:
+            ``True`` if the state was read (always, for a breaker without ``shared``);
+            ``False`` if the store failed (logged once; the breaker goes on locally).
+        """
+        return True if self._link is None else await self._link.sync()
+
+    async def aclose(self) -> None:
+        """Stop sharing: no more notifications, background work cancelled. The breaker
+        goes on with its local state. (Closing the storage stops the work too.)"""
+        self.detach()
+
+    def detach(self) -> None:
+        """``aclose()``, synchronously (what a registry does to a breaker it evicts)."""
+        if self._link is not None:
+            self._link.detach()
+            self._machine.follow(False)
 
     def force_open(self) -> None:
         """Reject every call until ``reset()``."""
@@ -477,6 +555,8 @@ class CircuitBreaker(Listeners):
         return machine.admit(start), start
 
     async def _rejected(self, now: float) -> CircuitOpenError:
+        if self._link is not None:
+            self._link.rejected()
         if self._has_rejection:
             self._emit("rejection", now, None)
         if self._pending:
@@ -529,7 +609,13 @@ class CircuitBreaker(Listeners):
             self._machine.hold(self._clock(), seconds)
         return _IGNORED
 
+    def _trial_succeeded(self, now: float) -> None:
+        if self._link is not None:
+            self._link.trial_succeeded(now)
+
     def _moved(self, old: CircuitState, new: CircuitState, reason: str, now: float) -> None:
+        if self._link is not None:
+            self._link.moved(old, new, now)
         key = (old, new)
         self._transitions[key] = self._transitions.get(key, 0) + 1
         level = logging.WARNING if new in _ALARMING else logging.INFO

@@ -28,6 +28,14 @@ Theory of operation
   by a caller that never reports back cannot wedge the breaker.
 * A *hold* (the upstream said 429 + Retry-After, policy ``"hold"``) rejects callers in
   CLOSED and HALF_OPEN until it ends, without a transition and without counting an open.
+* Shared state (``CircuitBreaker(shared=...)``, see ``shared``): while ``remote`` is on, a
+  half-open round starts with no permits; they arrive through ``grant(n)`` (a store hands
+  out the round's global budget), and trial successes are reported through the
+  ``on_trial_success`` hook instead of closing the breaker here: the store closes it for
+  everyone. A failed trial still reopens at once. A state decided by another instance
+  enters through ``adopt(state, now, open_for=..., reason=...)``, as a transition of the
+  table like any other (manual states ignore it). With ``remote`` off (the store
+  unreachable) the machine keeps its own budget and verdicts.
 * DISABLED, FORCED_OPEN and METRICS_ONLY are entered and left only by hand (``reset()``
   returns to CLOSED). DISABLED and METRICS_ONLY admit everything and never trip; only
   METRICS_ONLY keeps the sliding window. FORCED_OPEN rejects everything.
@@ -40,10 +48,15 @@ any other move, and every state change goes through it)::
 
     from        to            cause
     ---------   -----------   ---------------------------------------------------------
-    CLOSED      OPEN          trip: consecutive failures, failure rate or slow-call rate
-    OPEN        HALF_OPEN     reset timeout elapsed (seen by the next caller)
-    HALF_OPEN   CLOSED        trial calls succeeded
+    CLOSED      OPEN          trip: consecutive failures, failure rate or slow-call rate;
+                              or opened by another instance
+    OPEN        HALF_OPEN     reset timeout elapsed (seen by the next caller, or by another
+                              instance)
+    HALF_OPEN   CLOSED        trial calls succeeded (across instances when shared)
     HALF_OPEN   OPEN          trial call failed or was slow, or half-open wait exceeded
+                              (here or at another instance)
+    OPEN        CLOSED        closed by another instance (or manual: reset())
+    CLOSED      HALF_OPEN     half-open at another instance (this one missed the open)
     any         CLOSED        manual: reset()
     any         DISABLED,     manual: disable(), force_open(), metrics_only()
                 FORCED_OPEN,
@@ -70,6 +83,7 @@ __all__ = [
     "IllegalTransitionError",
     "Outcome",
     "TransitionHook",
+    "TrialHook",
     "check_transition",
 ]
 
@@ -107,10 +121,15 @@ TRANSITIONS: dict[tuple[CircuitState, CircuitState], str] = {
     (_O, _H): "reset timeout elapsed",
     (_H, _C): "trial calls succeeded",
     (_H, _O): "trial call failed or half-open wait exceeded",
+    (_O, _C): "closed by another instance, or reset()",
+    (_C, _H): "half-open at another instance",
 }
 
 #: Called on every transition with ``(from, to, reason, now)``.
 TransitionHook = Callable[[CircuitState, CircuitState, str, float], None]
+
+#: Called with ``now`` for each successful trial call while ``remote`` is on.
+TrialHook = Callable[[float], None]
 
 
 class IllegalTransitionError(RuntimeError):
@@ -138,6 +157,9 @@ class BreakerMachine:
         config: the policies.
         random: source of jitter, a callable returning a float in ``[0, 1)``.
         on_transition: called synchronously on every state change.
+        remote: start with half-open permits and verdicts coming from a shared store
+            (see ``follow``).
+        on_trial_success: called with ``now`` for each successful trial while ``remote``.
     """
 
     __slots__ = (
@@ -147,11 +169,14 @@ class BreakerMachine:
         "_hold_until",
         "_next_timeout",
         "_on_transition",
+        "_on_trial_success",
         "_open_until",
+        "_permit_limit",
         "_permits_used",
         "_plain",
         "_random",
         "_reject_until",
+        "_remote",
         "_success_mark",
         "_trial_successes",
         "_window",
@@ -175,10 +200,15 @@ class BreakerMachine:
         *,
         random: Callable[[], float] = _random_module.random,
         on_transition: TransitionHook | None = None,
+        remote: bool = False,
+        on_trial_success: TrialHook | None = None,
     ) -> None:
         self.config = config
         self._random = random
         self._on_transition = on_transition
+        self._remote = remote
+        self._on_trial_success = on_trial_success
+        self._permit_limit = config.half_open_max_calls
         self.state = CircuitState.CLOSED
         self._epoch = 0
         self._open_until = self._half_open_since = 0.0
@@ -258,7 +288,7 @@ class BreakerMachine:
         wait = self.config.half_open_max_wait
         if wait is not None and now >= self._half_open_since + wait:
             self._move(_O, now, f"no verdict {wait:g}s after half-open")
-        elif now >= self._hold_until and self._permits_used < self.config.half_open_max_calls:
+        elif now >= self._hold_until and self._permits_used < self._permit_limit:
             self._permits_used += 1
             return self._epoch
         self.rejections += 1
@@ -272,7 +302,10 @@ class BreakerMachine:
                 self._move(_O, now, f"trial call slower than {cfg.slow_call_duration:g}s")
                 return
             self._trial_successes += 1
-            if self._trial_successes >= cfg.successes_to_close:
+            if self._remote:  # the store closes it, for every instance
+                if self._on_trial_success is not None:
+                    self._on_trial_success(now)
+            elif self._trial_successes >= cfg.successes_to_close:
                 self._move(_C, now, f"{self._trial_successes} trial calls succeeded")
         elif self._window is not None:
             self._window.add(now, False, slow)
@@ -386,9 +419,65 @@ class BreakerMachine:
         if self.state is not CircuitState.METRICS_ONLY:
             self._move(CircuitState.METRICS_ONLY, now, "metrics only")
 
+    # -- state shared with other instances -------------------------------------------------
+
+    @property
+    def remote(self) -> bool:
+        """Whether half-open permits and verdicts come from a shared store (see ``follow``)."""
+        return self._remote
+
+    def follow(self, remote: bool) -> None:
+        """Take half-open permits and the closing verdict from a shared store (``True``), or
+        decide them here with the local budget (``False``: the store is unreachable).
+
+        Switching in the middle of a half-open round keeps the permits already used: on
+        ``False`` the rest of the local budget becomes available; on ``True`` no more are
+        handed out until ``grant``.
+        """
+        if remote == self._remote:
+            return
+        self._remote = remote
+        if self.state is _H:
+            self._permit_limit = self._permits_used if remote else self.config.half_open_max_calls
+
+    def grant(self, permits: int) -> None:
+        """Receive ``permits`` trial permits of the current half-open round from the shared
+        store (ignored outside HALF_OPEN; the total never exceeds ``half_open_max_calls``)."""
+        if self.state is _H and permits > 0:
+            limit = self._permit_limit + permits
+            self._permit_limit = min(limit, self.config.half_open_max_calls)
+
+    def adopt(self, state: CircuitState, now: float, *, open_for: float = 0.0, reason: str) -> None:
+        """Enter ``state``, decided by another instance through the shared store.
+
+        OPEN takes the store's deadline (``open_for`` seconds from ``now``; already OPEN,
+        only the deadline changes); HALF_OPEN starts a new round (with no permits while
+        ``remote``); CLOSED closes. The move goes through ``check_transition`` and the
+        transition hook like any other, with ``reason``. DISABLED, FORCED_OPEN and
+        METRICS_ONLY, set by hand, ignore it.
+
+        Raises:
+            ValueError: ``state`` is not CLOSED, OPEN or HALF_OPEN.
+        """
+        if state not in (_C, _O, _H):
+            raise ValueError(f"only CLOSED, OPEN or HALF_OPEN can be shared (got {state})")
+        current = self.state
+        if current not in (_C, _O, _H):
+            return
+        if current is not state:
+            self._move(state, now, reason, open_for=max(open_for, 0.0))
+        elif state is _O:
+            self._open_until = now + max(open_for, 0.0)
+            self._refresh()
+        elif state is _H:  # a new round: trials of the old one no longer count
+            self._epoch += 1
+            self._new_round(now)
+
     # -- internals --------------------------------------------------------------------------
 
-    def _move(self, new: CircuitState, now: float, reason: str) -> None:
+    def _move(
+        self, new: CircuitState, now: float, reason: str, open_for: float | None = None
+    ) -> None:
         old = self.state
         check_transition(old, new)
         self.state = new
@@ -399,12 +488,13 @@ class BreakerMachine:
             self.times_opened += 1
             timeout = self._next_timeout
             self._next_timeout = min(timeout * cfg.backoff_multiplier, cfg.reset_timeout_cap)
-            if cfg.jitter:
+            if open_for is not None:  # a deadline set by the shared store
+                timeout = open_for
+            elif cfg.jitter:
                 timeout *= 1.0 - cfg.jitter * self._random()
             self._open_until = now + timeout
         elif new is _H:
-            self._half_open_since = now
-            self._permits_used = self._trial_successes = 0
+            self._new_round(now)
         elif new is _C:
             self._next_timeout = cfg.reset_timeout
             self._new_window()
@@ -413,6 +503,11 @@ class BreakerMachine:
         self._refresh()
         if self._on_transition is not None:
             self._on_transition(old, new, reason, now)
+
+    def _new_round(self, now: float) -> None:
+        self._half_open_since = now
+        self._permits_used = self._trial_successes = 0
+        self._permit_limit = 0 if self._remote else self.config.half_open_max_calls
 
     def _new_window(self) -> None:
         cfg = self.config

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._errors import ConfigurationError
-from .breaker import CircuitBreaker
+from .breaker import CircuitBreaker, check_shared
 from .config import BreakerMetrics, CircuitState
+from .shared import SharesBreakers
 
 __all__ = ["BreakerRegistry", "default_registry", "get_circuit_breaker"]
 
@@ -21,16 +22,27 @@ class BreakerRegistry:
         max_size: most breakers kept (``None``: unbounded). When full, creating one evicts
             the least recently used breaker that is CLOSED with no call in flight, else the
             least recently used one; an evicted name starts afresh when used again.
+        shared: a storage sharing the state of every breaker it creates with the other
+            instances (``CircuitBreaker(shared=...)``); a breaker's own ``shared`` option
+            overrides it.
         **defaults: ``CircuitBreaker`` options applied to every breaker it creates.
 
     Raises:
         ConfigurationError: ``max_size`` < 1 or a default is not a breaker option.
     """
 
-    def __init__(self, *, max_size: int | None = None, **defaults: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_size: int | None = None,
+        shared: SharesBreakers | None = None,
+        **defaults: Any,
+    ) -> None:
         if max_size is not None and (type(max_size) is not int or max_size < 1):
             raise ConfigurationError(f"max_size must be an int >= 1 or None (got {max_size!r})")
-        CircuitBreaker("defaults-check", **defaults)  # fail now, not at the first request
+        self.shared = check_shared(shared)
+        # Fail now, not at the first request (unshared: the check watches nothing).
+        CircuitBreaker("defaults-check", **{**defaults, "shared": None})
         self.max_size = max_size
         self.defaults = defaults
         self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
@@ -67,7 +79,7 @@ class BreakerRegistry:
 
     def _create(self, name: str, config: dict[str, Any]) -> CircuitBreaker:
         breakers = self._breakers
-        breaker = CircuitBreaker(name, **{**self.defaults, **config})
+        breaker = CircuitBreaker(name, **{"shared": self.shared, **self.defaults, **config})
         if self.max_size is not None and len(breakers) >= self.max_size:
             self._evict()
         breakers[name] = breaker
@@ -83,8 +95,9 @@ class BreakerRegistry:
             ),
             next(iter(self._breakers)),
         )
-        del self._breakers[victim]
+        evicted = self._breakers.pop(victim)
         del self._configs[victim]
+        evicted.detach()
 
     def get(self, name: str) -> CircuitBreaker | None:
         """The breaker called ``name``, or ``None``."""
@@ -98,6 +111,22 @@ class BreakerRegistry:
         """``reset()`` every breaker."""
         for breaker in self._breakers.values():
             breaker.reset()
+
+    async def sync(self) -> bool:
+        """Read the shared state of every shared breaker now (see ``CircuitBreaker.sync``).
+
+        Returns:
+            ``True`` if every one was read, ``False`` if the store failed for any (logged;
+            they go on locally). Never raises because of the store.
+        """
+        results = [await breaker.sync() for breaker in list(self._breakers.values())]
+        return all(results)
+
+    async def aclose(self) -> None:
+        """Stop sharing the state of every breaker (``CircuitBreaker.aclose``); they stay
+        usable with their local state."""
+        for breaker in list(self._breakers.values()):
+            await breaker.aclose()
 
     def __contains__(self, name: object) -> bool:
         return name in self._breakers

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+from .._breaker.shared import BreakerStore
 from .._errors import ConfigurationError, StorageClosedError
 from .._logfields import log_extra
 from .._ratelimit.algorithms import (
@@ -44,6 +45,7 @@ from .base import (
     check_cost,
     storage_key,
 )
+from .memory_breakers import MemoryBreakerStore
 from .probe import closed
 from .rollups import (
     MINUTE_NS,
@@ -130,6 +132,7 @@ class MemoryStorage:
         self._size = 0
         self._closed = False
         self._warned_eviction = False
+        self._breakers = MemoryBreakerStore(lambda: self.clock() / 1e9)
 
     async def __aenter__(self) -> MemoryStorage:
         await self.open()
@@ -144,8 +147,10 @@ class MemoryStorage:
             raise StorageClosedError("this MemoryStorage was closed; create a new one")
 
     async def close(self) -> None:
-        """Drop all state; the storage refuses use afterwards."""
+        """Drop all state, stop the shared breakers' background work; the storage refuses
+        use afterwards."""
         self._closed = True
+        await self._breakers.stop()
         self._index.clear()
         self._queue.clear()
         self._size = 0
@@ -158,6 +163,12 @@ class MemoryStorage:
         """Healthy until closed (nothing to wait for; ``timeout`` is accepted for the
         :class:`SupportsHealth` protocol). What :func:`fineflow.health_app` asks."""
         return closed("memory") if self._closed else StorageHealth(True, "memory", 0.0)
+
+    def breaker_store(self) -> BreakerStore:
+        """Where ``CircuitBreaker(shared=storage)`` keeps its shared state: breakers of
+        this process sharing this storage share their state (the reference semantics of
+        the PostgreSQL and Redis stores)."""
+        return self._breakers
 
     def __len__(self) -> int:
         return self._size

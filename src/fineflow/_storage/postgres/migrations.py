@@ -26,7 +26,7 @@ from psycopg import sql
 
 from ..._errors import SchemaVersionError
 from ..._logfields import log_extra
-from .sqlfiles import INITIAL_FUNCTIONS, compose
+from .sqlfiles import BREAKER_FUNCTIONS, INITIAL_FUNCTIONS, compose
 
 __all__ = [
     "LATEST_VERSION",
@@ -90,6 +90,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             "migrations/0002_rollups.sql",
             "functions/add_rollups.sql",
             "functions/prune_rollups.sql",
+            "revoke.sql",
+        ),
+        compatible_with=1,
+    ),
+    # Shared circuit breakers: additive, older code keeps running.
+    Migration(
+        3,
+        (
+            "functions/breaker_notify.sql",  # the table's trigger: made before the table
+            "migrations/0003_breakers.sql",
+            *(f"functions/{name}.sql" for name in BREAKER_FUNCTIONS if name != "breaker_notify"),
             "revoke.sql",
         ),
         compatible_with=1,

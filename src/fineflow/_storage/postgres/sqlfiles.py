@@ -16,12 +16,14 @@ from importlib import resources
 
 from psycopg import sql
 
-__all__ = ["FUNCTIONS", "INITIAL_FUNCTIONS", "QUERIES", "compose", "text"]
+__all__ = ["BREAKER_FUNCTIONS", "FUNCTIONS", "INITIAL_FUNCTIONS", "QUERIES", "compose", "text"]
 
 # The functions of version 1 of the schema, by name: sql/functions/<name>.sql.
 INITIAL_FUNCTIONS = ("hit", "hit_keys", "hit_many", "decide", "peek", "status", "reset", "cleanup")
+# The functions of shared circuit breakers (migration 3).
+BREAKER_FUNCTIONS = ("breaker_notify", "breaker_state", "breaker_step")
 # Every function of the schema (later ones are created by their migration).
-FUNCTIONS = (*INITIAL_FUNCTIONS, "add_rollups", "prune_rollups")
+FUNCTIONS = (*INITIAL_FUNCTIONS, "add_rollups", "prune_rollups", *BREAKER_FUNCTIONS)
 # The administration queries too long to read inline: sql/queries/<name>.sql.
 QUERIES = ("stats", "stats_series")
 

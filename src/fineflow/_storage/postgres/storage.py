@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from ..._breaker.shared import BreakerStore
 from ..._errors import StorageClosedError, StorageError
 from ..._ratelimit.algorithms import ALGORITHMS, BucketState, Decision, validate_algorithm
 from ..base import Hit, KeyStatus, StatsPoint, StatsRow, StorageHealth, check_hits, storage_key
@@ -25,6 +26,7 @@ from ..flusher import FlushSnapshot
 from ..rollups import check_retention
 from . import migrations
 from .admin import Admin
+from .breakers import PostgresBreakerStore
 from .cleaner import Cleaner
 from .connect import check_reachable, libpq_seconds, why_unreachable
 from .errors import driver_errors, storage_error
@@ -157,6 +159,7 @@ class PostgresStorage:
             max_in_flight=max_in_flight,
             max_batch=max_batch,
         )
+        self._breakers = PostgresBreakerStore(schema, lambda: self.pool)
         self._cleaner = (
             None if cleanup_every is None else Cleaner(self._cleanup_round, cleanup_every, schema)
         )
@@ -265,6 +268,7 @@ class PostgresStorage:
         if self._cleaner is not None:
             self._cleaner.start()
         self._stats.start()
+        self._breakers.start()
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
@@ -289,6 +293,7 @@ class PostgresStorage:
         counts, close the pool if this storage owns it; the storage refuses use afterwards."""
         was_open = self._opened and not self._closed
         self._closed = True
+        await self._breakers.stop()
         if self._cleaner is not None:
             await self._cleaner.stop()
         await self._scheduler.close(self.statement_timeout)
@@ -319,6 +324,12 @@ class PostgresStorage:
                 "PostgresStorage is not open: use `async with storage:` or `await storage.open()`"
             )
         return self._pool
+
+    def breaker_store(self) -> BreakerStore:
+        """Where ``CircuitBreaker(shared=storage)`` keeps its shared state: the
+        ``breakers`` table of the schema, with one connection that LISTENs for changes
+        while the storage is open and breakers use it."""
+        return self._breakers
 
     # -- schema ----------------------------------------------------------------------------
 

@@ -18,3 +18,9 @@ GRANT EXECUTE ON FUNCTION {schema}.status(text, bigint) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.add_rollups(
     bigint[], text[], text[], bigint[], bigint[]
 ) TO {role};
+-- Shared circuit breakers: read and step their rows (LISTEN needs no grant).
+GRANT EXECUTE ON FUNCTION {schema}.breaker_state(text) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.breaker_step(
+    text, text, bigint, int, double precision, double precision, double precision,
+    double precision, int, int, double precision
+) TO {role};

@@ -1,0 +1,307 @@
+"""SharedLink: one breaker's side of the state it shares with other instances.
+
+The breaker's machine still decides every call in process; the link only moves state
+between the machine and a ``BreakerStore`` (see ``shared`` for the row and its rules):
+
+* what happens here goes out, in the background, never awaited by a caller: a trip
+  publishes an open (``Action.OPEN``); a half-open round asks the store for trial permits
+  when a caller was turned away for want of one (``Action.ACQUIRE``, one per such caller,
+  so instances with traffic share the round's budget); each trial's verdict is reported
+  (``SUCCESS`` / ``FAILURE``); ``reset()`` closes the row for everyone (``CLOSE``).
+* what happens elsewhere comes in as a ``SharedState`` (a step's reply, a notification, a
+  read) and enters the machine through ``BreakerMachine.adopt`` and ``grant``; anything
+  older than the newest generation seen is dropped.
+* One worker task at a time (run by the store, so closing the storage stops it) sends the
+  pending work, in order of precedence. When the store fails or is slow, the machine goes on
+  with its local budget and verdicts (``follow(False)``), the link says so once (WARNING),
+  keeps retrying with backoff, and says once (INFO) when it rejoins, re-reading the row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+
+from .._logfields import log_extra
+from .config import CircuitState
+from .machine import BreakerMachine
+from .shared import Action, BreakerStore, SharedPolicy, SharedState, Task
+
+__all__ = ["STEP_TIMEOUT", "SharedLink"]
+
+logger = logging.getLogger("fineflow.breaker")
+
+#: Seconds one store step may take before it counts as a failure of the store.
+STEP_TIMEOUT = 2.0
+_FIRST_RETRY, _LAST_RETRY = 0.05, 5.0
+_C, _O, _H = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+_SHARED = (_C, _O, _H)
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class SharedLink:
+    """Connects one breaker's machine to a shared store (see the module docstring).
+
+    Args:
+        name: the breaker's name, the row's key.
+        store: the shared store.
+        machine: the breaker's machine (created with ``remote=True``).
+        clock: the breaker's monotonic clock.
+        random: the breaker's jitter source.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        store: BreakerStore,
+        machine: BreakerMachine,
+        *,
+        clock: Callable[[], float],
+        random: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self._store = store
+        self._machine = machine
+        self._policy = SharedPolicy.of(machine.config)
+        self._clock = clock
+        self._random = random
+        self.generation = -1  # the newest generation seen (-1: none yet)
+        self._round = -1  # the half-open round this instance holds permits of
+        self._exhausted = -1  # a round that granted this instance nothing more
+        self._adopting = False
+        self._listening = False
+        self._down: str | None = None  # why the store is unavailable, once said
+        self._detached = False
+        # Pending work for the worker.
+        self._close = self._open = self._read = False
+        self._want = 0
+        self._verdicts: deque[tuple[int, Action]] = deque(maxlen=16)
+        self._worker: Task | None = None
+        store.watch(name, self)
+
+    # -- what the breaker tells the link ----------------------------------------------------
+
+    def moved(self, old: CircuitState, new: CircuitState, now: float) -> None:
+        """A transition of the machine (adopted ones are ignored: they came from the store)."""
+        if self._adopting:
+            return
+        if new is _O and old is _C:
+            self._open = True
+        elif new is _O and old is _H:
+            self._verdicts.append((self._round_or_generation(), Action.FAILURE))
+        else:
+            return
+        self._kick()
+
+    def trial_succeeded(self, now: float) -> None:
+        """A trial call succeeded; the store counts it towards closing."""
+        self._verdicts.append((self._round_or_generation(), Action.SUCCESS))
+        self._kick()
+
+    def rejected(self) -> None:
+        """A caller was turned away: in a shared half-open round, ask for a permit."""
+        m = self._machine
+        if m.state is _H and m.remote and self._exhausted != self.generation:
+            self._want = min(self._want + 1, self._policy.half_open_max_calls)
+            self._kick()
+
+    def reset(self) -> None:
+        """``reset()`` by hand: close the row for every instance."""
+        self._open = False
+        self._verdicts.clear()
+        self._want = 0
+        self._close = True
+        self._kick()
+
+    async def sync(self) -> bool:
+        """Read the row now and adopt it; ``False`` if the store failed (logged)."""
+        try:
+            with anyio.fail_after(STEP_TIMEOUT):
+                state = await self._store.read(self.name)
+        except Exception as exc:
+            self._unavailable(_why(exc))
+            return False
+        self._available()
+        self._apply(state, read=True)
+        self._kick()
+        return True
+
+    def detach(self) -> None:
+        """Stop watching the store and cancel the background work."""
+        self._detached = True
+        self._store.unwatch(self.name, self)
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+
+    @property
+    def available(self) -> bool:
+        """Whether the store answered the last step and no failure is pending."""
+        return self._down is None
+
+    # -- what the store tells the link (Watcher) ---------------------------------------------
+
+    def changed(self, state: SharedState) -> None:
+        """A notification: another instance (or this one) changed the row."""
+        self._apply(state)
+
+    def connected(self) -> None:
+        """Notifications flow (again): re-read, changes may have been missed."""
+        self._listening = True
+        self._read = True
+        self._kick()
+
+    def disconnected(self, reason: str) -> None:
+        """Notifications stopped; the store restarts them by itself."""
+        self._listening = False
+        self._unavailable(reason)
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._worker is None and not self._detached and self._pending():
+            self._worker = self._store.spawn(self._work)
+
+    def _pending(self) -> bool:
+        return self._close or self._open or bool(self._verdicts) or self._read or self._asking()
+
+    def _asking(self) -> bool:
+        m = self._machine
+        return self._want > 0 and m.state is _H and m.remote
+
+    async def _work(self) -> None:
+        delay = _FIRST_RETRY
+        try:
+            while not self._detached and self._pending():
+                try:
+                    with anyio.fail_after(STEP_TIMEOUT):
+                        await self._send_one()
+                except Exception as exc:
+                    self._unavailable(_why(exc))
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, _LAST_RETRY)
+                else:
+                    delay = _FIRST_RETRY
+        finally:
+            self._worker = None
+
+    async def _send_one(self) -> None:
+        """Send the most important pending item; it is dropped only once it got through."""
+        store, name, policy = self._store, self.name, self._policy
+        shorten = 1.0 - self._machine.config.jitter * self._random()
+        if self._close:
+            state = await store.step(name, Action.CLOSE, policy)
+            self._close = False
+        elif self._open:
+            state = await store.step(name, Action.OPEN, policy, shorten=shorten)
+            self._open = False
+        elif self._verdicts:
+            generation, action = self._verdicts[0]
+            state = await store.step(name, action, policy, generation=generation, shorten=shorten)
+            self._verdicts.popleft()
+        elif self._asking():
+            state = await store.step(name, Action.ACQUIRE, policy, want=self._want, shorten=shorten)
+            self._want = 0
+            self._available()
+            await self._granted(state)
+            return
+        else:
+            self._read = False
+            state = await store.read(name)
+            self._available()
+            self._apply(state, read=True)
+            return
+        self._available()
+        self._apply(state, own=True)
+
+    async def _granted(self, state: SharedState) -> None:
+        same = state.generation == self.generation
+        self._apply(state, own=True)
+        m = self._machine
+        if state.state is _H and state.generation == self.generation:
+            if state.granted:
+                self._round = state.generation
+                m.grant(state.granted)
+            else:
+                self._exhausted = state.generation
+        elif state.state is _O and same and m.state is _H:
+            # This instance's deadline passed before the store's: ask again at the store's
+            # (at most a second from now, so other work of this breaker is not held up).
+            await anyio.sleep(min(state.open_for, 1.0))
+            self._want = max(self._want, 1)
+
+    # -- store availability ------------------------------------------------------------------
+
+    def _unavailable(self, reason: str) -> None:
+        self._machine.follow(False)
+        self._read = True  # re-read on rejoining
+        if self._down is None:
+            self._down = reason
+            logger.warning(
+                "circuit breaker %r: shared state unavailable (%s); going on with local state",
+                self.name,
+                reason,
+                extra=log_extra(
+                    "circuit_breaker_shared_unavailable", breaker=self.name, reason=reason
+                ),
+            )
+        self._kick()
+
+    def _available(self) -> None:
+        self._machine.follow(True)
+        if self._down is not None and self._listening:
+            logger.info(
+                "circuit breaker %r: shared state available again (was: %s)",
+                self.name,
+                self._down,
+                extra=log_extra("circuit_breaker_shared_available", breaker=self.name),
+            )
+            self._down = None
+
+    # -- adopting what the store says ----------------------------------------------------------
+
+    def _round_or_generation(self) -> int:
+        return self._round if self._round >= 0 else self.generation
+
+    def _apply(self, shared: SharedState, *, read: bool = False, own: bool = False) -> None:
+        """Bring the machine to the shared state (see the module docstring); ``own``: the
+        reply to this instance's step, ``read``: a full read (taken even if older, as after
+        the store lost its rows)."""
+        if shared.generation < self.generation and not read:
+            return  # older than what this instance already adopted (delivered late)
+        fresh = shared.generation != self.generation
+        self.generation = shared.generation
+        local, target = self._machine.state, shared.state
+        if local not in _SHARED:
+            return  # a state set by hand stays until reset()
+        if target is local:
+            if target is _O or (target is _H and fresh):
+                self._adopt(target, shared, "")  # a new deadline, or a new round
+            return
+        if not fresh or self._close or (self._open and target is _C):
+            # Same generation, another state: this instance moved ahead (a trip, a verdict,
+            # a reset) and its own step is on its way; or the open here is early.
+            return
+        if target is _C:
+            reason = (
+                "trial calls succeeded across instances" if own else "closed by another instance"
+            )
+        elif target is _O:
+            reason = "reopened by another instance" if local is _H else "opened by another instance"
+        else:
+            reason = "half-open across instances"
+        self._adopt(target, shared, reason)
+
+    def _adopt(self, state: CircuitState, shared: SharedState, reason: str) -> None:
+        self._adopting = True
+        try:
+            self._machine.adopt(state, self._clock(), open_for=shared.open_for, reason=reason)
+        finally:
+            self._adopting = False

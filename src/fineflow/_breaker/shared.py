@@ -1,0 +1,292 @@
+"""Breaker state shared between instances: the values, the store protocol and the reference
+rules of the shared row (pure: no I/O, no clock; ``now`` is a parameter).
+
+Theory of operation
+-------------------
+* Calls are still decided in process by each instance's ``BreakerMachine``. What is shared
+  is one *row* per breaker name in a store (PostgreSQL, Redis, or a ``MemoryStorage`` for
+  one process): its state (CLOSED, OPEN, HALF_OPEN), a *generation* bumped by every shared
+  transition, the open deadline on the store's clock, the backoff step, and the trial
+  permits granted and trial successes of the current half-open round.
+* A deadline travels as the time *remaining* on the store's clock when the row was read
+  (``SharedState.open_for``), so instance clocks are never compared.
+* Every change is one atomic step of the row (``step_row`` here; one SQL function or one
+  Lua script in the real stores), chosen by an ``Action``:
+
+  ``OPEN``      a closed row opens (an open or half-open row is left as it is: the caller
+                adopts it). Failures seen anywhere are evidence, so this ignores generations.
+  ``ACQUIRE``   ask for trial permits: an open row past its deadline turns HALF_OPEN; a
+                half-open row grants at most ``half_open_max_calls`` in total across all
+                instances, or reopens when its round had no verdict within the wait.
+  ``SUCCESS``   a trial of round ``generation`` succeeded: enough of them close the row.
+  ``FAILURE``   a trial of round ``generation`` failed: the row reopens, backed off.
+  ``CLOSE``     a manual ``reset()``: the row closes and forgets its backoff.
+
+  A ``SUCCESS`` or ``FAILURE`` whose generation is not the row's is stale and changes
+  nothing. Every change of state bumps the generation, and the store tells every instance
+  (PostgreSQL NOTIFY, Redis pub/sub, a direct call in process).
+* The reopen timeout is ``min(reset_timeout * backoff_multiplier ** step,
+  max_reset_timeout) * shorten``; ``shorten`` (``1 - jitter * random()``) is drawn by the
+  instance that sends the step.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
+
+from .config import BreakerConfig, CircuitState
+
+__all__ = [
+    "DEFAULT_SHARED_WAIT",
+    "Action",
+    "BreakerStore",
+    "SharedPolicy",
+    "SharedRow",
+    "SharedState",
+    "SharesBreakers",
+    "Task",
+    "Watcher",
+    "breaker_channel",
+    "step_row",
+]
+
+#: Seconds a shared half-open round may go without a verdict when ``half_open_max_wait`` is
+#: ``None``: permits granted to an instance that crashed must not wedge the breaker.
+DEFAULT_SHARED_WAIT = 120.0
+
+# Backoff exponents are capped so a long run of reopens cannot overflow a float.
+_MAX_STEP = 64
+
+
+class Action(enum.Enum):
+    """What one step of a shared row does (see the module docstring)."""
+
+    # Open a closed row (a trip somewhere).
+    OPEN = "open"
+    # Ask for trial permits (moves a due open row to half-open).
+    ACQUIRE = "acquire"
+    # A trial of the round succeeded.
+    SUCCESS = "success"
+    # A trial of the round failed (or the round had no verdict in time).
+    FAILURE = "failure"
+    # Close by hand (``reset()``).
+    CLOSE = "close"
+
+
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """The shared row as one instance sees it after a step or a notification.
+
+    Attributes:
+        state: CLOSED, OPEN or HALF_OPEN.
+        generation: bumped by every shared transition; larger is newer.
+        open_for: seconds until the open deadline on the store's clock (0.0 when due or
+            not open).
+        granted: trial permits granted to this instance by this step (``ACQUIRE``).
+    """
+
+    state: CircuitState
+    generation: int
+    open_for: float = 0.0
+    granted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPolicy:
+    """What a store needs of a breaker's configuration to step its row (a value).
+
+    Attributes:
+        reset_timeout: seconds of the first open.
+        backoff_multiplier: factor on the timeout of each repeated open.
+        max_reset_timeout: cap of the backed-off timeout.
+        half_open_max_calls: trial permits granted in total per half-open round.
+        successes_to_close: trial successes that close the row.
+        half_open_max_wait: seconds a half-open round may last without a verdict.
+    """
+
+    reset_timeout: float
+    backoff_multiplier: float
+    max_reset_timeout: float
+    half_open_max_calls: int
+    successes_to_close: int
+    half_open_max_wait: float
+
+    @classmethod
+    def of(cls, config: BreakerConfig) -> SharedPolicy:
+        """The shared policy of ``config`` (``half_open_max_wait`` ``None``:
+        ``DEFAULT_SHARED_WAIT``)."""
+        wait = config.half_open_max_wait
+        return cls(
+            reset_timeout=config.reset_timeout,
+            backoff_multiplier=config.backoff_multiplier,
+            max_reset_timeout=config.reset_timeout_cap,
+            half_open_max_calls=config.half_open_max_calls,
+            successes_to_close=config.successes_to_close,
+            half_open_max_wait=DEFAULT_SHARED_WAIT if wait is None else wait,
+        )
+
+    def timeout(self, step: int, shorten: float) -> float:
+        """Seconds the ``step``-th consecutive open lasts (0: the first)."""
+        backed_off = self.reset_timeout * self.backoff_multiplier ** min(step, _MAX_STEP)
+        return min(backed_off, self.max_reset_timeout) * shorten
+
+
+@dataclass(frozen=True, slots=True)
+class SharedRow:
+    """The stored row of one breaker name (the reference form of the SQL table and the
+    Redis hash). Times are readings of the store's clock, in seconds."""
+
+    state: CircuitState = CircuitState.CLOSED
+    generation: int = 0
+    open_until: float = 0.0
+    step: int = 0
+    granted: int = 0
+    successes: int = 0
+    half_open_since: float = 0.0
+
+    def seen_at(self, now: float, granted: int = 0) -> SharedState:
+        """The row as a ``SharedState`` read at ``now``."""
+        open_for = max(self.open_until - now, 0.0) if self.state is CircuitState.OPEN else 0.0
+        return SharedState(self.state, self.generation, open_for, granted)
+
+
+def _reopen(row: SharedRow, now: float, policy: SharedPolicy, shorten: float) -> SharedRow:
+    return SharedRow(
+        state=CircuitState.OPEN,
+        generation=row.generation + 1,
+        open_until=now + policy.timeout(row.step, shorten),
+        step=row.step + 1,
+    )
+
+
+def step_row(
+    row: SharedRow,
+    action: Action,
+    now: float,
+    policy: SharedPolicy,
+    *,
+    generation: int = 0,
+    want: int = 0,
+    shorten: float = 1.0,
+) -> tuple[SharedRow, int]:
+    """One atomic step of a shared row: ``(new row, permits granted)``.
+
+    Args:
+        row: the row before (``SharedRow()`` for a name never seen).
+        action: what to do (see the module docstring).
+        now: the store's clock, in seconds.
+        policy: the breaker's shared policy.
+        generation: the round a ``SUCCESS`` or ``FAILURE`` belongs to.
+        want: permits asked for by an ``ACQUIRE``.
+        shorten: jitter factor in ``(0, 1]`` for a timeout this step starts.
+
+    The generation changes exactly when the state does (or a round restarts).
+    """
+    closed, opened, half = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+    if action is Action.OPEN:
+        return (_reopen(row, now, policy, shorten) if row.state is closed else row), 0
+    if action is Action.CLOSE:
+        return SharedRow(generation=row.generation + 1), 0
+    if action is Action.ACQUIRE:
+        if row.state is opened and now >= row.open_until:
+            row = replace(row, state=half, generation=row.generation + 1, half_open_since=now)
+            row = replace(row, granted=0, successes=0, open_until=0.0)
+        if row.state is not half:
+            return row, 0
+        if now >= row.half_open_since + policy.half_open_max_wait:
+            return _reopen(row, now, policy, shorten), 0
+        grant = max(min(want, policy.half_open_max_calls - row.granted), 0)
+        return replace(row, granted=row.granted + grant), grant
+    # SUCCESS or FAILURE of a trial
+    if row.state is not half or row.generation != generation:
+        return row, 0  # stale: another verdict came first
+    if action is Action.FAILURE:
+        return _reopen(row, now, policy, shorten), 0
+    if row.successes + 1 >= policy.successes_to_close:
+        return SharedRow(generation=row.generation + 1), 0
+    return replace(row, successes=row.successes + 1), 0
+
+
+def breaker_channel(schema: str) -> str:
+    """The notification channel of a store's breakers in ``schema`` (a plain identifier):
+    PostgreSQL's LISTEN channel, cut to its 63-character limit as ``breaker_notify()``
+    cuts it."""
+    return f"fineflow_breakers.{schema}"[:63]
+
+
+class Task(Protocol):
+    """Background work a store runs for a breaker; cancelled on the breaker's ``aclose()``."""
+
+    def cancel(self) -> Any:
+        """Stop the work."""
+
+
+class Watcher(Protocol):
+    """What a store calls back when the shared rows change (one per breaker)."""
+
+    def changed(self, state: SharedState) -> None:
+        """Another instance (or this one) changed the row of the watched name."""
+
+    def connected(self) -> None:
+        """The store's notifications (re)started: changes may have been missed, re-read."""
+
+    def disconnected(self, reason: str) -> None:
+        """The store's notifications stopped (``reason``: why); they restart by themselves."""
+
+
+class BreakerStore(Protocol):
+    """Shared breaker rows: what ``CircuitBreaker(shared=...)`` uses of a storage.
+
+    Every step is one atomic statement or script on the store's clock. A store also owns
+    the background work done against it (``spawn``), so closing the storage stops it.
+    """
+
+    async def read(self, name: str) -> SharedState:
+        """The row of ``name`` now (a CLOSED generation 0 row if there is none).
+
+        Raises:
+            Exception: the store failed (callers go on with their local state).
+        """
+        ...
+
+    async def step(
+        self,
+        name: str,
+        action: Action,
+        policy: SharedPolicy,
+        *,
+        generation: int = 0,
+        want: int = 0,
+        shorten: float = 1.0,
+    ) -> SharedState:
+        """``step_row`` on the row of ``name``, atomically; tells every watcher if the
+        state changed. Returns the row after the step, with the permits granted.
+
+        Raises:
+            Exception: the store failed (callers go on with their local state).
+        """
+        ...
+
+    def watch(self, name: str, watcher: Watcher) -> None:
+        """Call ``watcher`` on changes of ``name`` (held weakly) and start listening if the
+        storage is open; ``watcher.connected()`` follows once notifications flow."""
+
+    def unwatch(self, name: str, watcher: Watcher) -> None:
+        """Stop calling ``watcher``."""
+
+    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
+        """Run ``work()`` in the background until done, cancelled, or the storage closes;
+        ``None`` if it cannot (no running event loop, or the storage is closed)."""
+        ...
+
+
+@runtime_checkable
+class SharesBreakers(Protocol):
+    """A storage that can hold breaker state shared between instances (``shared=``)."""
+
+    def breaker_store(self) -> BreakerStore:
+        """The storage's one ``BreakerStore``."""
+        ...

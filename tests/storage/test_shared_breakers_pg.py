@@ -1,0 +1,184 @@
+"""Shared breaker state in PostgreSQL: the SQL held to the reference rules,
+another OS process adopting an open, and the database going away and coming back (on a
+throwaway cluster this module owns, never the machine's own server)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import anyio
+import anyio.to_thread
+import psycopg
+import psycopg_pool.base
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fineflow import CircuitBreaker, CircuitState, PostgresStorage
+from fineflow._breaker.shared import Action, SharedPolicy, SharedRow, step_row
+from fineflow.testing import ThrowawayCluster, find_postgres_bindir
+from shared_breaker_helpers import eventually, in_state, opened
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+OPEN, CLOSED = CircuitState.OPEN, CircuitState.CLOSED
+
+
+ACTIONS = st.sampled_from(list(Action))
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.lists(st.tuples(ACTIONS, st.integers(0, 3), st.booleans()), min_size=1, max_size=12),
+    reset=st.sampled_from([0.0, 1000.0]),
+    max_calls=st.integers(1, 3),
+)
+def test_breaker_step_follows_the_reference(
+    pg_dsn: str, steps: list[tuple[Action, int, bool]], reset: float, max_calls: int
+) -> None:
+    """The SQL against ``step_row``: the reference at a constant ``now`` (a reset timeout of
+    0 or 1000 s is due or not whatever the milliseconds the statements take)."""
+    policy = SharedPolicy(reset, 2.0, max(reset, 1.0) * 8, max_calls, max_calls, 1e6)
+    name = secrets.token_hex(6)
+    row = SharedRow()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for action, want, stale in steps:
+            generation = row.generation - 1 if stale else row.generation
+            row, granted = step_row(row, action, 0.0, policy, generation=generation, want=want)
+            got = conn.execute(
+                "SELECT * FROM ff_reference.breaker_step("
+                "%s, %s, %s, %s, %s, %s, %s, 1.0, %s, %s, %s)",
+                (
+                    name,
+                    action.value,
+                    generation,
+                    want,
+                    reset * 1000,
+                    2.0,
+                    policy.max_reset_timeout * 1000,
+                    max_calls,
+                    max_calls,
+                    1e9,
+                ),
+            ).fetchone()
+            assert got is not None
+            assert (got[0], got[1], got[3]) == (row.state.value, row.generation, granted)
+            expected_ms = row.open_until * 1000 if row.state is OPEN else 0.0
+            assert abs(got[2] - expected_ms) < 1000.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_schema(pg_dsn: str) -> Iterator[None]:
+    """The schema the differential test steps rows in (Hypothesis runs many examples in one
+    test function, so it is made once)."""
+
+    async def migrate() -> None:
+        async with PostgresStorage(pg_dsn, schema="ff_reference") as storage:
+            await storage.migrate()
+
+    anyio.run(migrate)
+    yield
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA ff_reference CASCADE")
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    import fineflow as ff
+
+    async def main():
+        async with ff.PostgresStorage(sys.argv[1], schema=sys.argv[2]) as storage:
+            breaker = ff.CircuitBreaker("upstream", reset_timeout=30.0, shared=storage)
+            assert await breaker.sync()
+            print("ready", flush=True)
+            while breaker.state is not ff.CircuitState.OPEN:
+                await asyncio.sleep(0.001)
+            print("open", breaker.retry_after(), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_an_open_reaches_another_process(pg_dsn: str, pg_schema: str) -> None:
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as storage:
+        await storage.migrate()
+        breaker = CircuitBreaker(
+            "upstream", failure_threshold=1, reset_timeout=30.0, shared=storage
+        )
+        await breaker.sync()
+        with subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; reads are in threads
+            [sys.executable, "-c", CHILD, pg_dsn, pg_schema],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as child:
+            try:
+                assert child.stdout is not None
+                with anyio.fail_after(60):
+                    line = await anyio.to_thread.run_sync(child.stdout.readline)
+                assert line.strip() == "ready", child.stderr.read() if child.stderr else ""
+                permit = breaker.try_acquire()
+                assert permit is not None
+                permit.failure()
+                with anyio.fail_after(30):
+                    line = await anyio.to_thread.run_sync(child.stdout.readline)
+                word, retry_after = line.split()
+                assert word == "open" and 25.0 < float(retry_after) <= 30.0
+                assert await anyio.to_thread.run_sync(child.wait, 30) == 0
+            finally:
+                child.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ThrowawayCluster]:
+    if find_postgres_bindir() is None:
+        pytest.fail("fault tests need PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    with ThrowawayCluster.create() as c:
+        yield c
+
+
+@pytest.mark.slow
+async def test_the_database_going_away_and_coming_back(
+    cluster: ThrowawayCluster, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(psycopg_pool.base.AttemptWithBackoff, "INITIAL_DELAY", 0.2, raising=False)
+    caplog.set_level(logging.INFO, "fineflow.breaker")
+
+    def storages() -> PostgresStorage:
+        return PostgresStorage(cluster.dsn, schema="shared", connect_timeout=1.0)
+
+    async with opened(storages, 2) as (one, two):
+        options = {"failure_threshold": 1, "reset_timeout": 0.2, "half_open_max_calls": 2}
+        a = CircuitBreaker("api", **options, shared=one)  # type: ignore[arg-type]
+        b = CircuitBreaker("api", **options, shared=two)  # type: ignore[arg-type]
+        assert await a.sync() and await b.sync()
+
+        await anyio.to_thread.run_sync(cluster.stop, "immediate")
+        permit = a.try_acquire()
+        assert permit is not None
+        permit.failure()  # decided here; nothing raises
+        assert a.state is OPEN and b.state is CLOSED
+        await eventually(lambda: a.retry_after() == 0.0, "the local deadline")
+        trials = [a.try_acquire() for _ in range(5)]
+        assert sum(t is not None for t in trials) == 2, "the local budget while the store is down"
+
+        await anyio.to_thread.run_sync(cluster.start)
+        await in_state(b, OPEN, "the open made while the store was down, published on rejoining")
+        await eventually(
+            lambda: sum("available again" in r.getMessage() for r in caplog.records) >= 2,
+            "both say that they rejoined",
+            within=30.0,
+        )
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("shared state unavailable" in m for m in messages) == 2  # once each
+        assert sum("available again" in m for m in messages) == 2
+        for t in trials:
+            if t is not None:
+                t.success()

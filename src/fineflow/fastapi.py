@@ -185,7 +185,8 @@ class RateLimit:
             return None
         scope = request.scope
         name = self._name or _route_name(scope, scope.get("method") or "GET")
-        outcome = await self._limit.decide(scope, name, default=_default_gate(request.app))
+        app = request.app
+        outcome = await self._limit.decide(scope, name, default=lambda: _default_gate(app))
         if outcome is None:
             return None
         if outcome.denial is not None:

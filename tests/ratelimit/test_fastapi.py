@@ -241,10 +241,13 @@ async def test_without_install_the_default_storage_still_decides_and_says_instal
     monkeypatch.delenv("FINEFLOW_DSN", raising=False)
     with pytest.raises(ConfigurationError, match="FINEFLOW_STORAGE_URL"):
         await get_all(create_app(problems=False), "/search")
-    # With a limiter, install() is only for problem+json.
+    # With a limiter, install() is only for problem+json, and nothing warns.
+    caplog.clear()
     limiter = RateLimiter(MemoryStorage())
-    *_, denied = await get_all(create_app(limiter, problems=False), *["/search"] * 3)
+    with caplog.at_level(logging.WARNING, logger="fineflow.middleware"):
+        *_, denied = await get_all(create_app(limiter, problems=False), *["/search"] * 3)
     assert denied.status_code == 429
+    assert not [r for r in caplog.records if "install(app)" in r.getMessage()]
 
 
 async def test_install_without_problem_json_keeps_fastapis_error_body(

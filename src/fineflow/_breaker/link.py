@@ -92,6 +92,11 @@ class SharedLink:
         """A transition of the machine (adopted ones are ignored: they came from the store)."""
         if self._adopting:
             return
+        if new is _C:
+            # Recovered here (while the store was away): an open not yet published is
+            # stale, and publishing it now would open every instance for nothing.
+            self._open = False
+            return
         if new is _O and old is _C:
             self._open = True
         elif new is _O and old is _H:
@@ -141,11 +146,6 @@ class SharedLink:
             self._worker.cancel()
             self._worker = None
 
-    @property
-    def available(self) -> bool:
-        """Whether the store answered the last step and no failure is pending."""
-        return self._down is None
-
     # -- what the store tells the link (Watcher) ---------------------------------------------
 
     def changed(self, state: SharedState) -> None:
@@ -193,22 +193,48 @@ class SharedLink:
             self._worker = None
 
     async def _send_one(self) -> None:
-        """Send the most important pending item; it is dropped only once it got through."""
+        """Send the most important pending item.
+
+        The item is taken off the pending work before it is sent, so what callers add
+        meanwhile (a reset, another verdict, more asks) is neither lost nor dropped in its
+        place. A step the store refused goes back to be sent again; a step cut off by
+        ``STEP_TIMEOUT`` (a cancellation) does not: it may have been applied, and sending it
+        twice could count a verdict twice or hand out a round's permits twice. The link
+        re-reads the row instead.
+        """
         store, name, policy = self._store, self.name, self._policy
         shorten = 1.0 - self._machine.config.jitter * self._random()
         if self._close:
-            state = await store.step(name, Action.CLOSE, policy)
             self._close = False
+            try:
+                state = await store.step(name, Action.CLOSE, policy)
+            except Exception:
+                self._close = True
+                raise
         elif self._open:
-            state = await store.step(name, Action.OPEN, policy, shorten=shorten)
             self._open = False
+            try:
+                state = await store.step(name, Action.OPEN, policy, shorten=shorten)
+            except Exception:
+                self._open = self._machine.state is _O  # unless it recovered meanwhile
+                raise
         elif self._verdicts:
-            generation, action = self._verdicts[0]
-            state = await store.step(name, action, policy, generation=generation, shorten=shorten)
-            self._verdicts.popleft()
+            item = self._verdicts.popleft()
+            generation, action = item
+            try:
+                state = await store.step(
+                    name, action, policy, generation=generation, shorten=shorten
+                )
+            except Exception:
+                self._verdicts.appendleft(item)
+                raise
         elif self._asking():
-            state = await store.step(name, Action.ACQUIRE, policy, want=self._want, shorten=shorten)
-            self._want = 0
+            want, self._want = self._want, 0
+            try:
+                state = await store.step(name, Action.ACQUIRE, policy, want=want, shorten=shorten)
+            except Exception:
+                self._want = min(self._want + want, policy.half_open_max_calls)
+                raise
             self._available()
             await self._granted(state)
             return

@@ -7,6 +7,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+
 from .._errors import ConfigurationError
 from .breaker import CircuitBreaker, check_shared
 from .config import BreakerMetrics, CircuitState
@@ -119,7 +121,14 @@ class BreakerRegistry:
             ``True`` if every one was read, ``False`` if the store failed for any (logged;
             they go on locally). Never raises because of the store.
         """
-        results = [await breaker.sync() for breaker in list(self._breakers.values())]
+        results: list[bool] = []
+
+        async def sync(breaker: CircuitBreaker) -> None:
+            results.append(await breaker.sync())
+
+        async with anyio.create_task_group() as group:  # at once: each may wait its timeout
+            for breaker in list(self._breakers.values()):
+                group.start_soon(sync, breaker)
         return all(results)
 
     async def aclose(self) -> None:

@@ -141,24 +141,24 @@ class RouteLimit:
                 self._rulesets[name] = ruleset
         return ruleset
 
-    def _gate_for(self, scope: Scope, default: DefaultGate | None) -> Gate:
+    def _gate_for(self, scope: Scope, default: Callable[[], DefaultGate] | None) -> Gate:
         limiter = self._limiter
         if limiter is None:
             limiter = (scope.get("state") or {}).get(LIMITER_STATE)
         if limiter is None:
-            return (default or self._default).get()
+            return (self._default if default is None else default()).get()
         gate = self._gate
         if gate is None or gate.limiter is not limiter:
             gate = self._gate = Gate(limiter)
         return gate
 
     async def decide(
-        self, scope: Scope, name: str, *, default: DefaultGate | None = None
+        self, scope: Scope, name: str, *, default: Callable[[], DefaultGate] | None = None
     ) -> RouteOutcome | None:
         """Decide the request under the limit named ``name``; ``None`` when limits are off
-        or the key (or the quota function) exempts it. ``default``: the gate over the
-        default storage to use when neither ``limiter=`` nor a middleware gives a limiter
-        (else the route limit's own)."""
+        or the key (or the quota function) exempts it. ``default``: gives the gate over the
+        default storage, asked only when neither ``limiter=`` nor a middleware gives a
+        limiter (else the route limit's own)."""
         if not self.enabled:
             return None
         method = scope.get("method") or "GET"

@@ -184,7 +184,7 @@ def _parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         type=_duration,
         default=None,
         metavar="DURATION",
-        help="also delete per-minute stats older than DURATION (default: 7d, as the storage's)",
+        help="also delete per-minute stats older than DURATION (default: keep them all)",
     )
     _stats_arguments(
         storage_command(
@@ -215,9 +215,9 @@ Outcome = tuple[object, str]
 
 
 async def _storage_command(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {}
-    if args.stats_retention is not None:
-        options["stats_retention"] = args.stats_retention
+    # Without --stats-retention a command deletes no per-minute stats: the retention is the
+    # app's setting (PostgresStorage(stats_retention=...)), which this command cannot know.
+    options: dict[str, Any] = {"stats_retention": args.stats_retention}
     storage = PostgresStorage(
         args.dsn,
         schema=args.schema,

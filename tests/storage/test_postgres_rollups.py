@@ -123,6 +123,28 @@ async def test_retention_deletes_old_minutes_at_cleanup(pg_dsn: str, pg_schema: 
         assert [p.allowed for p in await storage.stats(since=60, now=recent)] == [1]
 
 
+@pytest.mark.parametrize("retention", [timedelta(hours=1), None])
+async def test_old_minutes_are_pruned_in_batches_or_kept_without_a_retention(
+    pg_dsn: str, pg_schema: str, retention: timedelta | None
+) -> None:
+    """25 old minutes and a recent one; cleanup(batch_size=10) prunes in three statements of
+    at most 10 rows (each short, whatever the backlog); with no retention nothing goes."""
+    async with PostgresStorage(pg_dsn, schema=pg_schema, stats_retention=retention) as storage:
+        await storage.migrate()
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            insert = sql.SQL(
+                "INSERT INTO {}.rollups (minute, endpoint, tier, allowed, denied) "
+                "SELECT date_trunc('minute', now()) - make_interval(mins => m), '/e', '', 1, 0 "
+                "FROM unnest(%s::int[]) AS m"
+            )
+            minutes = [0, *range(120, 145)]  # now, and 25 minutes from two hours ago
+            await conn.execute(insert.format(sql.Identifier(pg_schema)), (minutes,))
+        assert await storage.cleanup(batch_size=10) == 0  # (no expired state rows)
+        left = await storage.stats_series()
+        assert len(left) == (1 if retention is not None else 26)
+        assert storage.stats_retention == (None if retention is None else 3600.0)
+
+
 async def test_the_background_flush_writes_without_a_read(pg_dsn: str, pg_schema: str) -> None:
     async with PostgresStorage(pg_dsn, schema=pg_schema, stats_flush_every=0.02) as storage:
         await storage.migrate()

@@ -40,7 +40,7 @@ class Admin:
         self._cleanup = sql.SQL("SELECT {}.cleanup(%s, %s)").format(ident)
         self._stats = compose("queries/stats.sql", schema=ident)
         self._series = compose("queries/stats_series.sql", schema=ident)
-        self._prune = sql.SQL("SELECT {}.prune_rollups(%s, %s::bigint)").format(ident)
+        self._prune = sql.SQL("SELECT {}.prune_rollups(%s, %s::bigint, %s)").format(ident)
         self._add = sql.SQL(
             "SELECT {}.add_rollups(%b::bigint[], %b::text[], %b::text[], %b::bigint[], "
             "%b::bigint[])"
@@ -109,14 +109,22 @@ class Admin:
         row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def prune(self, pool: AsyncConnectionPool[Any], keep: float, now: int | None) -> int:
+    async def prune(
+        self, pool: AsyncConnectionPool[Any], keep: float, now: int | None, batch_size: int
+    ) -> int:
         """Delete the per-minute counts of minutes that ended ``keep`` seconds ago or
-        earlier; return how many rows."""
+        earlier, ``batch_size`` rows per statement (short, each under the statement
+        timeout) until none are left; return how many rows."""
+        total = 0
         with driver_errors("pruning the stats"):
             async with pool.connection() as conn:
-                cur = await conn.execute(self._prune, (keep, now))
-                row = await cur.fetchone()
-        return int(row[0]) if row else 0
+                while True:
+                    cur = await conn.execute(self._prune, (keep, now, batch_size))
+                    row = await cur.fetchone()
+                    deleted = int(row[0]) if row else 0
+                    total += deleted
+                    if deleted < batch_size:
+                        return total
 
     async def stats(
         self,

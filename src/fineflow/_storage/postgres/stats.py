@@ -34,7 +34,8 @@ class StatsKeeper:
     Args:
         admin: the storage's queries.
         pool: gives the storage's pool (raises when the storage is not open).
-        retention: seconds a minute's counts are kept (cleanup deletes older ones).
+        retention: seconds a minute's counts are kept (cleanup deletes older ones;
+            ``None``: kept).
         flush_every: seconds between writes; ``None``: requests are not counted.
         name: what the log lines call it (the schema).
     """
@@ -44,7 +45,7 @@ class StatsKeeper:
         admin: Admin,
         pool: Callable[[], AsyncConnectionPool[Any]],
         *,
-        retention: float,
+        retention: float | None,
         flush_every: float | None,
         name: str,
     ) -> None:
@@ -84,9 +85,12 @@ class StatsKeeper:
         """The flusher's counters."""
         return self._flusher.snapshot()
 
-    async def prune(self, now: int | None) -> int:
-        """Delete the minutes older than the retention; return how many rows."""
-        return await self._admin.prune(self._pool(), self.retention, now)
+    async def prune(self, now: int | None, batch_size: int) -> int:
+        """Delete the minutes older than the retention, ``batch_size`` rows per statement;
+        return how many rows (0 without a retention)."""
+        if self.retention is None:
+            return 0
+        return await self._admin.prune(self._pool(), self.retention, now, batch_size)
 
     async def stats(
         self, since: float | timedelta | None, by: object, now: int | None

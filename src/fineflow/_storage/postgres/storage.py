@@ -98,7 +98,8 @@ class PostgresStorage:
             counts to the ``rollups`` table (default 5; one statement each, in the
             background, never in a request's way). ``None`` turns the counting off.
         stats_retention: how long the per-minute counts are kept, in seconds or a
-            ``timedelta`` (default 7 days): :meth:`cleanup` deletes older minutes.
+            ``timedelta`` (default 7 days): :meth:`cleanup` deletes older minutes;
+            ``None`` keeps them all.
 
     Raises:
         ConfigurationError: for a bad schema name or option, or both ``dsn`` and ``pool``.
@@ -122,7 +123,7 @@ class PostgresStorage:
         fast_paths: Collection[str] = FAST_PATHS,
         cleanup_every: float | None = None,
         stats_flush_every: float | None = 5.0,
-        stats_retention: float | timedelta = _WEEK,
+        stats_retention: float | timedelta | None = _WEEK,
     ) -> None:
         dsn = check_source(dsn, pool)
         check_identifier("schema", schema)
@@ -131,7 +132,7 @@ class PostgresStorage:
         check_sizes(max_in_flight=max_in_flight, max_batch=max_batch)
         cleanup_every = check_interval("cleanup_every", cleanup_every)
         flush_every = check_interval("stats_flush_every", stats_flush_every)
-        retention = check_retention(stats_retention)
+        retention = None if stats_retention is None else check_retention(stats_retention)
         self.dsn = dsn
         self.schema = schema
         self.unlogged = unlogged
@@ -217,8 +218,9 @@ class PostgresStorage:
         return StorageFigures("postgres", self._scheduler.figures(), self.pool_stats(), name)
 
     @property
-    def stats_retention(self) -> float:
-        """Seconds the per-minute request counts are kept (cleanup deletes older ones)."""
+    def stats_retention(self) -> float | None:
+        """Seconds the per-minute request counts are kept (cleanup deletes older ones);
+        ``None``: kept until a cleanup with a retention deletes them."""
         return self._stats.retention
 
     def stats_flush_snapshot(self) -> FlushSnapshot:
@@ -466,16 +468,19 @@ class PostgresStorage:
     async def cleanup(self, *, batch_size: int = 1000, now: int | None = None) -> int:
         """Delete expired rows in batches of ``batch_size`` (short locks, skipping rows in
         use) until none are left; return how many were deleted. Lossless: an expired row
-        is equivalent to no row. Also deletes the per-minute request counts older than
-        ``stats_retention`` (not counted in the figure returned)."""
+        is equivalent to no row. Then deletes the per-minute request counts older than
+        ``stats_retention``, in batches too (not counted in the figure returned)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        await self._stats.prune(now)
-        return await self._admin.cleanup(self.pool, batch_size, now)
+        deleted = await self._admin.cleanup(self.pool, batch_size, now)
+        await self._stats.prune(now, batch_size)
+        return deleted
 
     async def _cleanup_round(self) -> int | None:
-        await self._stats.prune(None)
-        return await self._admin.cleanup_alone(self.pool, _CLEANUP_BATCH)
+        deleted = await self._admin.cleanup_alone(self.pool, _CLEANUP_BATCH)
+        if deleted is not None:  # (None: another instance holds the cleanup lock)
+            await self._stats.prune(None, _CLEANUP_BATCH)
+        return deleted
 
     async def stats(
         self,

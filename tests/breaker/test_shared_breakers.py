@@ -8,7 +8,7 @@ wait for them; background work is awaited by bounded polling. No duration is ass
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -19,11 +19,11 @@ from fineflow import (
     CircuitBreaker,
     CircuitState,
     ConfigurationError,
-    MemoryStorage,
     Permit,
     PostgresStorage,
+    RedisStorage,
 )
-from shared_breaker_helpers import eventually, in_state, opened, postgres_instances
+from shared_breaker_helpers import STORES, eventually, in_state, opened, store_instances
 
 pytestmark = pytest.mark.anyio
 
@@ -31,17 +31,11 @@ CLOSED, OPEN, HALF = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_O
 RESET = 0.15  # seconds: real time on the store's clock
 
 
-@pytest.fixture(params=["memory", "postgres"])
-def instances(request: pytest.FixtureRequest) -> Callable[[], Any]:
+@pytest.fixture(params=STORES)
+def instances(request: pytest.FixtureRequest) -> Iterator[Callable[[], Any]]:
     """A factory of storages that are instances of one service on one store (in memory:
     breakers sharing one ``MemoryStorage``)."""
-    if request.param == "memory":
-        storage = MemoryStorage()
-        return lambda: storage
-    if request.param == "postgres":
-        dsn: str = request.getfixturevalue("pg_dsn")
-        return postgres_instances(dsn, request.getfixturevalue("pg_schema"))
-    raise AssertionError(request.param)
+    yield from store_instances(request, request.param)
 
 
 def breaker(storage: Any, name: str = "upstream", **options: Any) -> CircuitBreaker:
@@ -179,10 +173,15 @@ def test_shared_must_be_a_storage_that_shares() -> None:
         BreakerRegistry(shared=object())  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("store", ["postgres", "redis"])
 async def test_a_store_not_open_is_logged_once_and_calls_go_on(
-    pg_dsn: str, caplog: pytest.LogCaptureFixture
+    store: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
-    storage = PostgresStorage(pg_dsn)  # never opened
+    storage: PostgresStorage | RedisStorage = (  # never opened
+        PostgresStorage(request.getfixturevalue("pg_dsn"))
+        if store == "postgres"
+        else RedisStorage("redis://127.0.0.1:1/0")
+    )
     b = breaker(storage)
     caplog.set_level(logging.WARNING, "fineflow.breaker")
     assert not await b.sync()

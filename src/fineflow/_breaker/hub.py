@@ -1,8 +1,12 @@
-"""The parts every ``BreakerStore`` shares: its watchers and its background tasks.
+"""The parts every ``BreakerStore`` shares: its watchers, its background tasks, and the
+one subscription to the store's notifications.
 
 A store adapter (PostgreSQL, Redis, memory) keeps one ``Watchers`` and one
 ``BackgroundTasks``: the first says a notification to the breakers of its name, the second
-runs the breakers' background work and the store's listener until the storage closes.
+runs the breakers' background work and the store's listener until the storage closes. A
+store that hears of changes over the network (PostgreSQL LISTEN, Redis pub/sub) keeps one
+``ChangeFeed``, which owns both and runs its subscription while the storage is open and
+breakers watch, restarting it with backoff when it is lost.
 """
 
 from __future__ import annotations
@@ -14,9 +18,23 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .config import CircuitState
-from .shared import SharedState, Watcher
+from .shared import SharedState, Task, Watcher
 
-__all__ = ["BackgroundTasks", "Watchers", "decode_notice", "encode_notice"]
+__all__ = [
+    "BackgroundTasks",
+    "ChangeFeed",
+    "Subscribe",
+    "Watchers",
+    "decode_notice",
+    "encode_notice",
+]
+
+_FIRST_RETRY, _LAST_RETRY = 0.05, 5.0
+
+#: A store's subscription: ``subscribe(ready, deliver)`` connects and subscribes, calls
+#: ``ready()`` once notifications flow, then ``deliver(payload)`` for each one; it returns
+#: when the connection closes and raises when it fails.
+Subscribe = Callable[[Callable[[], None], Callable[[str | bytes], None]], Coroutine[Any, Any, None]]
 
 
 def encode_notice(name: str, state: SharedState) -> str:
@@ -111,3 +129,78 @@ class BackgroundTasks:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ChangeFeed:
+    """A store's watchers, background tasks and its one subscription to notifications.
+
+    Args:
+        subscribe: the store's subscription (see ``Subscribe``).
+        describe: ``exc`` as a short text, for the reason told to the watchers.
+    """
+
+    def __init__(self, subscribe: Subscribe, *, describe: Callable[[BaseException], str]) -> None:
+        self._subscribe = subscribe
+        self._describe = describe
+        self.watchers = Watchers()
+        self.tasks = BackgroundTasks()
+        self._open = False
+        self._listener: Task | None = None
+        self.listening = False
+
+    def start(self) -> None:
+        """The storage opened: subscribe if breakers watch."""
+        self._open = True
+        self.listen_if_watched()
+
+    async def stop(self) -> None:
+        """The storage closes: stop the subscription and every background task."""
+        self._open = False
+        await self.tasks.stop()
+
+    def watch(self, name: str, watcher: Watcher) -> None:
+        """Tell ``watcher`` of changes of ``name``; it hears ``connected()`` once
+        notifications flow."""
+        self.watchers.add(name, watcher)
+        if self.listening:
+            watcher.connected()
+        else:
+            self.listen_if_watched()
+
+    def listen_if_watched(self) -> None:
+        """Start the subscription if the storage is open, breakers watch, and it is not
+        running (watchers made outside the event loop could not start it)."""
+        if self._open and self._listener is None and self.watchers:
+            self._listener = self.tasks.spawn(self._listen)
+
+    async def _listen(self) -> None:
+        delay = _FIRST_RETRY
+        try:
+            while True:
+                reason, listened = await self._listen_once()
+                self.watchers.disconnected(reason)
+                delay = _FIRST_RETRY if listened else min(delay * 2, _LAST_RETRY)
+                await asyncio.sleep(delay)
+        finally:
+            self._listener = None
+
+    def _ready(self) -> None:
+        self.listening = True
+        self.watchers.connected()
+
+    def _deliver(self, payload: str | bytes) -> None:
+        decoded = decode_notice(payload)
+        if decoded is not None:
+            self.watchers.changed(*decoded)
+
+    async def _listen_once(self) -> tuple[str, bool]:
+        """Listen until the subscription ends; return why, and whether it listened at all."""
+        try:
+            await self._subscribe(self._ready, self._deliver)
+        except Exception as exc:
+            reason = f"listening for breaker changes failed: {self._describe(exc)}"
+        else:
+            reason = "the listening connection closed"
+        finally:
+            listened, self.listening = self.listening, False
+        return reason, listened

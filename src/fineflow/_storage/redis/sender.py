@@ -10,7 +10,6 @@ script again and the calls it did not run go again once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from ..coalescing import Request
 from .admin import Client
 from .batch import Call, answer, pack, plan, refunds
 from .errors import DecisionTimeout, storage_error
-from .scripts import DECIDE, Names
+from .scripts import DECIDE, Names, load
 from .wire import evalsha_all, evalsha_on_nodes
 
 __all__ = ["ScriptSender", "slot"]
@@ -114,7 +113,7 @@ class ScriptSender:
                 call.reply = reply
         if missing and reload:
             # Not run (the server had no script): load it and send those calls again.
-            await _load(client)
+            await load(client, DECIDE)
             await self._execute(client, missing, reload=False)
 
     async def _on_cluster(self, client: RedisCluster, calls: list[Call]) -> list[object]:
@@ -148,19 +147,3 @@ class ScriptSender:
         self.refunded += len(replies) - len(failures)
         if failures:
             logger.warning("refund of a denied multi-slot request failed: %r", failures[0])
-
-
-async def _load(client: Client) -> None:
-    logger.info("loading the rate-limit script into Redis (NOSCRIPT)")
-    if isinstance(client, RedisCluster):
-        # Master by master: one that is down must not keep the others from the script
-        # (it gets it when it is back and answers NOSCRIPT).
-        await asyncio.gather(
-            *(
-                client.execute_command("SCRIPT LOAD", DECIDE.text, target_nodes=node)
-                for node in client.get_primaries()
-            ),
-            return_exceptions=True,
-        )
-    else:
-        await client.script_load(DECIDE.text)

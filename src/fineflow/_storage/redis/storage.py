@@ -22,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..._breaker.shared import BreakerStore
 from ..._errors import ConfigurationError, StorageClosedError
 from ..._ratelimit.algorithms import ALGORITHMS, Decision
 from ..._ratelimit.algorithms import validate_algorithm as _validate_algorithm
@@ -29,8 +30,9 @@ from ..base import Hit, KeyStatus, StatsRow, check_hits
 from ..coalescing import Scheduler
 from . import admin
 from .admin import Client
+from .breakers import RedisBreakerStore
 from .errors import translated
-from .scripts import DECIDE, Names
+from .scripts import BREAKER, DECIDE, Names
 from .sender import ScriptSender
 
 __all__ = ["RedisStorage"]
@@ -139,6 +141,7 @@ class RedisStorage:
         self._scheduler = Scheduler(
             self._sender, coalesce=coalesce, max_in_flight=max_in_flight, max_batch=max_batch
         )
+        self._breakers = RedisBreakerStore(self.names, lambda: self.client, cluster=self.cluster)
 
     # -- counters --------------------------------------------------------------------------
 
@@ -187,11 +190,13 @@ class RedisStorage:
             else:
                 self._client = aioredis.Redis.from_url(self.url, **options)
         self._opened = True
+        self._breakers.start()
 
     async def close(self) -> None:
         """Finish the calls in flight, close the client if this storage owns it; the storage
         refuses use afterwards."""
         self._closed = True
+        await self._breakers.stop()
         await self._scheduler.close(self.socket_timeout)
         if self._client is not None and self._owns_client:
             with contextlib.suppress(RedisError, OSError):
@@ -206,15 +211,23 @@ class RedisStorage:
             )
         return self._client
 
+    def breaker_store(self) -> BreakerStore:
+        """Where ``CircuitBreaker(shared=storage)`` keeps its shared state: a hash per
+        breaker name under this storage's prefix, stepped by one Lua script on the server's
+        clock, with one pub/sub subscription (sharded on a Cluster) that hears changes while
+        the storage is open and breakers use it."""
+        return self._breakers
+
     async def migrate(self) -> None:
-        """Load the script on every server (it is loaded on demand anyway: nothing else
+        """Load the scripts on every server (they are loaded on demand anyway: nothing else
         to create).
 
         Raises:
             StorageError: the server could not be reached or refused.
         """
-        with translated("loading the decision script"):
-            await self.client.script_load(DECIDE.text)
+        with translated("loading the scripts"):
+            for script in (DECIDE, BREAKER):
+                await self.client.script_load(script.text)
 
     # -- decisions -------------------------------------------------------------------------
 

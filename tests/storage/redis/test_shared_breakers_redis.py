@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 
 import anyio
@@ -22,11 +19,11 @@ from redis_fixtures import (  # noqa: F401 - the fixtures redis_server, throwawa
     throwaway_fixture,
 )
 
-from fineflow import CircuitBreaker, CircuitState, RedisStorage
+from fineflow import CircuitState, RedisStorage
 from fineflow._breaker.shared import Action, SharedPolicy, SharedRow, step_row
 from fineflow._storage.redis.scripts import BREAKER, Names
 from fineflow.testing.redis import RedisServer, delete_prefix, unique_prefix
-from shared_breaker_helpers import eventually, in_state, opened
+from shared_breaker_helpers import an_open_reaches_a_child, the_store_going_away_and_coming_back
 
 pytestmark = pytest.mark.anyio
 
@@ -83,53 +80,10 @@ def test_the_script_follows_the_reference(
             assert abs(float(open_ms) - expected_ms) < 1000.0
 
 
-CHILD = textwrap.dedent(
-    """
-    import asyncio, sys
-    import fineflow as ff
-
-    async def main():
-        async with ff.RedisStorage(sys.argv[1], prefix=sys.argv[2]) as storage:
-            breaker = ff.CircuitBreaker("upstream", reset_timeout=30.0, shared=storage)
-            assert await breaker.sync()
-            print("ready", flush=True)
-            while breaker.state is not ff.CircuitState.OPEN:
-                await asyncio.sleep(0.001)
-            print("open", breaker.retry_after(), flush=True)
-
-    asyncio.run(main())
-    """
-)
-
-
 async def test_an_open_reaches_another_process(redis_server: RedisServer) -> None:
     prefix = unique_prefix("ffbreakers")
     async with RedisStorage(redis_server.url, prefix=prefix) as storage:
-        breaker = CircuitBreaker(
-            "upstream", failure_threshold=1, reset_timeout=30.0, shared=storage
-        )
-        await breaker.sync()
-        with subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; reads are in threads
-            [sys.executable, "-c", CHILD, redis_server.url, prefix],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        ) as child:
-            try:
-                assert child.stdout is not None
-                with anyio.fail_after(60):
-                    line = await anyio.to_thread.run_sync(child.stdout.readline)
-                assert line.strip() == "ready", child.stderr.read() if child.stderr else ""
-                permit = breaker.try_acquire()
-                assert permit is not None
-                permit.failure()
-                with anyio.fail_after(30):
-                    line = await anyio.to_thread.run_sync(child.stdout.readline)
-                word, retry_after = line.split()
-                assert word == "open" and 25.0 < float(retry_after) <= 30.0
-                assert await anyio.to_thread.run_sync(child.wait, 30) == 0
-            finally:
-                child.kill()
+        await an_open_reaches_a_child(storage, ["redis", redis_server.url, prefix])
     await delete_prefix(redis_server.url, prefix)
 
 
@@ -156,31 +110,4 @@ async def test_the_server_going_away_and_coming_back(
     def storages() -> RedisStorage:
         return RedisStorage(throwaway.url, connect_timeout=1.0, socket_timeout=1.0)
 
-    async with opened(storages, 2) as (one, two):
-        options = {"failure_threshold": 1, "reset_timeout": 0.2, "half_open_max_calls": 2}
-        a = CircuitBreaker("api", **options, shared=one)  # type: ignore[arg-type]
-        b = CircuitBreaker("api", **options, shared=two)  # type: ignore[arg-type]
-        assert await a.sync() and await b.sync()
-
-        await anyio.to_thread.run_sync(process.stop)
-        permit = a.try_acquire()
-        assert permit is not None
-        permit.failure()  # decided here; nothing raises
-        assert a.state is OPEN and b.state is CLOSED
-        await eventually(lambda: a.retry_after() == 0.0, "the local deadline")
-        trials = [a.try_acquire() for _ in range(5)]
-        assert sum(t is not None for t in trials) == 2, "the local budget while the store is down"
-
-        await anyio.to_thread.run_sync(process.start)
-        await in_state(b, OPEN, "the open made while the store was down, published on rejoining")
-        await eventually(
-            lambda: sum("available again" in r.getMessage() for r in caplog.records) >= 2,
-            "both say that they rejoined",
-            within=30.0,
-        )
-        messages = [r.getMessage() for r in caplog.records]
-        assert sum("shared state unavailable" in m for m in messages) == 2  # once each
-        assert sum("available again" in m for m in messages) == 2
-        for t in trials:
-            if t is not None:
-                t.success()
+    await the_store_going_away_and_coming_back(storages, process.stop, process.start, caplog)

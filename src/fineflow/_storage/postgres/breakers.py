@@ -11,7 +11,7 @@ again.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -19,8 +19,8 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from ..._breaker.config import CircuitState
-from ..._breaker.hub import ChangeFeed
-from ..._breaker.shared import Action, SharedPolicy, SharedState, Task, Watcher, breaker_channel
+from ..._breaker.hub import ListeningStore
+from ..._breaker.shared import Action, SharedPolicy, SharedState, breaker_channel
 from ..base import storage_key
 from .errors import driver_errors, one_line
 
@@ -47,7 +47,7 @@ async def _connection_args(pool: AsyncConnectionPool[Any]) -> tuple[str, dict[st
     return str(await _resolve(pool.conninfo)), kwargs
 
 
-class PostgresBreakerStore:
+class PostgresBreakerStore(ListeningStore):
     """The breaker rows of one schema (see the module docstring).
 
     Args:
@@ -56,6 +56,7 @@ class PostgresBreakerStore:
     """
 
     def __init__(self, schema: str, pool: Callable[[], AsyncConnectionPool[Any]]) -> None:
+        super().__init__(key=storage_key, describe=one_line)
         ident = sql.Identifier(schema)
         self.channel = breaker_channel(schema)
         self._pool = pool
@@ -63,23 +64,12 @@ class PostgresBreakerStore:
         self._step_sql = sql.SQL(
             "SELECT * FROM {}.breaker_step(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         ).format(ident)
-        self._feed = ChangeFeed(self._subscribe, describe=one_line)
-
-    # -- lifecycle: the storage's ----------------------------------------------------------
-
-    def start(self) -> None:
-        """The storage opened: listen if breakers watch."""
-        self._feed.start()
-
-    async def stop(self) -> None:
-        """The storage closes: stop listening and every background task."""
-        await self._feed.stop()
 
     # -- BreakerStore ----------------------------------------------------------------------
 
     async def read(self, name: str) -> SharedState:
         """The row of ``name`` now."""
-        self._feed.listen_if_watched()
+        self.listen_if_watched()
         with driver_errors("reading shared breaker state"):
             async with self._pool().connection() as conn:
                 cur = await conn.execute(self._read_sql, (storage_key(name),), prepare=True)
@@ -96,7 +86,7 @@ class PostgresBreakerStore:
         shorten: float = 1.0,
     ) -> SharedState:
         """One ``breaker_step()`` on the row of ``name``."""
-        self._feed.listen_if_watched()
+        self.listen_if_watched()
         params = (
             storage_key(name),
             action.value,
@@ -116,24 +106,12 @@ class PostgresBreakerStore:
                 row = await cur.fetchone()
         return _state(row, int(row[3]) if row else 0)
 
-    def watch(self, name: str, watcher: Watcher) -> None:
-        """Tell ``watcher`` of changes of ``name``; it hears ``connected()`` once listening."""
-        self._feed.watch(storage_key(name), watcher)
+    # -- the listening connection (ListeningStore) ------------------------------------------
 
-    def unwatch(self, name: str, watcher: Watcher) -> None:
-        """Stop telling ``watcher``."""
-        self._feed.watchers.remove(storage_key(name), watcher)
-
-    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
-        """Run ``work()`` until done, cancelled, or the storage closes."""
-        return self._feed.tasks.spawn(work)
-
-    # -- the listening connection ----------------------------------------------------------
-
-    async def _subscribe(
+    async def subscribe(
         self, ready: Callable[[], None], deliver: Callable[[str | bytes], None]
     ) -> None:
-        """LISTEN on one dedicated connection until it fails (see ``ChangeFeed``)."""
+        """LISTEN on one dedicated connection until it fails (see ``ListeningStore``)."""
         conninfo, kwargs = await _connection_args(self._pool())
         conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs, autocommit=True)
         async with conn:

@@ -5,7 +5,7 @@ A step is one call of ``lua/breaker.lua`` (EVALSHA; loaded again after NOSCRIPT)
 server's clock; it publishes the row on the storage's channel whenever its generation
 changes. One pub/sub subscription per storage (its own connection, as a subscribed
 connection takes no other command) hears those while the storage is open and breakers watch
-it; ``hub.ChangeFeed`` restarts it with backoff when it is lost and tells the breakers when
+it; ``hub.ListeningStore`` restarts it with backoff when it is lost and tells the breakers when
 notifications stop and flow again.
 
 On one server the script PUBLISHes and the storage SUBSCRIBEs. On a Cluster it SPUBLISHes
@@ -17,7 +17,7 @@ script publishes in its own slot, and a change is delivered by that slot's maste
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio.client import PubSub
@@ -25,8 +25,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from ..._breaker.config import CircuitState
-from ..._breaker.hub import ChangeFeed
-from ..._breaker.shared import Action, SharedPolicy, SharedState, Task, Watcher
+from ..._breaker.hub import ListeningStore
+from ..._breaker.shared import Action, SharedPolicy, SharedState
 from ..base import storage_key
 from .admin import Client
 from .errors import translated
@@ -41,7 +41,7 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).partition(chr(10))[0]}"
 
 
-class RedisBreakerStore:
+class RedisBreakerStore(ListeningStore):
     """The breaker rows of one storage prefix (see the module docstring).
 
     Args:
@@ -51,21 +51,11 @@ class RedisBreakerStore:
     """
 
     def __init__(self, names: Names, client: Callable[[], Client], *, cluster: bool) -> None:
+        super().__init__(key=storage_key, describe=_brief)
         self._names = names
         self._client = client
         self.channel = names.breakers_channel
         self._publish = "spublish" if cluster else "publish"
-        self._feed = ChangeFeed(self._subscribe, describe=_brief)
-
-    # -- lifecycle: the storage's ----------------------------------------------------------
-
-    def start(self) -> None:
-        """The storage opened: subscribe if breakers watch."""
-        self._feed.start()
-
-    async def stop(self) -> None:
-        """The storage closes: stop the subscription and every background task."""
-        await self._feed.stop()
 
     # -- BreakerStore ----------------------------------------------------------------------
 
@@ -97,22 +87,10 @@ class RedisBreakerStore:
         )
         return await self._run(name, action.value, args, f"shared breaker step {action.value!r}")
 
-    def watch(self, name: str, watcher: Watcher) -> None:
-        """Tell ``watcher`` of changes of ``name``; it hears ``connected()`` once subscribed."""
-        self._feed.watch(storage_key(name), watcher)
-
-    def unwatch(self, name: str, watcher: Watcher) -> None:
-        """Stop telling ``watcher``."""
-        self._feed.watchers.remove(storage_key(name), watcher)
-
-    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
-        """Run ``work()`` until done, cancelled, or the storage closes."""
-        return self._feed.tasks.spawn(work)
-
     # -- the script ------------------------------------------------------------------------
 
     async def _run(self, name: str, action: str, args: tuple[str, ...], what: str) -> SharedState:
-        self._feed.listen_if_watched()
+        self.listen_if_watched()
         stored = storage_key(name)
         keys_and_args = (
             self._names.breaker(stored),
@@ -137,12 +115,12 @@ class RedisBreakerStore:
             int(granted),
         )
 
-    # -- the subscription ------------------------------------------------------------------
+    # -- the subscription (ListeningStore) --------------------------------------------------
 
-    async def _subscribe(
+    async def subscribe(
         self, ready: Callable[[], None], deliver: Callable[[str | bytes], None]
     ) -> None:
-        """Subscribe on a connection of its own until it fails (see ``ChangeFeed``)."""
+        """Subscribe on a connection of its own until it fails (see ``ListeningStore``)."""
         client = self._client()
         if isinstance(client, RedisCluster):
             async with client.pubsub() as sharded:

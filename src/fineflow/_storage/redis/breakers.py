@@ -34,7 +34,8 @@ from .scripts import BREAKER, Names, load
 
 __all__ = ["RedisBreakerStore"]
 
-_READ = "read"  # the script's action that changes nothing
+_READ = "read"  # the script's action that changes nothing (its other arguments unused)
+_READ_ARGS = ("0",) * 9
 
 
 def _brief(exc: BaseException) -> str:
@@ -61,7 +62,7 @@ class RedisBreakerStore(ListeningStore):
 
     async def read(self, name: str) -> SharedState:
         """The row of ``name`` now, on the server's clock."""
-        return await self._run(name, _READ, ("0",) * 9, "reading shared breaker state")
+        return await self._run(name, _READ, _READ_ARGS, "reading shared breaker state")
 
     async def step(
         self,

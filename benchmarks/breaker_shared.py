@@ -1,13 +1,16 @@
 """Suite: how long an open takes to reach another instance of a shared breaker.
 
 Two OS processes share a breaker through one PostgreSQL schema (``CircuitBreaker(shared=
-PostgresStorage(...))``). In each sample the parent trips its breaker; the child records,
-with a state-change listener, when its own breaker went OPEN; the parent then resets (which
-closes the shared row everywhere) and waits for the child to close before the next sample.
-Both read ``time.monotonic()`` (one system-wide clock on Linux), so the difference is the
-propagation time: the parent's ``breaker_step()``, NOTIFY, the child's LISTEN connection,
-and the adoption. The same is measured between two storages of one process for reference.
-Everything lives in a fresh temporary database, dropped at the end.
+PostgresStorage(...))``), then through one Redis prefix (``shared=RedisStorage(...)``). In
+each sample the parent trips its breaker; the child records, with a state-change listener,
+when its own breaker went OPEN; the parent then resets (which closes the shared row
+everywhere) and waits for the child to close before the next sample. Both read
+``time.monotonic()`` (one system-wide clock on Linux), so the difference is the propagation
+time: the parent's step (``breaker_step()`` / the Lua script), NOTIFY or PUBLISH, the
+child's LISTEN connection or subscription, and the adoption. The same is measured between
+two storages of one process for reference. PostgreSQL state lives in a fresh temporary
+database, Redis state under a prefix of its own (on the found server, then on a throwaway
+three-master Cluster); all are removed at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ._common import Context, Row, Table, at_most, percentile, stat
 
@@ -32,8 +37,14 @@ CHILD = textwrap.dedent(
 
     logging.getLogger("fineflow").setLevel(logging.ERROR)
 
+    def make_storage():
+        kind, target, prefix = sys.argv[1:4]
+        if kind == "postgres":
+            return ff.PostgresStorage(target)
+        return ff.RedisStorage(target, prefix=prefix, cluster=sys.argv[4:] == ["1"])
+
     async def main():
-        async with ff.PostgresStorage(sys.argv[1]) as storage:
+        async with make_storage() as storage:
             breaker = ff.CircuitBreaker("bench", reset_timeout=60.0, shared=storage)
             opened = asyncio.Queue()
             breaker.add_listener(
@@ -59,17 +70,20 @@ async def _line(child: subprocess.Popen[str]) -> str:
     return (await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30)).strip()
 
 
-async def _across_processes(dsn: str, samples: int) -> list[float]:
+Factory = Callable[[], Any]
+
+
+async def _across_processes(make: Factory, child_args: list[str], samples: int) -> list[float]:
     import fineflow as ff
 
     out: list[float] = []
-    async with ff.PostgresStorage(dsn) as storage:
+    async with make() as storage:
         breaker = ff.CircuitBreaker(
             "bench", failure_threshold=1, reset_timeout=60.0, shared=storage
         )
         await breaker.sync()
         with subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; reads are in threads
-            [sys.executable, "-c", CHILD, dsn], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", CHILD, *child_args], stdout=subprocess.PIPE, text=True
         ) as child:
             try:
                 if await _line(child) != "ready":
@@ -89,11 +103,11 @@ async def _across_processes(dsn: str, samples: int) -> list[float]:
     return out
 
 
-async def _in_process(dsn: str, samples: int) -> list[float]:
+async def _in_process(make: Factory, samples: int) -> list[float]:
     import fineflow as ff
 
     out: list[float] = []
-    async with ff.PostgresStorage(dsn) as one, ff.PostgresStorage(dsn) as two:
+    async with make() as one, make() as two:
         a = ff.CircuitBreaker("bench-local", failure_threshold=1, reset_timeout=60.0, shared=one)
         b = ff.CircuitBreaker("bench-local", reset_timeout=60.0, shared=two)
         seen: list[float] = []
@@ -130,22 +144,67 @@ def _row(name: str, values: list[float]) -> Row:
     )
 
 
-async def run(ctx: Context) -> list[Table]:
-    """Propagation of an open, across processes and within one, on PostgreSQL."""
-    table = Table(SUITE, "Shared breaker: time for an open to reach another instance")
+async def _postgres(ctx: Context, table: Table, samples: int) -> None:
     if ctx.postgres() is None:
         table.notes.append(f"no PostgreSQL: {ctx.pg_error}")
-        return [table]
-    samples = max(5, ctx.profile.rounds * 15)
+        return
     with ctx.database() as dsn:
         import fineflow as ff
 
         async with ff.PostgresStorage(dsn) as storage:
             await storage.migrate()
-        across = await _across_processes(dsn, samples)
-        within = await _in_process(dsn, samples)
-    table.add(_row("another process (LISTEN/NOTIFY)", across))
-    table.add(_row("another storage, same process", within))
+
+        def make() -> Any:
+            return ff.PostgresStorage(dsn)
+
+        across = await _across_processes(make, ["postgres", dsn, ""], samples)
+        within = await _in_process(make, samples)
+    table.add(_row("PostgreSQL: another process (LISTEN/NOTIFY)", across))
+    table.add(_row("PostgreSQL: another storage, same process", within))
+
+
+async def _redis_rows(table: Table, label: str, url: str, samples: int, **opts: Any) -> None:
+    import fineflow as ff
+    from fineflow.testing.redis import delete_prefix, unique_prefix
+
+    prefix = unique_prefix("ffbench")
+
+    def make() -> Any:
+        return ff.RedisStorage(url, prefix=prefix, **opts)
+
+    try:
+        cluster = "1" if opts.get("cluster") else ""
+        across = await _across_processes(make, ["redis", url, prefix, cluster], samples)
+        within = await _in_process(make, samples)
+    finally:
+        if not cluster:  # (the Cluster is thrown away)
+            await delete_prefix(url, prefix)
+    table.add(_row(f"{label}: another process", across))
+    table.add(_row(f"{label}: another storage, same process", within))
+
+
+async def _redis(table: Table, samples: int) -> None:
+    from fineflow import FineflowError
+    from fineflow.testing.redis import find_redis, throwaway_cluster
+
+    try:
+        with find_redis() as server:
+            await _redis_rows(table, "Redis (PUBLISH/SUBSCRIBE)", server.url, samples)
+            table.notes.append(f"Redis: {server.source} server")
+        with throwaway_cluster() as cluster:
+            label = "Redis Cluster (SPUBLISH/SSUBSCRIBE)"
+            await _redis_rows(table, label, cluster.url, samples, cluster=True)
+            table.notes.append("Redis Cluster: a throwaway one, three masters")
+    except FineflowError as exc:
+        table.notes.append(f"no Redis: {exc}")
+
+
+async def run(ctx: Context) -> list[Table]:
+    """Propagation of an open, across processes and within one, on PostgreSQL and Redis."""
+    table = Table(SUITE, "Shared breaker: time for an open to reach another instance")
+    samples = max(5, ctx.profile.rounds * 15)
+    await _postgres(ctx, table, samples)
+    await _redis(table, samples)
     table.notes.append(
         "from the trip (parent) to the OPEN transition of the other breaker (its listener)"
     )

@@ -1,5 +1,6 @@
 """Two breakers sharing one store, under any interleaving of calls, held trial permits and
-time (Hypothesis ``RuleBasedStateMachine``), on a real PostgreSQL and in memory:
+time (Hypothesis ``RuleBasedStateMachine``), on a real PostgreSQL, on real Redis (one server
+and a Cluster) and in memory:
 
 * the global half-open budget is never exceeded: across both breakers, at most
   ``half_open_max_calls`` trials per round of the shared row (a trial whose outcome is
@@ -29,6 +30,7 @@ from hypothesis.stateful import (
 )
 
 from fineflow import CircuitBreaker, CircuitState, MemoryStorage, Permit, PostgresStorage
+from shared_breaker_helpers import redis_instances
 
 CLOSED, OPEN, HALF = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 RESET = 0.05
@@ -188,3 +190,13 @@ def test_two_breakers_on_postgres(pg_dsn: str) -> None:
         storages = staticmethod(pair)
 
     run_state_machine_as_test(Postgres, settings=MODEL_SETTINGS)
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
+def test_two_breakers_on_redis(cluster: bool) -> None:
+    with redis_instances(cluster=cluster) as factory:
+
+        class Redis(SharedModel):
+            storages = staticmethod(lambda: (factory(), factory()))
+
+        run_state_machine_as_test(Redis, settings=MODEL_SETTINGS)

@@ -8,7 +8,7 @@ wait for them; background work is awaited by bounded polling. No duration is ass
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
@@ -22,8 +22,17 @@ from fineflow import (
     MemoryStorage,
     Permit,
     PostgresStorage,
+    RedisStorage,
 )
-from shared_breaker_helpers import eventually, in_state, opened, postgres_instances
+from fineflow._breaker.shared import (
+    Action,
+    BreakerStore,
+    SharedPolicy,
+    SharedState,
+    Task,
+    Watcher,
+)
+from shared_breaker_helpers import STORES, eventually, in_state, opened, store_instances
 
 pytestmark = pytest.mark.anyio
 
@@ -31,17 +40,11 @@ CLOSED, OPEN, HALF = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_O
 RESET = 0.15  # seconds: real time on the store's clock
 
 
-@pytest.fixture(params=["memory", "postgres"])
-def instances(request: pytest.FixtureRequest) -> Callable[[], Any]:
+@pytest.fixture(params=STORES)
+def instances(request: pytest.FixtureRequest) -> Iterator[Callable[[], Any]]:
     """A factory of storages that are instances of one service on one store (in memory:
     breakers sharing one ``MemoryStorage``)."""
-    if request.param == "memory":
-        storage = MemoryStorage()
-        return lambda: storage
-    if request.param == "postgres":
-        dsn: str = request.getfixturevalue("pg_dsn")
-        return postgres_instances(dsn, request.getfixturevalue("pg_schema"))
-    raise AssertionError(request.param)
+    yield from store_instances(request, request.param)
 
 
 def breaker(storage: Any, name: str = "upstream", **options: Any) -> CircuitBreaker:
@@ -179,10 +182,15 @@ def test_shared_must_be_a_storage_that_shares() -> None:
         BreakerRegistry(shared=object())  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("store", ["postgres", "redis"])
 async def test_a_store_not_open_is_logged_once_and_calls_go_on(
-    pg_dsn: str, caplog: pytest.LogCaptureFixture
+    store: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
-    storage = PostgresStorage(pg_dsn)  # never opened
+    storage: PostgresStorage | RedisStorage = (  # never opened
+        PostgresStorage(request.getfixturevalue("pg_dsn"))
+        if store == "postgres"
+        else RedisStorage("redis://127.0.0.1:1/0")
+    )
     b = breaker(storage)
     caplog.set_level(logging.WARNING, "fineflow.breaker")
     assert not await b.sync()
@@ -192,3 +200,53 @@ async def test_a_store_not_open_is_logged_once_and_calls_go_on(
     trip(b)  # decided locally
     assert b.state is OPEN
     await b.aclose()
+
+
+class OvertakenReads:
+    """A store whose reads answer with the row as it was when asked, once ``gate`` opens:
+    a read's reply overtaken by a notification of a newer row (two connections)."""
+
+    def __init__(self, inner: BreakerStore) -> None:
+        self.inner = inner
+        self.gate = anyio.Event()
+
+    async def read(self, name: str) -> SharedState:
+        state = await self.inner.read(name)
+        await self.gate.wait()
+        return state
+
+    async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
+        return await self.inner.step(name, action, policy, **kw)
+
+    def watch(self, name: str, watcher: Watcher) -> None:
+        self.inner.watch(name, watcher)
+
+    def unwatch(self, name: str, watcher: Watcher) -> None:
+        self.inner.unwatch(name, watcher)
+
+    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
+        return self.inner.spawn(work)
+
+
+class Sharing:
+    def __init__(self, store: BreakerStore) -> None:
+        self.store = store
+
+    def breaker_store(self) -> BreakerStore:
+        return self.store
+
+
+async def test_a_read_overtaken_by_a_newer_notification_is_dropped() -> None:
+    async with MemoryStorage() as storage:
+        slow = OvertakenReads(storage.breaker_store())
+        a = breaker(storage, reset_timeout=30.0, failure_threshold=1)
+        b = breaker(Sharing(slow), reset_timeout=30.0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.sync)  # its read sees the closed row, its reply waits
+            await anyio.sleep(0.01)
+            trip(a)
+            await in_state(b, OPEN, "the notification of the open")
+            slow.gate.set()
+        for _ in range(50):
+            await anyio.sleep(0.002)
+            assert b.state is OPEN, "the older read's reply must not close it"

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 
 import anyio
@@ -19,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fineflow import CircuitBreaker, CircuitState, PostgresStorage
+from fineflow import CircuitState, PostgresStorage
 from fineflow._breaker.shared import Action, SharedPolicy, SharedRow, step_row
 from fineflow.testing import ThrowawayCluster, find_postgres_bindir
-from shared_breaker_helpers import eventually, in_state, opened
+from shared_breaker_helpers import an_open_reaches_a_child, the_store_going_away_and_coming_back
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -87,53 +84,10 @@ def reference_schema(pg_dsn: str) -> Iterator[None]:
         conn.execute("DROP SCHEMA ff_reference CASCADE")
 
 
-CHILD = textwrap.dedent(
-    """
-    import asyncio, sys
-    import fineflow as ff
-
-    async def main():
-        async with ff.PostgresStorage(sys.argv[1], schema=sys.argv[2]) as storage:
-            breaker = ff.CircuitBreaker("upstream", reset_timeout=30.0, shared=storage)
-            assert await breaker.sync()
-            print("ready", flush=True)
-            while breaker.state is not ff.CircuitState.OPEN:
-                await asyncio.sleep(0.001)
-            print("open", breaker.retry_after(), flush=True)
-
-    asyncio.run(main())
-    """
-)
-
-
 async def test_an_open_reaches_another_process(pg_dsn: str, pg_schema: str) -> None:
     async with PostgresStorage(pg_dsn, schema=pg_schema) as storage:
         await storage.migrate()
-        breaker = CircuitBreaker(
-            "upstream", failure_threshold=1, reset_timeout=30.0, shared=storage
-        )
-        await breaker.sync()
-        with subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; reads are in threads
-            [sys.executable, "-c", CHILD, pg_dsn, pg_schema],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        ) as child:
-            try:
-                assert child.stdout is not None
-                with anyio.fail_after(60):
-                    line = await anyio.to_thread.run_sync(child.stdout.readline)
-                assert line.strip() == "ready", child.stderr.read() if child.stderr else ""
-                permit = breaker.try_acquire()
-                assert permit is not None
-                permit.failure()
-                with anyio.fail_after(30):
-                    line = await anyio.to_thread.run_sync(child.stdout.readline)
-                word, retry_after = line.split()
-                assert word == "open" and 25.0 < float(retry_after) <= 30.0
-                assert await anyio.to_thread.run_sync(child.wait, 30) == 0
-            finally:
-                child.kill()
+        await an_open_reaches_a_child(storage, ["postgres", pg_dsn, pg_schema])
 
 
 @pytest.fixture(scope="module")
@@ -154,31 +108,6 @@ async def test_the_database_going_away_and_coming_back(
     def storages() -> PostgresStorage:
         return PostgresStorage(cluster.dsn, schema="shared", connect_timeout=1.0)
 
-    async with opened(storages, 2) as (one, two):
-        options = {"failure_threshold": 1, "reset_timeout": 0.2, "half_open_max_calls": 2}
-        a = CircuitBreaker("api", **options, shared=one)  # type: ignore[arg-type]
-        b = CircuitBreaker("api", **options, shared=two)  # type: ignore[arg-type]
-        assert await a.sync() and await b.sync()
-
-        await anyio.to_thread.run_sync(cluster.stop, "immediate")
-        permit = a.try_acquire()
-        assert permit is not None
-        permit.failure()  # decided here; nothing raises
-        assert a.state is OPEN and b.state is CLOSED
-        await eventually(lambda: a.retry_after() == 0.0, "the local deadline")
-        trials = [a.try_acquire() for _ in range(5)]
-        assert sum(t is not None for t in trials) == 2, "the local budget while the store is down"
-
-        await anyio.to_thread.run_sync(cluster.start)
-        await in_state(b, OPEN, "the open made while the store was down, published on rejoining")
-        await eventually(
-            lambda: sum("available again" in r.getMessage() for r in caplog.records) >= 2,
-            "both say that they rejoined",
-            within=30.0,
-        )
-        messages = [r.getMessage() for r in caplog.records]
-        assert sum("shared state unavailable" in m for m in messages) == 2  # once each
-        assert sum("available again" in m for m in messages) == 2
-        for t in trials:
-            if t is not None:
-                t.success()
+    await the_store_going_away_and_coming_back(
+        storages, lambda: cluster.stop("immediate"), cluster.start, caplog
+    )

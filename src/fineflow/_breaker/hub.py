@@ -1,12 +1,17 @@
-"""The parts every ``BreakerStore`` shares: its watchers and its background tasks.
+"""The parts every ``BreakerStore`` shares: its watchers, its background tasks, and the
+one subscription to the store's notifications.
 
 A store adapter (PostgreSQL, Redis, memory) keeps one ``Watchers`` and one
 ``BackgroundTasks``: the first says a notification to the breakers of its name, the second
-runs the breakers' background work and the store's listener until the storage closes.
+runs the breakers' background work and the store's listener until the storage closes. A
+store that hears of changes over the network (PostgreSQL LISTEN, Redis pub/sub) is a
+``ListeningStore``, which owns both and runs the store's subscription while the storage is
+open and breakers watch, restarting it with backoff when it is lost.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import weakref
@@ -14,9 +19,22 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .config import CircuitState
-from .shared import SharedState, Watcher
+from .shared import SharedState, Task, Watcher
 
-__all__ = ["BackgroundTasks", "Watchers", "decode_notice", "encode_notice"]
+__all__ = [
+    "BackgroundTasks",
+    "ListeningStore",
+    "Watchers",
+    "decode_notice",
+    "encode_notice",
+]
+
+_FIRST_RETRY, _LAST_RETRY = 0.05, 5.0
+
+#: A store's subscription: ``subscribe(ready, deliver)`` connects and subscribes, calls
+#: ``ready()`` once notifications flow, then ``deliver(payload)`` for each one; it returns
+#: when the connection closes and raises when it fails.
+Subscribe = Callable[[Callable[[], None], Callable[[str | bytes], None]], Coroutine[Any, Any, None]]
 
 
 def encode_notice(name: str, state: SharedState) -> str:
@@ -111,3 +129,99 @@ class BackgroundTasks:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ListeningStore(abc.ABC):
+    """The half of a ``BreakerStore`` that a store hearing of changes over the network
+    shares: its watchers, its background tasks (``spawn``) and its one subscription, run
+    while the storage is open and breakers watch, restarted with backoff when lost. A
+    subclass adds ``read`` and ``step``, and gives the subscription (``subscribe``).
+
+    Args:
+        key: the name a breaker's row is stored under (notifications carry it).
+        describe: ``exc`` as a short text, for the reason told to the watchers.
+    """
+
+    def __init__(
+        self, *, key: Callable[[str], str], describe: Callable[[BaseException], str]
+    ) -> None:
+        self._key = key
+        self._describe = describe
+        self._watchers = Watchers()
+        self._tasks = BackgroundTasks()
+        self._open = False
+        self._listener: Task | None = None
+        self.listening = False
+
+    @abc.abstractmethod
+    async def subscribe(
+        self, ready: Callable[[], None], deliver: Callable[[str | bytes], None]
+    ) -> None:
+        """Connect and subscribe, call ``ready()`` once notifications flow, then
+        ``deliver(payload)`` for each; return when the connection closes, raise when it
+        fails."""
+
+    def start(self) -> None:
+        """The storage opened: subscribe if breakers watch."""
+        self._open = True
+        self.listen_if_watched()
+
+    async def stop(self) -> None:
+        """The storage closes: stop the subscription and every background task."""
+        self._open = False
+        await self._tasks.stop()
+
+    def watch(self, name: str, watcher: Watcher) -> None:
+        """Tell ``watcher`` of changes of ``name``; it hears ``connected()`` once
+        notifications flow."""
+        self._watchers.add(self._key(name), watcher)
+        if self.listening:
+            watcher.connected()
+        else:
+            self.listen_if_watched()
+
+    def unwatch(self, name: str, watcher: Watcher) -> None:
+        """Stop telling ``watcher``."""
+        self._watchers.remove(self._key(name), watcher)
+
+    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
+        """Run ``work()`` until done, cancelled, or the storage closes."""
+        return self._tasks.spawn(work)
+
+    def listen_if_watched(self) -> None:
+        """Start the subscription if the storage is open, breakers watch, and it is not
+        running (watchers made outside the event loop could not start it)."""
+        if self._open and self._listener is None and self._watchers:
+            self._listener = self._tasks.spawn(self._listen)
+
+    async def _listen(self) -> None:
+        delay = _FIRST_RETRY
+        try:
+            while True:
+                reason, listened = await self._listen_once()
+                self._watchers.disconnected(reason)
+                delay = _FIRST_RETRY if listened else min(delay * 2, _LAST_RETRY)
+                await asyncio.sleep(delay)
+        finally:
+            self._listener = None
+
+    def _ready(self) -> None:
+        self.listening = True
+        self._watchers.connected()
+
+    def _deliver(self, payload: str | bytes) -> None:
+        decoded = decode_notice(payload)
+        if decoded is not None:
+            self._watchers.changed(*decoded)
+
+    async def _listen_once(self) -> tuple[str, bool]:
+        """Listen until the subscription ends; return why, and whether it listened at all."""
+        try:
+            await self.subscribe(self._ready, self._deliver)
+        except Exception as exc:
+            reason = f"listening for breaker changes failed: {self._describe(exc)}"
+        else:
+            reason = "the listening connection closed"
+        finally:
+            listened, self.listening = self.listening, False
+        return reason, listened

@@ -127,6 +127,7 @@ class SharedLink:
 
     async def sync(self) -> bool:
         """Read the row now and adopt it; ``False`` if the store failed (logged)."""
+        sent = self.generation
         try:
             with anyio.fail_after(STEP_TIMEOUT):
                 state = await self._store.read(self.name)
@@ -134,7 +135,7 @@ class SharedLink:
             self._unavailable(_why(exc))
             return False
         self._available()
-        self._apply(state, read=True)
+        self._apply(state, read=self.generation == sent)
         self._kick()
         return True
 
@@ -240,9 +241,10 @@ class SharedLink:
             return
         else:
             self._read = False
+            sent = self.generation
             state = await store.read(name)
             self._available()
-            self._apply(state, read=True)
+            self._apply(state, read=self.generation == sent)
             return
         self._available()
         self._apply(state, own=True)
@@ -299,7 +301,8 @@ class SharedLink:
     def _apply(self, shared: SharedState, *, read: bool = False, own: bool = False) -> None:
         """Bring the machine to the shared state (see the module docstring); ``own``: the
         reply to this instance's step, ``read``: a full read (taken even if older, as after
-        the store lost its rows)."""
+        the store lost its rows) during which no newer state came in (a notification that
+        overtook the read's reply is newer than the read)."""
         if shared.generation < self.generation and not read:
             return  # older than what this instance already adopted (delivered late)
         fresh = shared.generation != self.generation

@@ -10,10 +10,8 @@ again.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -21,16 +19,12 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from ..._breaker.config import CircuitState
-from ..._breaker.hub import BackgroundTasks, Watchers, decode_notice
-from ..._breaker.shared import Action, SharedPolicy, SharedState, Task, Watcher, breaker_channel
+from ..._breaker.hub import ListeningStore
+from ..._breaker.shared import Action, SharedPolicy, SharedState, breaker_channel
 from ..base import storage_key
 from .errors import driver_errors, one_line
 
 __all__ = ["PostgresBreakerStore"]
-
-logger = logging.getLogger("fineflow.storage")
-
-_FIRST_RETRY, _LAST_RETRY = 0.05, 5.0
 
 
 def _state(row: tuple[Any, ...] | None, granted: int = 0) -> SharedState:
@@ -53,7 +47,7 @@ async def _connection_args(pool: AsyncConnectionPool[Any]) -> tuple[str, dict[st
     return str(await _resolve(pool.conninfo)), kwargs
 
 
-class PostgresBreakerStore:
+class PostgresBreakerStore(ListeningStore):
     """The breaker rows of one schema (see the module docstring).
 
     Args:
@@ -62,6 +56,7 @@ class PostgresBreakerStore:
     """
 
     def __init__(self, schema: str, pool: Callable[[], AsyncConnectionPool[Any]]) -> None:
+        super().__init__(key=storage_key, describe=one_line)
         ident = sql.Identifier(schema)
         self.channel = breaker_channel(schema)
         self._pool = pool
@@ -69,29 +64,12 @@ class PostgresBreakerStore:
         self._step_sql = sql.SQL(
             "SELECT * FROM {}.breaker_step(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         ).format(ident)
-        self._watchers = Watchers()
-        self._tasks = BackgroundTasks()
-        self._open = False
-        self._listener: Task | None = None
-        self.listening = False
-
-    # -- lifecycle: the storage's ----------------------------------------------------------
-
-    def start(self) -> None:
-        """The storage opened: listen if breakers watch."""
-        self._open = True
-        self._listen_if_watched()
-
-    async def stop(self) -> None:
-        """The storage closes: stop listening and every background task."""
-        self._open = False
-        await self._tasks.stop()
 
     # -- BreakerStore ----------------------------------------------------------------------
 
     async def read(self, name: str) -> SharedState:
         """The row of ``name`` now."""
-        self._listen_if_watched()  # watchers made outside the event loop could not start it
+        self.listen_if_watched()
         with driver_errors("reading shared breaker state"):
             async with self._pool().connection() as conn:
                 cur = await conn.execute(self._read_sql, (storage_key(name),), prepare=True)
@@ -108,7 +86,7 @@ class PostgresBreakerStore:
         shorten: float = 1.0,
     ) -> SharedState:
         """One ``breaker_step()`` on the row of ``name``."""
-        self._listen_if_watched()
+        self.listen_if_watched()
         params = (
             storage_key(name),
             action.value,
@@ -128,55 +106,16 @@ class PostgresBreakerStore:
                 row = await cur.fetchone()
         return _state(row, int(row[3]) if row else 0)
 
-    def watch(self, name: str, watcher: Watcher) -> None:
-        """Tell ``watcher`` of changes of ``name``; it hears ``connected()`` once listening."""
-        self._watchers.add(storage_key(name), watcher)
-        if self.listening:
-            watcher.connected()
-        else:
-            self._listen_if_watched()
+    # -- the listening connection (ListeningStore) ------------------------------------------
 
-    def unwatch(self, name: str, watcher: Watcher) -> None:
-        """Stop telling ``watcher``."""
-        self._watchers.remove(storage_key(name), watcher)
-
-    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
-        """Run ``work()`` until done, cancelled, or the storage closes."""
-        return self._tasks.spawn(work)
-
-    # -- the listening connection ----------------------------------------------------------
-
-    def _listen_if_watched(self) -> None:
-        if self._open and self._listener is None and self._watchers:
-            self._listener = self._tasks.spawn(self._listen)
-
-    async def _listen(self) -> None:
-        delay = _FIRST_RETRY
-        try:
-            while True:
-                reason, listened = await self._listen_once()
-                self._watchers.disconnected(reason)
-                delay = _FIRST_RETRY if listened else min(delay * 2, _LAST_RETRY)
-                await asyncio.sleep(delay)
-        finally:
-            self._listener = None
-
-    async def _listen_once(self) -> tuple[str, bool]:
-        """Listen until the connection fails; return why, and whether it listened at all."""
-        listened = False
-        try:
-            conninfo, kwargs = await _connection_args(self._pool())
-            conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs, autocommit=True)
-            async with conn:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                self.listening = listened = True
-                self._watchers.connected()
-                async for notice in conn.notifies():
-                    decoded = decode_notice(notice.payload)
-                    if decoded is not None:
-                        self._watchers.changed(*decoded)
-        except Exception as exc:
-            return f"listening for breaker changes failed: {one_line(exc)}", listened
-        finally:
-            self.listening = False
-        return "the listening connection closed", listened
+    async def subscribe(
+        self, ready: Callable[[], None], deliver: Callable[[str | bytes], None]
+    ) -> None:
+        """LISTEN on one dedicated connection until it fails (see ``ListeningStore``)."""
+        conninfo, kwargs = await _connection_args(self._pool())
+        conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs, autocommit=True)
+        async with conn:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            ready()
+            async for notice in conn.notifies():
+                deliver(notice.payload)

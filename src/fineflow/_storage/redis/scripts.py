@@ -1,33 +1,48 @@
-"""The Lua script, the names of what it stores, and the arguments it takes.
+"""The Lua scripts, the names of what they store, and the arguments they take.
 
 The state of one limited key lives in one hash, ``{prefix}:k:{<key>}``, one field per
 (endpoint, policy): ``<endpoint>\0<policy>`` (see ``lua/decide.lua`` for the values). So every
 quota of one key is in one Cluster slot (the key is the hash tag) and decided in one script,
 and ``status``/``reset`` of a key read one hash.
+
+The shared row of a circuit breaker lives in one hash, ``{prefix}:b:{{prefix}}:<name>``
+(see ``lua/breaker.lua``), and its changes go out on the channel ``{prefix}:b:{{prefix}}``:
+all of a storage's breaker rows and their channel share one hash tag, so on a Cluster the
+script may publish on the channel of its row's slot (sharded pub/sub).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
+import logging
 from dataclasses import dataclass
 from importlib import resources
 
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from ..._logfields import log_extra
 from ..._ratelimit.algorithms import NS, BucketState
 from ..._ratelimit.quota import Quota
 from ..base import Hit, storage_key
 from .wire import resp
 
 __all__ = [
+    "BREAKER",
     "DECIDE",
     "Names",
     "Script",
     "Stored",
     "decide_args",
     "field",
+    "load",
     "refund_args",
     "tier_text",
 ]
+
+logger = logging.getLogger("fineflow.storage")
 
 _TIER_MAX = 64
 _SEP = "\x00"  # storage keys never hold NUL (see storage_key)
@@ -48,6 +63,28 @@ class Script:
 
 
 DECIDE = Script.load("decide.lua")
+BREAKER = Script.load("breaker.lua")
+
+
+async def load(client: aioredis.Redis | RedisCluster, script: Script) -> None:
+    """Load ``script`` into the server (after NOSCRIPT: a restart or SCRIPT FLUSH); on a
+    Cluster into every master, each on its own: one that is down must not keep the others
+    from the script (it gets it when it is back and answers NOSCRIPT)."""
+    logger.info(
+        "loading the script %s into Redis (NOSCRIPT)",
+        script.name,
+        extra=log_extra("storage_script_loaded", storage="RedisStorage", reason="NOSCRIPT"),
+    )
+    if isinstance(client, RedisCluster):
+        await asyncio.gather(
+            *(
+                client.execute_command("SCRIPT LOAD", script.text, target_nodes=node)
+                for node in client.get_primaries()
+            ),
+            return_exceptions=True,
+        )
+    else:
+        await client.script_load(script.text)
 
 
 def tier_text(tier: str) -> str:
@@ -71,6 +108,15 @@ class Names:
     def key(self, key: str) -> str:
         """The name of ``key``'s hash (``key`` already a storage key)."""
         return f"{self._key}{_tag(key)}}}"
+
+    @property
+    def breakers_channel(self) -> str:
+        """The channel of the breaker rows' changes (in their Cluster slot)."""
+        return f"{self.prefix}:b:{{{self.prefix}}}"
+
+    def breaker(self, name: str) -> str:
+        """The name of the hash of breaker ``name``'s shared row (``name`` a storage key)."""
+        return f"{self.breakers_channel}:{name}"
 
 
 def field(endpoint: str, policy: str) -> str:

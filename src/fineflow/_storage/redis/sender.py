@@ -10,7 +10,6 @@ script again and the calls it did not run go again once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -27,7 +26,7 @@ from ..rollups import Rollups
 from .admin import Client
 from .batch import Call, answer, pack, plan, refunds
 from .errors import DecisionTimeout, storage_error
-from .scripts import DECIDE, Names
+from .scripts import DECIDE, Names, load
 from .wire import evalsha_all, evalsha_on_nodes
 
 __all__ = ["ScriptSender", "slot"]
@@ -128,7 +127,7 @@ class ScriptSender:
                 call.reply = reply
         if missing and reload:
             # Not run (the server had no script): load it and send those calls again.
-            await _load(client)
+            await load(client, DECIDE)
             await self._execute(client, missing, reload=False)
 
     async def _on_cluster(self, client: RedisCluster, calls: list[Call]) -> list[object]:
@@ -167,22 +166,3 @@ class ScriptSender:
                 error,
                 extra=log_extra("storage_refund_failed", storage="RedisStorage", error=error),
             )
-
-
-async def _load(client: Client) -> None:
-    logger.info(
-        "loading the rate-limit script into Redis (NOSCRIPT)",
-        extra=log_extra("storage_script_loaded", storage="RedisStorage", reason="NOSCRIPT"),
-    )
-    if isinstance(client, RedisCluster):
-        # Master by master: one that is down must not keep the others from the script
-        # (it gets it when it is back and answers NOSCRIPT).
-        await asyncio.gather(
-            *(
-                client.execute_command("SCRIPT LOAD", DECIDE.text, target_nodes=node)
-                for node in client.get_primaries()
-            ),
-            return_exceptions=True,
-        )
-    else:
-        await client.script_load(DECIDE.text)

@@ -24,6 +24,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..._breaker.shared import BreakerStore
 from ..._errors import ConfigurationError, StorageClosedError
 from ..._logfields import log_extra
 from ..._ratelimit.algorithms import ALGORITHMS, Decision
@@ -35,9 +36,10 @@ from ..flusher import FlushSnapshot
 from ..rollups import check_interval, check_retention
 from . import admin
 from .admin import Client
+from .breakers import RedisBreakerStore
 from .errors import translated
 from .health import check_health
-from .scripts import DECIDE, Names
+from .scripts import BREAKER, DECIDE, Names
 from .sender import ScriptSender
 from .sentinel import SENTINEL_SCHEME, SentinelURL, close_sentinel, master_client
 from .stats import RedisStats
@@ -169,6 +171,7 @@ class RedisStorage:
         self._scheduler = Scheduler(
             self._sender, coalesce=coalesce, max_in_flight=max_in_flight, max_batch=max_batch
         )
+        self._breakers = RedisBreakerStore(self.names, lambda: self.client, cluster=self.cluster)
 
     # -- counters --------------------------------------------------------------------------
 
@@ -235,12 +238,14 @@ class RedisStorage:
                 self._client = aioredis.Redis.from_url(self.url, **options)
         self._opened = True
         self._stats.start()
+        self._breakers.start()
 
     async def close(self) -> None:
         """Finish the calls in flight, close the client if this storage owns it; the storage
         refuses use afterwards."""
         was_open = self._opened and not self._closed
         self._closed = True
+        await self._breakers.stop()
         await self._scheduler.close(self.socket_timeout)
         if was_open:
             self._closed = False  # (the last write uses the client)
@@ -272,15 +277,23 @@ class RedisStorage:
             )
         return self._client
 
+    def breaker_store(self) -> BreakerStore:
+        """Where ``CircuitBreaker(shared=storage)`` keeps its shared state: a hash per
+        breaker name under this storage's prefix, stepped by one Lua script on the server's
+        clock, with one pub/sub subscription (sharded on a Cluster) that hears changes while
+        the storage is open and breakers use it."""
+        return self._breakers
+
     async def migrate(self) -> None:
-        """Load the script on every server (it is loaded on demand anyway: nothing else
+        """Load the scripts on every server (they are loaded on demand anyway: nothing else
         to create).
 
         Raises:
             StorageError: the server could not be reached or refused.
         """
-        with translated("loading the decision script"):
-            await self.client.script_load(DECIDE.text)
+        with translated("loading the scripts"):
+            for script in (DECIDE, BREAKER):
+                await self.client.script_load(script.text)
 
     # -- decisions -------------------------------------------------------------------------
 

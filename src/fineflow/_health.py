@@ -35,8 +35,10 @@ __all__ = ["health_app"]
 
 _DEFAULT_UNHEALTHY = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
 _CREDENTIALS = (
-    (re.compile(r"(://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),  # scheme://user:password@host
-    (re.compile(r"(password\s*=\s*)\S+", re.IGNORECASE), r"\1***"),  # password=... in a DSN
+    # scheme://user:password@host: up to the last "@" (a password may hold one, a host not)
+    (re.compile(r"(://[^:/@\s]*:)\S*@"), r"\1***@"),
+    # password=... in a DSN, a quoted value (spaces, escaped quotes) as a whole
+    (re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE), r"\1***"),
 )
 
 

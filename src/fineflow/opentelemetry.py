@@ -35,7 +35,13 @@ from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observa
 
 from ._breaker.live import BreakerFigures, figures
 from ._ratelimit.live import decision_counts, storage_figures
-from ._storage.figures import POOL_FIGURES, HistogramSnapshot, PoolFigure, StorageFigures
+from ._storage.figures import (
+    POOL_FIGURES,
+    HistogramSnapshot,
+    PoolFigure,
+    StorageFigures,
+    le_label,
+)
 
 __all__ = ["METER_NAME", "instrument"]
 
@@ -94,10 +100,6 @@ def _storage_callback(read: StorageReader) -> Callable[[CallbackOptions], Iterab
     return observe
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(bound)
-
-
 def _histogram_readers(
     histogram: Callable[[StorageFigures], HistogramSnapshot],
 ) -> dict[str, StorageReader]:
@@ -111,7 +113,7 @@ def _histogram_readers(
 
     def buckets(fig: StorageFigures) -> Iterable[Observation]:
         for bound, n in histogram(fig).cumulative():
-            yield Observation(n, {"storage": fig.storage, "le": _le(bound)})
+            yield Observation(n, {"storage": fig.storage, "le": le_label(bound)})
 
     return {"count": count, "sum": total, "bucket": buckets}
 

@@ -40,7 +40,7 @@ from ._breaker.config import CircuitState
 from ._breaker.live import CALL_KINDS, BreakerFigures, figures
 from ._logfields import error_text, log_extra
 from ._ratelimit.live import decision_counts, storage_figures
-from ._storage.figures import POOL_FIGURES, HistogramSnapshot, StorageFigures
+from ._storage.figures import POOL_FIGURES, HistogramSnapshot, StorageFigures, le_label
 
 __all__ = [
     "FAMILIES",
@@ -118,13 +118,8 @@ def ratelimit_families() -> list[Metric]:
     return [decisions]
 
 
-def _le(bound: float) -> str:
-    """A bucket's ``le`` label (``+Inf`` for the last)."""
-    return "+Inf" if bound == float("inf") else repr(bound)
-
-
 def _histogram(family: HistogramMetricFamily, labels: list[str], h: HistogramSnapshot) -> None:
-    buckets = [(_le(bound), n) for bound, n in h.cumulative()]
+    buckets = [(le_label(bound), n) for bound, n in h.cumulative()]
     family.add_metric(labels, buckets, h.total)
 
 
@@ -221,7 +216,7 @@ class _MultiprocessHistogram:
 
     def inc_bucket(self, labels: tuple[str, ...], bound: float, amount: float) -> None:
         """Add ``amount`` observations to the bucket of upper bound ``bound``."""
-        le = (*labels, _le(bound))
+        le = (*labels, le_label(bound))
         self._value(self._name + "_bucket", (*self._labelnames, "le"), le).inc(amount)
 
     def inc_sum(self, labels: tuple[str, ...], amount: float) -> None:

@@ -219,4 +219,8 @@ def test_credentials_in_error_texts_are_masked() -> None:
         "postgresql://app:***@db:5432/x refused"
     )
     assert masked(f"host=db password={PASSWORD} dbname=x") == "host=db password=*** dbname=x"
+    assert masked("redis://:s3cr@t@cache:6379/0 down") == "redis://:***@cache:6379/0 down"
+    assert masked("host=db password='my secret \\' pw' dbname=x") == (
+        "host=db password=*** dbname=x"
+    )
     assert json.dumps(masked("no credentials here")) == '"no credentials here"'

@@ -16,10 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fineflow import CircuitState, PostgresStorage
-from fineflow._breaker.shared import Action, SharedPolicy, SharedRow, step_row
+from fineflow import CircuitBreaker, CircuitState, PostgresStorage
+from fineflow._breaker.shared import Action, SharedPolicy, SharedRow, breaker_channel, step_row
 from fineflow.testing import ThrowawayCluster, find_postgres_bindir
-from shared_breaker_helpers import an_open_reaches_a_child, the_store_going_away_and_coming_back
+from shared_breaker_helpers import (
+    an_open_reaches_a_child,
+    in_state,
+    the_store_going_away_and_coming_back,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -111,3 +115,37 @@ async def test_the_database_going_away_and_coming_back(
     await the_store_going_away_and_coming_back(
         storages, lambda: cluster.stop("immediate"), cluster.start, caplog
     )
+
+
+async def test_long_schemas_with_a_common_start_do_not_hear_each_other(pg_dsn: str) -> None:
+    """Two 60-character schemas alike in their first 50: each channel names its schema by
+    its MD5 (cut at PostgreSQL's 63 bytes they would be one channel), and an open in one
+    reaches only the breakers of that schema."""
+    common = "ff_" + secrets.token_hex(24)[:47]
+    one, two = common + "a" * 10, common + "b" * 10
+    assert len(one) == 60 and breaker_channel(one) != breaker_channel(two)
+    assert len(breaker_channel(one).encode()) <= 63
+    storages = [PostgresStorage(pg_dsn, schema=s) for s in (one, one, two)]
+    try:
+        for storage in storages:
+            await storage.open()
+            await storage.migrate()
+        a, b, c = (
+            CircuitBreaker("svc", failure_threshold=1, reset_timeout=30.0, shared=s)
+            for s in storages
+        )
+        assert all([await x.sync() for x in (a, b, c)])
+        permit = a.try_acquire()
+        assert permit is not None
+        permit.failure()
+        await in_state(b, CircuitState.OPEN)  # the same schema: heard
+        await anyio.sleep(0.3)
+        assert c.state is CircuitState.CLOSED  # the other schema: not
+        for x in (a, b, c):
+            await x.aclose()
+    finally:
+        for storage in storages:
+            await storage.close()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for schema in (one, two):
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

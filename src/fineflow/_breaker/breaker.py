@@ -45,7 +45,7 @@ from .config import BreakerConfig, BreakerMetrics, CircuitState, ThrottlePolicy,
 from .events import BreakerEvent, EventKind, Listener, Listeners, is_async_callable
 from .http import DEFAULT_HOLD
 from .link import SharedLink
-from .machine import BreakerMachine, Outcome, TransitionHook, TrialHook
+from .machine import BreakerMachine, Outcome
 from .result import BreakerResult
 from .shared import SharesBreakers
 
@@ -54,6 +54,7 @@ __all__ = ["CircuitBreaker", "Permit", "check_shared"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
+HookArgs = ParamSpec("HookArgs")
 
 logger = logging.getLogger("fineflow.breaker")
 
@@ -108,30 +109,18 @@ def check_shared(shared: object) -> SharesBreakers | None:
     )
 
 
-def _weak_trial_hook(method: TrialHook) -> TrialHook:
-    """As ``_weak_hook``, for the machine's trial hook."""
-    ref = weakref.WeakMethod(method)
-
-    def succeeded(now: float) -> None:
-        bound = ref()
-        if bound is not None:
-            bound(now)
-
-    return succeeded
-
-
-def _weak_hook(method: TransitionHook) -> TransitionHook:
-    """The machine's transition hook, holding the breaker's bound ``method`` weakly: without
-    a reference cycle a dropped breaker is freed at once (and leaves the live set), not at
+def _weak(method: Callable[HookArgs, None]) -> Callable[HookArgs, None]:
+    """A hook for the machine that holds the breaker's bound ``method`` weakly: without a
+    reference cycle a dropped breaker is freed at once (and leaves the live set), not at
     the next garbage collection."""
     ref = weakref.WeakMethod(method)
 
-    def moved(old: CircuitState, new: CircuitState, reason: str, now: float) -> None:
+    def hook(*args: HookArgs.args, **kwargs: HookArgs.kwargs) -> None:
         bound = ref()
         if bound is not None:
-            bound(old, new, reason, now)
+            bound(*args, **kwargs)
 
-    return moved
+    return hook
 
 
 class CircuitBreaker(Listeners):
@@ -241,9 +230,9 @@ class CircuitBreaker(Listeners):
         self._machine = BreakerMachine(
             self.config,
             random=random,
-            on_transition=_weak_hook(self._moved),
+            on_transition=_weak(self._moved),
             remote=shared is not None,
-            on_trial_success=_weak_trial_hook(self._trial_succeeded),
+            on_trial_success=_weak(self._trial_succeeded),
         )
         self.shared = shared
         self._link = (

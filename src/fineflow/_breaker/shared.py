@@ -33,6 +33,7 @@ Theory of operation
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
@@ -210,11 +211,18 @@ def step_row(
     return replace(row, successes=row.successes + 1), 0
 
 
+_MAX_CHANNEL_BYTES = 63  # PostgreSQL's identifier limit (NAMEDATALEN - 1)
+
+
 def breaker_channel(schema: str) -> str:
     """The notification channel of a store's breakers in ``schema`` (a plain identifier):
-    PostgreSQL's LISTEN channel, cut to its 63-character limit as ``breaker_notify()``
-    cuts it."""
-    return f"fineflow_breakers.{schema}"[:63]
+    PostgreSQL's LISTEN channel, as ``breaker_notify()`` names it. A channel longer than
+    PostgreSQL's 63-byte limit names the schema by its MD5 instead: cut short, two long
+    schemas with a common start would hear each other's breakers."""
+    channel = f"fineflow_breakers.{schema}"
+    if len(channel.encode()) <= _MAX_CHANNEL_BYTES:
+        return channel
+    return f"fineflow_breakers.{hashlib.md5(schema.encode()).hexdigest()}"
 
 
 class Task(Protocol):

@@ -18,6 +18,7 @@ Outcomes, per rule of a request:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from .._storage.base import Hit
@@ -45,11 +46,14 @@ class DecisionCounts:
             when the storage fails (the limiter's; a plain decision has no reason).
     """
 
-    __slots__ = ("_failed_reason", "_rows")
+    __slots__ = ("_failed_reason", "_lock", "_rows")
 
     def __init__(self, failed_reason: str) -> None:
         self._failed_reason = failed_reason
         self._rows: dict[str, dict[str, list[int]]] = {}
+        # Taken to add a rule or tier and to copy the table: a scrape on another thread
+        # then never sees a dict change size under it (counting into a row takes none).
+        self._lock = threading.Lock()
 
     def count(self, hits: Sequence[Hit], decisions: Sequence[Decision], shadow: bool) -> None:
         """Count one request: once under each rule (``Hit.endpoint``) of its ``hits``.
@@ -62,10 +66,7 @@ class DecisionCounts:
         first = decisions[0]
         if len(hits) == 1 and first.reason is None:  # one rule, one quota: most requests
             hit = hits[0]
-            tiers = self._rows.get(hit.endpoint)
-            row = None if tiers is None else tiers.get(hit.tier)
-            if row is None:
-                row = self._row(hit.endpoint, hit.tier)
+            row = self._row(hit.endpoint, hit.tier)
             row[ALLOWED if first.allowed else SHADOW_DENIED if shadow else DENIED] += 1
             return
         if first.reason == self._failed_reason:  # all of a request's, or none
@@ -83,27 +84,22 @@ class DecisionCounts:
 
     def _row(self, rule: str, tier: str) -> list[int]:
         tiers = self._rows.get(rule)
-        if tiers is None:
-            tiers = self._rows[rule] = {}
-        row = tiers.get(tier)
+        row = None if tiers is None else tiers.get(tier)
         if row is None:
-            row = tiers[tier] = [0] * len(OUTCOMES)
+            with self._lock:
+                row = self._rows.setdefault(rule, {}).setdefault(tier, [0] * len(OUTCOMES))
         return row
 
     def snapshot(self) -> dict[DecisionKey, int]:
         """The counts now, every outcome of each (rule, tier) seen, zeros included (so a
         first denial is an increase from 0 to a query, not a new series)."""
-        for _ in range(3):
-            try:
-                return {
-                    (rule, tier, outcome): n
-                    for rule, tiers in list(self._rows.items())
-                    for tier, row in list(tiers.items())
-                    for outcome, n in zip(OUTCOMES, row, strict=True)
-                }
-            except RuntimeError:  # a new rule or tier meanwhile (a scrape on another thread)
-                continue
-        return {}
+        with self._lock:
+            return {
+                (rule, tier, outcome): n
+                for rule, tiers in self._rows.items()
+                for tier, row in tiers.items()
+                for outcome, n in zip(OUTCOMES, row, strict=True)
+            }
 
 
 def _rules(hits: Sequence[Hit]) -> list[tuple[str, str]]:

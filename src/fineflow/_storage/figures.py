@@ -23,6 +23,7 @@ __all__ = [
     "MeasuredStorage",
     "PoolFigure",
     "StorageFigures",
+    "le_label",
 ]
 
 #: Upper bounds (seconds) of the round-trip histogram: a lone statement on a local server
@@ -84,6 +85,12 @@ class HistogramSnapshot:
             raise ValueError("only histograms with the same buckets add up")
         counts = tuple(a + b for a, b in zip(self.counts, other.counts, strict=True))
         return HistogramSnapshot(self.bounds, counts, self.total + other.total)
+
+
+def le_label(bound: float) -> str:
+    """A bucket's ``le`` label, as Prometheus and the OpenTelemetry export write it:
+    ``+Inf`` for the last."""
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 class Histogram:

@@ -95,24 +95,11 @@ class Rollups:
     def count_answered(self, batch: Sequence[Request], now: int) -> None:
         """Count the requests of ``batch`` that got their decisions (a networked storage's
         batch, once answered), at their own ``now`` or else this one."""
-        minute = now // MINUTE_NS
-        cells = self._cells if minute == self._minute else self._open(minute)
         for request in batch:
             result = request.result
-            if not result:
-                continue  # (it failed)
-            hits = request.hits
-            if request.now is not None or len(hits) != 1:
-                allowed = all(d.allowed for d in result)
-                self.count(hits, allowed, now if request.now is None else request.now)
-                continue
-            hit = hits[0]  # the common case, inline: one quota, at this batch's minute
-            if hit.cost:
-                cell = cells.get((hit.endpoint, hit.tier))
-                if cell is None:
-                    self._add(minute, cells, (hit.endpoint, hit.tier), result[0].allowed)
-                else:
-                    cell[0 if result[0].allowed else 1] += 1
+            if result:  # (else it failed)
+                at = now if request.now is None else request.now
+                self.count(request.hits, all(d.allowed for d in result), at)
 
     def _add(
         self, minute: int, cells: dict[tuple[str, str], list[int]], group: tuple[str, str], ok: bool

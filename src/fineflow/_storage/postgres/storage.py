@@ -144,6 +144,7 @@ class PostgresStorage:
         self._sizes = (min_size, max_size)
         self._opened = False
         self._closed = False
+        self._closing = False  # a close() has begun: later calls have nothing to do
         self._decider = Decider(schema, fast_paths)
         self._admin = Admin(schema)
         self._stats = StatsKeeper(
@@ -292,7 +293,11 @@ class PostgresStorage:
 
     async def close(self) -> None:
         """Stop the background cleanup, finish statements in flight, write the last request
-        counts, close the pool if this storage owns it; the storage refuses use afterwards."""
+        counts, close the pool if this storage owns it; the storage refuses use afterwards.
+        Idempotent: a second call (even while the first is still closing) does nothing."""
+        if self._closing:
+            return
+        self._closing = True
         was_open = self._opened and not self._closed
         self._closed = True
         await self._breakers.stop()
@@ -315,7 +320,7 @@ class PostgresStorage:
         Never raises: a storage that is down, slow, not open or closed is reported
         unhealthy, with the reason. What :func:`fineflow.health_app` asks.
         """
-        open_pool = self._pool if self._opened and not self._closed else None
+        open_pool = self._pool if self._opened and not self._closing else None
         return await check_health(open_pool, timeout)
 
     @property

@@ -25,6 +25,21 @@ Theory of operation
   A ``SUCCESS`` or ``FAILURE`` whose generation is not the row's is stale and changes
   nothing. Every change of state bumps the generation, and the store tells every instance
   (PostgreSQL NOTIFY, Redis pub/sub, a direct call in process).
+* With ``shared_failures=True`` the instances also count a closed breaker's outcomes
+  together: each counts in process and reports a ``Tally`` every ``COUNT_INTERVAL`` at most
+  (never a round trip per call), which ``count_row`` adds to the row of the same closed
+  generation (a tally of an older one is stale and dropped):
+
+  - the *streak*, failures since the last success as the tallies arrive: a tally with a
+    success sets it to the failures after that success, one without adds its failures;
+    ``failure_threshold`` opens the row;
+  - a sliding window of calls, failures and slow calls, estimated from two fixed windows
+    (the current one and the one before, weighted by how much of it still overlaps): of
+    ``window_seconds`` on the store's clock, or of ``window_calls`` calls (the current window
+    ends when it holds that many). The failure rate and slow-call rate open the row once the
+    estimate holds ``minimum_calls``.
+
+  The counters belong to one closed generation: any transition starts them afresh.
 * The reopen timeout is ``min(reset_timeout * backoff_multiplier ** step,
   max_reset_timeout) * shorten``; ``shorten`` (``1 - jitter * random()``) is drawn by the
   instance that sends the step.
@@ -34,6 +49,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
@@ -43,6 +59,7 @@ from .config import BreakerConfig, CircuitState
 __all__ = [
     "DEFAULT_SHARED_WAIT",
     "Action",
+    "Tally",
     "BreakerStore",
     "SharedPolicy",
     "SharedRow",
@@ -51,6 +68,7 @@ __all__ = [
     "Task",
     "Watcher",
     "breaker_channel",
+    "count_row",
     "step_row",
 ]
 
@@ -87,12 +105,38 @@ class SharedState:
         open_for: seconds until the open deadline on the store's clock (0.0 when due or
             not open).
         granted: trial permits granted to this instance by this step (``ACQUIRE``).
+        failures: the shared streak after a ``count`` (failures counted across instances
+            since the last success; 0 otherwise).
     """
 
     state: CircuitState
     generation: int
     open_for: float = 0.0
     granted: int = 0
+    failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """A closed breaker's outcomes one instance counted since its last report (a value).
+
+    Attributes:
+        successes: calls that succeeded.
+        failures: calls that failed.
+        slow: calls (of either kind) slower than ``slow_call_duration``.
+        trailing: failures after the last success among them (``failures`` when there was
+            no success).
+    """
+
+    successes: int = 0
+    failures: int = 0
+    slow: int = 0
+    trailing: int = 0
+
+    @property
+    def calls(self) -> int:
+        """Calls counted (ignored outcomes are not)."""
+        return self.successes + self.failures
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +150,12 @@ class SharedPolicy:
         half_open_max_calls: trial permits granted in total per half-open round.
         successes_to_close: trial successes that close the row.
         half_open_max_wait: seconds a half-open round may last without a verdict.
+        failure_threshold: the shared streak that opens the row (``None``: not counted).
+        failure_rate: the shared failure rate that opens it (``None``: no such policy).
+        slow_rate: the shared slow-call rate that opens it (``None``: no such policy).
+        minimum_calls: calls the window estimate must hold before a rate opens it.
+        window_calls: the size of a count window (0: the window is of ``window_seconds``).
+        window_seconds: the length of a time window (used when ``window_calls`` is 0).
     """
 
     reset_timeout: float
@@ -114,12 +164,19 @@ class SharedPolicy:
     half_open_max_calls: int
     successes_to_close: int
     half_open_max_wait: float
+    failure_threshold: int | None = None
+    failure_rate: float | None = None
+    slow_rate: float | None = None
+    minimum_calls: int = 1
+    window_calls: int = 0
+    window_seconds: float = 60.0
 
     @classmethod
     def of(cls, config: BreakerConfig) -> SharedPolicy:
         """The shared policy of ``config`` (``half_open_max_wait`` ``None``:
         ``DEFAULT_SHARED_WAIT``)."""
         wait = config.half_open_max_wait
+        count = config.window_type == "count"
         return cls(
             reset_timeout=config.reset_timeout,
             backoff_multiplier=config.backoff_multiplier,
@@ -127,6 +184,14 @@ class SharedPolicy:
             half_open_max_calls=config.half_open_max_calls,
             successes_to_close=config.successes_to_close,
             half_open_max_wait=DEFAULT_SHARED_WAIT if wait is None else wait,
+            failure_threshold=config.failure_threshold,
+            failure_rate=config.failure_rate_threshold,
+            slow_rate=(
+                None if config.slow_call_duration is None else config.slow_call_rate_threshold
+            ),
+            minimum_calls=config.minimum_calls,
+            window_calls=int(config.window_size) if count else 0,
+            window_seconds=0.0 if count else float(config.window_size),
         )
 
     def timeout(self, step: int, shorten: float) -> float:
@@ -147,11 +212,22 @@ class SharedRow:
     granted: int = 0
     successes: int = 0
     half_open_since: float = 0.0
+    # The shared counting of a closed row (see ``count_row``), valid for generation ``counted``.
+    counted: int = -1
+    streak: int = 0
+    window_start: float = 0.0
+    calls: int = 0
+    failures: int = 0
+    slow: int = 0
+    previous_calls: int = 0
+    previous_failures: int = 0
+    previous_slow: int = 0
 
     def seen_at(self, now: float, granted: int = 0) -> SharedState:
         """The row as a ``SharedState`` read at ``now``."""
         open_for = max(self.open_until - now, 0.0) if self.state is CircuitState.OPEN else 0.0
-        return SharedState(self.state, self.generation, open_for, granted)
+        streak = self.streak if self.counted == self.generation else 0
+        return SharedState(self.state, self.generation, open_for, granted, streak)
 
 
 def _reopen(row: SharedRow, now: float, policy: SharedPolicy, shorten: float) -> SharedRow:
@@ -209,6 +285,96 @@ def step_row(
     if row.successes + 1 >= policy.successes_to_close:
         return SharedRow(generation=row.generation + 1), 0
     return replace(row, successes=row.successes + 1), 0
+
+
+def count_row(
+    row: SharedRow,
+    tally: Tally,
+    now: float,
+    policy: SharedPolicy,
+    *,
+    generation: int,
+    shorten: float = 1.0,
+) -> SharedRow:
+    """Add one instance's ``tally`` to a closed row's shared counting (see the module
+    docstring); the row opens when the streak or a windowed rate reaches its threshold.
+
+    Args:
+        row: the row before.
+        tally: the outcomes counted since the instance's last report.
+        now: the store's clock, in seconds.
+        policy: the breaker's shared policy.
+        generation: the closed generation the outcomes were counted in; any other is stale
+            (the row is returned as it is).
+        shorten: jitter factor in ``(0, 1]`` for the open this step may start.
+
+    The arithmetic is written in the same order as in ``breaker_count()`` (SQL) and
+    ``lua/breaker.lua`` so that the three agree to the last bit.
+    """
+    if row.state is not CircuitState.CLOSED or row.generation != generation:
+        return row
+    if row.counted != row.generation:  # the first tally of this closed generation
+        row = replace(
+            row,
+            counted=row.generation,
+            streak=0,
+            window_start=now,
+            calls=0,
+            failures=0,
+            slow=0,
+            previous_calls=0,
+            previous_failures=0,
+            previous_slow=0,
+        )
+    width = policy.window_seconds
+    if policy.window_calls == 0 and now - row.window_start >= width:
+        ended = math.floor((now - row.window_start) / width)
+        row = replace(  # the current window ended: it becomes the previous one (if adjacent)
+            row,
+            window_start=row.window_start + ended * width,
+            previous_calls=row.calls if ended == 1 else 0,
+            previous_failures=row.failures if ended == 1 else 0,
+            previous_slow=row.slow if ended == 1 else 0,
+            calls=0,
+            failures=0,
+            slow=0,
+        )
+    streak = tally.trailing if tally.successes > 0 else row.streak + tally.failures
+    row = replace(
+        row,
+        streak=streak,
+        calls=row.calls + tally.calls,
+        failures=row.failures + tally.failures,
+        slow=row.slow + tally.slow,
+    )
+    if policy.window_calls > 0 and row.calls >= policy.window_calls:
+        row = replace(
+            row,
+            previous_calls=row.calls,
+            previous_failures=row.failures,
+            previous_slow=row.slow,
+            calls=0,
+            failures=0,
+            slow=0,
+        )
+    if policy.window_calls > 0:
+        weight = 1.0 - row.calls / policy.window_calls
+    else:
+        weight = 1.0 - (now - row.window_start) / width
+    calls = row.previous_calls * weight + row.calls
+    failures = row.previous_failures * weight + row.failures
+    slow = row.previous_slow * weight + row.slow
+    threshold, failure_rate, slow_rate = (
+        policy.failure_threshold,
+        policy.failure_rate,
+        policy.slow_rate,
+    )
+    trips = threshold is not None and streak >= threshold
+    if not trips and calls >= policy.minimum_calls and calls > 0:
+        trips = (failure_rate is not None and failures / calls >= failure_rate) or (
+            slow_rate is not None and slow / calls >= slow_rate
+        )
+    return _reopen(row, now, policy, shorten) if trips else row
 
 
 _MAX_CHANNEL_BYTES = 63  # PostgreSQL's identifier limit (NAMEDATALEN - 1)
@@ -275,6 +441,23 @@ class BreakerStore(Protocol):
 
         Raises:
             Exception: the store failed (callers go on with their local state).
+        """
+        ...
+
+    async def count(
+        self,
+        name: str,
+        tally: Tally,
+        policy: SharedPolicy,
+        *,
+        generation: int,
+        shorten: float = 1.0,
+    ) -> SharedState:
+        """``count_row`` on the row of ``name``, atomically; tells every watcher if the row
+        opened. Returns the row after the step, with the shared streak in ``failures``.
+
+        Raises:
+            Exception: the store failed (the tally is dropped; calls go on locally).
         """
         ...
 

@@ -18,8 +18,10 @@ from .._breaker.shared import (
     SharedPolicy,
     SharedRow,
     SharedState,
+    Tally,
     Task,
     Watcher,
+    count_row,
     step_row,
 )
 from .._errors import StorageClosedError
@@ -74,6 +76,25 @@ class MemoryBreakerStore:
         if after.generation != before.generation:
             self._watchers.changed(name, after.seen_at(now))
         return after.seen_at(now, granted)
+
+    async def count(
+        self,
+        name: str,
+        tally: Tally,
+        policy: SharedPolicy,
+        *,
+        generation: int,
+        shorten: float = 1.0,
+    ) -> SharedState:
+        """``count_row`` on the row of ``name``; watchers hear of an open at once."""
+        self._check_open()
+        now = self._clock()
+        before = self._rows.get(name, SharedRow())
+        after = count_row(before, tally, now, policy, generation=generation, shorten=shorten)
+        self._rows[name] = after
+        if after.generation != before.generation:
+            self._watchers.changed(name, after.seen_at(now))
+        return after.seen_at(now)
 
     def watch(self, name: str, watcher: Watcher) -> None:
         """Tell ``watcher`` of changes of ``name`` (and to read it now)."""

@@ -29,6 +29,7 @@ from fineflow._breaker.shared import (
     BreakerStore,
     SharedPolicy,
     SharedState,
+    Tally,
     Task,
     Watcher,
 )
@@ -217,6 +218,9 @@ class OvertakenReads:
 
     async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
         return await self.inner.step(name, action, policy, **kw)
+
+    async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
+        return await self.inner.count(name, tally, policy, **kw)
 
     def watch(self, name: str, watcher: Watcher) -> None:
         self.inner.watch(name, watcher)

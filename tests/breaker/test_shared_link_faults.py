@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from fineflow import CircuitBreaker, CircuitOpenError, CircuitState, MemoryStorage
-from fineflow._breaker.shared import Action, BreakerStore, SharedPolicy, SharedState, Task
+from fineflow._breaker.shared import Action, BreakerStore, SharedPolicy, SharedState, Tally, Task
 from fineflow.testing import FakeClock
 from shared_breaker_helpers import eventually, in_state
 
@@ -43,6 +43,10 @@ class Wrapped:
             await self.hold[action].wait()
         self.sent.append(action)
         return await self.inner.step(name, action, policy, **kw)
+
+    async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
+        self._check()
+        return await self.inner.count(name, tally, policy, **kw)
 
     def watch(self, name: str, watcher: Any) -> None:
         self.inner.watch(name, watcher)

@@ -161,6 +161,11 @@ class CircuitBreaker(Listeners):
             opens, closes and a global half-open trial budget, while calls are still
             decided in process (see "Sharing state between instances" in the docs). Needs
             asyncio; the storage must be open for the state to be shared.
+        shared_failures: with ``shared``, also count a closed breaker's failures with the
+            other instances': their sum trips the breaker everywhere (``failure_threshold``
+            failures since the last success, and the rates over the window), reported in
+            batches every 0.1 s at most, never a round trip per call. Each instance still
+            trips on its own evidence too.
 
     Raises:
         ConfigurationError: an option is invalid; the message says the fix.
@@ -195,9 +200,15 @@ class CircuitBreaker(Listeners):
         wall_clock: Callable[[], float] = time.time,
         random: Callable[[], float] = _random_module.random,
         shared: SharesBreakers | None = None,
+        shared_failures: bool = False,
     ) -> None:
         _check_options(name, to_thread, record_exceptions, ignore_exceptions)
         shared = check_shared(shared)
+        if shared_failures and shared is None:
+            raise ConfigurationError(
+                f"circuit breaker {name!r}: shared_failures=True counts failures across "
+                "instances through a shared storage; pass shared=storage too"
+            )
         self.config = BreakerConfig(
             failure_threshold=failure_threshold,
             failure_rate_threshold=failure_rate_threshold,
@@ -233,12 +244,21 @@ class CircuitBreaker(Listeners):
             on_transition=_weak(self._moved),
             remote=shared is not None,
             on_trial_success=_weak(self._trial_succeeded),
+            on_failure=_weak(self._failed) if shared_failures else None,
         )
         self.shared = shared
+        self.shared_failures = shared_failures
         self._link = (
             None
             if shared is None
-            else SharedLink(name, shared.breaker_store(), self._machine, clock=clock, random=random)
+            else SharedLink(
+                name,
+                shared.breaker_store(),
+                self._machine,
+                clock=clock,
+                random=random,
+                count=shared_failures,
+            )
         )
         self._fallbacks = 0  # the breaker serves fallbacks, the machine never sees them
         super().__init__()
@@ -597,6 +617,10 @@ class CircuitBreaker(Listeners):
             seconds = DEFAULT_HOLD if retry_after is None else retry_after
             self._machine.hold(self._clock(), seconds)
         return _IGNORED
+
+    def _failed(self, now: float) -> None:
+        if self._link is not None:
+            self._link.failed(now)
 
     def _trial_succeeded(self, now: float) -> None:
         if self._link is not None:

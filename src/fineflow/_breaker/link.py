@@ -11,6 +11,13 @@ between the machine and a ``BreakerStore`` (see ``shared`` for the row and its r
 * what happens elsewhere comes in as a ``SharedState`` (a step's reply, a notification, a
   read) and enters the machine through ``BreakerMachine.adopt`` and ``grant``; anything
   older than the newest generation seen is dropped.
+* With ``count=True`` (``shared_failures=True``) a closed breaker's outcomes are counted
+  with the other instances' (``Action``-free ``BreakerStore.count``, see ``shared``): a
+  failure or slow call here makes a ``Tally`` of the outcomes since the last report due in
+  ``COUNT_INTERVAL``, so an instance sends at most one count step per interval, and none
+  while its calls succeed. While the shared streak is above zero, the instance keeps
+  reporting each interval in which it had calls, so its successes end the streak too.
+  The tally is read off the machine's totals: the calls themselves do no extra work.
 * One worker task at a time (run by the store, so closing the storage stops it) sends the
   pending work, in order of precedence. When the store fails or is slow, the machine goes on
   with its local budget and verdicts (``follow(False)``), the link says so once (WARNING),
@@ -28,14 +35,16 @@ import anyio
 from .._logfields import log_extra
 from .config import CircuitState
 from .machine import BreakerMachine
-from .shared import Action, BreakerStore, SharedPolicy, SharedState, Task
+from .shared import Action, BreakerStore, SharedPolicy, SharedState, Tally, Task
 
-__all__ = ["STEP_TIMEOUT", "SharedLink"]
+__all__ = ["COUNT_INTERVAL", "STEP_TIMEOUT", "SharedLink"]
 
 logger = logging.getLogger("fineflow.breaker")
 
 #: Seconds one store step may take before it counts as a failure of the store.
 STEP_TIMEOUT = 2.0
+#: Seconds outcomes are gathered before a count step sends them (``count=True``).
+COUNT_INTERVAL = 0.1
 _FIRST_RETRY, _LAST_RETRY = 0.05, 5.0
 _C, _O, _H = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 _SHARED = (_C, _O, _H)
@@ -55,6 +64,7 @@ class SharedLink:
         machine: the breaker's machine (created with ``remote=True``).
         clock: the breaker's monotonic clock.
         random: the breaker's jitter source.
+        count: count the closed breaker's outcomes with the other instances'.
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class SharedLink:
         *,
         clock: Callable[[], float],
         random: Callable[[], float],
+        count: bool = False,
     ) -> None:
         self.name = name
         self._store = store
@@ -84,12 +95,21 @@ class SharedLink:
         self._want = 0
         self._verdicts: deque[tuple[int, Action]] = deque(maxlen=16)
         self._worker: Task | None = None
+        self._wake: anyio.Event | None = None  # set to cut the worker's wait for a tally
+        # Shared counting: the machine's totals when outcomes were last reported, and when
+        # the pending tally is to be sent (the event loop's clock; None: not yet set).
+        self.counting = count
+        self._tally_pending = False
+        self._tally_at: float | None = None
+        self._reported = (0, 0, 0)
+        self._rebase()
         store.watch(name, self)
 
     # -- what the breaker tells the link ----------------------------------------------------
 
     def moved(self, old: CircuitState, new: CircuitState, now: float) -> None:
-        """A transition of the machine (adopted ones are ignored: they came from the store)."""
+        """A transition of the machine (adopted ones are not sent: they came from the store)."""
+        self._rebase()  # outcomes before a transition are not the next generation's
         if self._adopting:
             return
         if new is _C:
@@ -104,6 +124,12 @@ class SharedLink:
         else:
             return
         self._kick()
+
+    def failed(self, now: float) -> None:
+        """A failure (or slow call) of the closed breaker: report the outcomes soon."""
+        if self.counting and not self._tally_pending:
+            self._tally_pending = True
+            self._kick()
 
     def trial_succeeded(self, now: float) -> None:
         """A trial call succeeded; the store counts it towards closing."""
@@ -167,10 +193,16 @@ class SharedLink:
     # -- the worker ---------------------------------------------------------------------------
 
     def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
         if self._worker is None and not self._detached and self._pending():
             self._worker = self._store.spawn(self._work)
 
     def _pending(self) -> bool:
+        return self._urgent() or self._tally_pending
+
+    def _urgent(self) -> bool:
+        """Pending work that is sent at once (a tally waits for ``COUNT_INTERVAL``)."""
         return self._close or self._open or bool(self._verdicts) or self._read or self._asking()
 
     def _asking(self) -> bool:
@@ -181,6 +213,9 @@ class SharedLink:
         delay = _FIRST_RETRY
         try:
             while not self._detached and self._pending():
+                if not self._urgent() and not self._tally_due():
+                    await self._gather()
+                    continue
                 try:
                     with anyio.fail_after(STEP_TIMEOUT):
                         await self._send_one()
@@ -192,6 +227,19 @@ class SharedLink:
                     delay = _FIRST_RETRY
         finally:
             self._worker = None
+            self._wake = None
+
+    def _tally_due(self) -> bool:
+        return self._tally_at is not None and anyio.current_time() >= self._tally_at
+
+    async def _gather(self) -> None:
+        """Wait until the pending tally is due, or other work comes in."""
+        if self._tally_at is None:
+            self._tally_at = anyio.current_time() + COUNT_INTERVAL
+        self._wake = anyio.Event()
+        with anyio.move_on_after(self._tally_at - anyio.current_time()):
+            await self._wake.wait()
+        self._wake = None
 
     async def _send_one(self) -> None:
         """Send the most important pending item.
@@ -229,6 +277,9 @@ class SharedLink:
             except Exception:
                 self._verdicts.appendleft(item)
                 raise
+        elif self._tally_due():
+            await self._report()
+            return
         elif self._asking():
             want, self._want = self._want, 0
             try:
@@ -248,6 +299,41 @@ class SharedLink:
             return
         self._available()
         self._apply(state, own=True)
+
+    async def _report(self) -> None:
+        """Send the outcomes counted since the last report (a count step). A tally that
+        fails to go is dropped, not sent again: the step may have been applied."""
+        self._tally_pending, self._tally_at = False, None
+        tally = self._take_tally()
+        if tally.calls == 0:
+            return
+        shorten = 1.0 - self._machine.config.jitter * self._random()
+        generation = self.generation
+        state = await self._store.count(
+            self.name, tally, self._policy, generation=generation, shorten=shorten
+        )
+        self._available()
+        self._apply(state, own=True, why="failures counted across instances")
+        if state.state is _C and state.failures > 0:
+            self._tally_pending = True  # report the next interval's calls too: they may end it
+
+    def _take_tally(self) -> Tally:
+        """The closed breaker's outcomes since the last report (none outside CLOSED)."""
+        m = self._machine
+        successes, failures, slow = (
+            m.successes - self._reported[0],
+            m.failures - self._reported[1],
+            m.slow_calls - self._reported[2],
+        )
+        self._rebase()
+        if m.state is not _C:
+            return Tally()
+        trailing = m.consecutive_failures if successes else failures
+        return Tally(successes, failures, slow, min(trailing, failures))
+
+    def _rebase(self) -> None:
+        m = self._machine
+        self._reported = (m.successes, m.failures, m.slow_calls)
 
     async def _granted(self, state: SharedState) -> None:
         same = state.generation == self.generation
@@ -298,7 +384,9 @@ class SharedLink:
     def _round_or_generation(self) -> int:
         return self._round if self._round >= 0 else self.generation
 
-    def _apply(self, shared: SharedState, *, read: bool = False, own: bool = False) -> None:
+    def _apply(
+        self, shared: SharedState, *, read: bool = False, own: bool = False, why: str = ""
+    ) -> None:
         """Bring the machine to the shared state (see the module docstring); ``own``: the
         reply to this instance's step, ``read``: a full read (taken even if older, as after
         the store lost its rows) during which no newer state came in (a notification that
@@ -322,6 +410,8 @@ class SharedLink:
             reason = (
                 "trial calls succeeded across instances" if own else "closed by another instance"
             )
+        elif target is _O and why and local is _C:
+            reason = why
         elif target is _O:
             reason = "reopened by another instance" if local is _H else "opened by another instance"
         else:

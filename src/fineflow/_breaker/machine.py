@@ -35,7 +35,9 @@ Theory of operation
   everyone. A failed trial still reopens at once. A state decided by another instance
   enters through ``adopt(state, now, open_for=..., reason=...)``, as a transition of the
   table like any other (manual states ignore it). With ``remote`` off (the store
-  unreachable) the machine keeps its own budget and verdicts.
+  unreachable) the machine keeps its own budget and verdicts. When the instances also count
+  failures together, ``on_failure`` hears of each failure (or slow call) of a closed
+  breaker that did not trip it, and ``slow_calls`` totals the slow ones.
 * DISABLED, FORCED_OPEN and METRICS_ONLY are entered and left only by hand (``reset()``
   returns to CLOSED). DISABLED and METRICS_ONLY admit everything and never trip; only
   METRICS_ONLY keeps the sliding window. FORCED_OPEN rejects everything.
@@ -160,6 +162,8 @@ class BreakerMachine:
         remote: start with half-open permits and verdicts coming from a shared store
             (see ``follow``).
         on_trial_success: called with ``now`` for each successful trial while ``remote``.
+        on_failure: called with ``now`` for each failure or slow call (of the current
+            epoch) that leaves the breaker CLOSED.
     """
 
     __slots__ = (
@@ -168,6 +172,7 @@ class BreakerMachine:
         "_half_open_since",
         "_hold_until",
         "_next_timeout",
+        "_on_failure",
         "_on_transition",
         "_on_trial_success",
         "_open_until",
@@ -189,6 +194,7 @@ class BreakerMachine:
         "last_state_change",
         "last_success_time",
         "rejections",
+        "slow_calls",
         "state",
         "successes",
         "times_opened",
@@ -202,8 +208,10 @@ class BreakerMachine:
         on_transition: TransitionHook | None = None,
         remote: bool = False,
         on_trial_success: TrialHook | None = None,
+        on_failure: TrialHook | None = None,
     ) -> None:
         self.config = config
+        self._on_failure = on_failure
         self._random = random
         self._on_transition = on_transition
         self._remote = remote
@@ -221,7 +229,7 @@ class BreakerMachine:
         self.last_success_time: float | None = None
         self.last_state_change: float | None = None
         self.calls = self.successes = self.failures = self.ignored = 0
-        self.rejections = self.times_opened = 0
+        self.rejections = self.times_opened = self.slow_calls = 0
         self._new_window()
         self._refresh()
 
@@ -297,6 +305,7 @@ class BreakerMachine:
     def _succeeded(self, now: float, duration: float) -> None:
         cfg = self.config
         slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
+        self.slow_calls += slow
         if self.state is _H:
             if slow:
                 self._move(_O, now, f"trial call slower than {cfg.slow_call_duration:g}s")
@@ -311,6 +320,8 @@ class BreakerMachine:
             self._window.add(now, False, slow)
             if self.state is _C:
                 self._check_rates(self._window, now)
+                if slow:
+                    self._heard_failure(now)
 
     def _failed(self, now: float, duration: float) -> None:
         if self.successes != self._success_mark:  # this failure ends a run of successes
@@ -322,8 +333,9 @@ class BreakerMachine:
             self._move(_O, now, "trial call failed")
             return
         cfg = self.config
+        slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
+        self.slow_calls += slow
         if self._window is not None and state is not CircuitState.DISABLED:
-            slow = cfg.slow_call_duration is not None and duration >= cfg.slow_call_duration
             self._window.add(now, True, slow)
         if state is _C:
             ft = cfg.failure_threshold
@@ -331,6 +343,11 @@ class BreakerMachine:
                 self._move(_O, now, f"{self._failures_in_row} consecutive failures")
             elif self._window is not None:
                 self._check_rates(self._window, now)
+            self._heard_failure(now)
+
+    def _heard_failure(self, now: float) -> None:
+        if self._on_failure is not None and self.state is _C:
+            self._on_failure(now)
 
     def retry_after(self, now: float) -> float | None:
         """Seconds until a caller may be admitted again, or ``None`` when unknown."""

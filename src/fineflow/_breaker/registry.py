@@ -43,8 +43,13 @@ class BreakerRegistry:
         if max_size is not None and (type(max_size) is not int or max_size < 1):
             raise ConfigurationError(f"max_size must be an int >= 1 or None (got {max_size!r})")
         self.shared = check_shared(shared)
+        if defaults.get("shared_failures") and self.shared is None:
+            raise ConfigurationError(
+                "shared_failures=True counts failures across instances through a shared "
+                "storage; pass shared=storage to the registry too"
+            )
         # Fail now, not at the first request (unshared: the check watches nothing).
-        CircuitBreaker("defaults-check", **{**defaults, "shared": None})
+        CircuitBreaker("defaults-check", **{**defaults, "shared": None, "shared_failures": False})
         self.max_size = max_size
         self.defaults = defaults
         self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()

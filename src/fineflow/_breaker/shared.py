@@ -59,12 +59,12 @@ from .config import BreakerConfig, CircuitState
 __all__ = [
     "DEFAULT_SHARED_WAIT",
     "Action",
-    "Tally",
     "BreakerStore",
     "SharedPolicy",
     "SharedRow",
     "SharedState",
     "SharesBreakers",
+    "Tally",
     "Task",
     "Watcher",
     "breaker_channel",

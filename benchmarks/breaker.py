@@ -38,6 +38,18 @@ async def fail() -> int:
     raise _Boom
 
 
+def _caught(call: Call) -> Call:
+    """``call`` with its failure caught (the failing calls are timed like the others)."""
+
+    async def caught() -> int:
+        try:
+            return await call()
+        except _Boom:
+            return 0
+
+    return caught
+
+
 def _batch(call: Call, n: int) -> Callable[[], Awaitable[float]]:
     size = max(1, n // _REPEAT)
 
@@ -88,8 +100,21 @@ async def _closed_contenders(notes: list[str]) -> dict[str, Call]:
         out["fineflow execute"] = lambda: ff.execute(work)
         # A shared breaker decides its closed calls in process like any other (no store is
         # touched): the store here is a MemoryStorage, the path is the same for any store.
-        shared = breaker_cls("bench-shared", shared=fineflow_name("MemoryStorage")())
+        memory = fineflow_name("MemoryStorage")()
+        shared = breaker_cls("bench-shared", shared=memory)
         out["fineflow call, shared="] = lambda: shared.call(work)
+        # Counting failures across instances adds nothing to a success, and to a failure
+        # only a flag (the outcomes are read off the totals every 0.1 s by a background
+        # task). A rate policy that cannot trip keeps the failing breakers closed.
+        counted = breaker_cls("bench-counted", shared=memory, shared_failures=True)
+        out["fineflow call, shared_failures="] = lambda: counted.call(work)
+        never = {"failure_threshold": None, "failure_rate_threshold": 1.0, "minimum_calls": 10**9}
+        failing = breaker_cls("bench-failing", shared=memory, **never)
+        failing_counted = breaker_cls(
+            "bench-failing-counted", shared=memory, shared_failures=True, **never
+        )
+        out["fineflow failing call, shared="] = _caught(lambda: failing.call(fail))
+        out["fineflow failing call, shared_failures="] = _caught(lambda: failing_counted.call(fail))
     else:
         notes.append("fineflow CircuitBreaker not available yet")
     cb = optional("circuitbreaker")
@@ -246,6 +271,26 @@ def _ratios(over: dict[str, list[float]], rejected: dict[str, list[float]]) -> T
                 met=at_most(r.median, 1.10),
             )
         )
+    pairs = (
+        ("fineflow call, shared_failures=", "fineflow call, shared=", "closed-call"),
+        (
+            "fineflow failing call, shared_failures=",
+            "fineflow failing call, shared=",
+            "failing-call",
+        ),
+    )
+    for counted, plain, what in pairs:
+        if counted in over and plain in over:
+            r = stat(ratios(over[counted], over[plain]))
+            table.add(
+                Row(
+                    f"fineflow {what} overhead, shared_failures= / shared=",
+                    r,
+                    "x",
+                    target="<= 1.10",
+                    met=at_most(r.median, 1.10),
+                )
+            )
     if ff is None or not peers:
         table.notes.append("fineflow CircuitBreaker or every peer missing: no ratios")
         return table

@@ -783,3 +783,17 @@ TestSharedMachineModel = SharedMachineModel.TestCase
 TestCountWindowModel = CountWindowModel.TestCase
 TestTimeWindowModel = TimeWindowModel.TestCase
 TestWrapperModel = WrapperModel.TestCase
+
+
+def test_on_failure_is_told_once_per_report_and_slow_calls_are_totalled() -> None:
+    heard: list[float] = []
+    config = BreakerConfig(failure_threshold=None, slow_call_duration=1.0, minimum_calls=100)
+    m = BreakerMachine(config, on_failure=heard.append)
+    for t in (1.0, 2.0, 3.0):
+        m.settle(m.admit(t), Outcome.FAILURE, t, t)
+    assert heard == [1.0]  # the first failure since the last report only
+    m.failures_reported()
+    m.settle(m.admit(4.0), Outcome.SUCCESS, 4.0, 4.0)  # fast: nothing to tell
+    m.settle(m.admit(5.0), Outcome.SUCCESS, 7.0, 5.0)  # slow: told
+    assert heard == [1.0, 7.0]
+    assert (m.failures, m.successes, m.slow_calls) == (3, 2, 1)

@@ -126,7 +126,8 @@ class SharedLink:
         self._kick()
 
     def failed(self, now: float) -> None:
-        """A failure (or slow call) of the closed breaker: report the outcomes soon."""
+        """A failure (or slow call) of the closed breaker, the first since the last report
+        (``BreakerMachine.failures_reported``): report the outcomes soon."""
         if self.counting and not self._tally_pending:
             self._tally_pending = True
             self._kick()
@@ -326,6 +327,7 @@ class SharedLink:
             m.slow_calls - self._reported[2],
         )
         self._rebase()
+        m.failures_reported()
         if m.state is not _C:
             return Tally()
         trailing = m.consecutive_failures if successes else failures

@@ -36,8 +36,9 @@ Theory of operation
   enters through ``adopt(state, now, open_for=..., reason=...)``, as a transition of the
   table like any other (manual states ignore it). With ``remote`` off (the store
   unreachable) the machine keeps its own budget and verdicts. When the instances also count
-  failures together, ``on_failure`` hears of each failure (or slow call) of a closed
-  breaker that did not trip it, and ``slow_calls`` totals the slow ones.
+  failures together, ``on_failure`` hears of the first failure (or slow call) of a closed
+  breaker that did not trip it since the last ``failures_reported()``, and ``slow_calls``
+  totals the slow ones: the caller reads the totals in batches, not once per call.
 * DISABLED, FORCED_OPEN and METRICS_ONLY are entered and left only by hand (``reset()``
   returns to CLOSED). DISABLED and METRICS_ONLY admit everything and never trip; only
   METRICS_ONLY keeps the sliding window. FORCED_OPEN rejects everything.
@@ -162,12 +163,13 @@ class BreakerMachine:
         remote: start with half-open permits and verdicts coming from a shared store
             (see ``follow``).
         on_trial_success: called with ``now`` for each successful trial while ``remote``.
-        on_failure: called with ``now`` for each failure or slow call (of the current
-            epoch) that leaves the breaker CLOSED.
+        on_failure: called with ``now`` for the first failure or slow call (of the current
+            epoch) that leaves the breaker CLOSED since ``failures_reported()``.
     """
 
     __slots__ = (
         "_epoch",
+        "_failure_told",
         "_failures_in_row",
         "_half_open_since",
         "_hold_until",
@@ -212,6 +214,7 @@ class BreakerMachine:
     ) -> None:
         self.config = config
         self._on_failure = on_failure
+        self._failure_told = False
         self._random = random
         self._on_transition = on_transition
         self._remote = remote
@@ -346,8 +349,13 @@ class BreakerMachine:
             self._heard_failure(now)
 
     def _heard_failure(self, now: float) -> None:
-        if self._on_failure is not None and self.state is _C:
+        if self._on_failure is not None and not self._failure_told and self.state is _C:
+            self._failure_told = True
             self._on_failure(now)
+
+    def failures_reported(self) -> None:
+        """The owner has read the totals: call ``on_failure`` again at the next failure."""
+        self._failure_told = False
 
     def retry_after(self, now: float) -> float | None:
         """Seconds until a caller may be admitted again, or ``None`` when unknown."""

@@ -5,7 +5,9 @@ and a Cluster) and in memory:
 * the global half-open budget is never exceeded: across both breakers, at most
   ``half_open_max_calls`` trials per round of the shared row (a trial whose outcome is
   ignored gives its permit back, as without ``shared=``);
-* once the background work and the notifications are drained, both are in the same state.
+* once the background work and the notifications are drained, both are in the same state;
+
+with failures counted per instance, and counted across both (``shared_failures=True``).
 
 The open deadline lives on the store's clock, so ``wait`` sleeps past it (real time, short).
 """
@@ -48,6 +50,7 @@ class SharedModel(RuleBasedStateMachine):
     """Two instances (storages) of one service; see the module docstring."""
 
     storages: Callable[[], tuple[Any, Any]]
+    shared_failures = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +67,7 @@ class SharedModel(RuleBasedStateMachine):
                 half_open_max_calls=MAX_CALLS,
                 success_threshold=MAX_CALLS,
                 shared=storage,
+                shared_failures=self.shared_failures,
             )
             for storage in self.stores
         ]
@@ -170,8 +174,17 @@ def test_two_breakers_in_memory() -> None:
     run_state_machine_as_test(Memory, settings=MODEL_SETTINGS)
 
 
+def test_two_breakers_counting_failures_together_in_memory() -> None:
+    class Memory(SharedModel):
+        storages = staticmethod(memory_pair)
+        shared_failures = True
+
+    run_state_machine_as_test(Memory, settings=MODEL_SETTINGS)
+
+
 @pytest.mark.postgres
-def test_two_breakers_on_postgres(pg_dsn: str) -> None:
+@pytest.mark.parametrize("counted", [False, True], ids=["per-instance", "shared_failures"])
+def test_two_breakers_on_postgres(pg_dsn: str, counted: bool) -> None:
     schema = f"ff_model_{secrets.token_hex(4)}"
 
     async def migrate() -> None:
@@ -188,6 +201,7 @@ def test_two_breakers_on_postgres(pg_dsn: str) -> None:
 
     class Postgres(SharedModel):
         storages = staticmethod(pair)
+        shared_failures = counted
 
     run_state_machine_as_test(Postgres, settings=MODEL_SETTINGS)
 

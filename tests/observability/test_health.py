@@ -4,12 +4,15 @@ throwaway PostgreSQL that is stopped) and breakers' states, through httpx's ASGI
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import httpx
+import psycopg
 import pytest
+from psycopg import sql
 
 import fineflow as ff
 from fineflow._asgi.types import Message
@@ -31,7 +34,41 @@ async def get(app: Any, method: str = "GET") -> httpx.Response:
 @pytest.fixture
 async def postgres(pg_dsn: str, pg_schema: str) -> AsyncIterator[ff.PostgresStorage]:
     async with ff.PostgresStorage(pg_dsn, schema=pg_schema) as pg:
+        await pg.migrate()
         yield pg
+
+
+async def test_a_schema_never_migrated_is_unhealthy_and_says_what_to_do(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    async with ff.PostgresStorage(pg_dsn, schema=pg_schema) as pg:
+        app = ff.health_app(storages={"rate-limits": pg})
+        response = await get(app)
+        assert response.status_code == 503  # every decision would fail
+        [entry] = response.json()["storages"]
+        assert entry["healthy"] is False
+        assert entry["error"] == (
+            f"schema {pg_schema!r} is not migrated: run `fineflow migrate` or "
+            "`await storage.migrate()`"
+        )
+        await pg.migrate()
+        assert (await get(app)).status_code == 200
+
+
+async def test_a_least_privilege_runtime_role_is_healthy(pg_dsn: str, pg_schema: str) -> None:
+    role = f"ff_rt_{secrets.token_hex(4)}"
+    try:
+        async with ff.PostgresStorage(pg_dsn, schema=pg_schema) as admin:
+            await admin.migrate()
+            await admin.grant_runtime(role, create=True)
+        runtime_dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=role)
+        async with ff.PostgresStorage(runtime_dsn, schema=pg_schema) as runtime:
+            health = await runtime.health()
+            assert (health.healthy, health.error) == (True, None)  # no table read needed
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 @pytest.fixture
@@ -86,6 +123,7 @@ async def test_a_stopped_postgres_answers_503_without_the_password(
 ) -> None:
     dsn = f"{cluster.dsn} password={PASSWORD}"
     async with ff.PostgresStorage(dsn, schema="ff_health", connect_timeout=1) as pg:
+        await pg.migrate()
         app = ff.health_app(storages={"rate-limits": pg}, timeout=1.0)
         assert (await get(app)).status_code == 200
         cluster.stop("immediate")

@@ -281,7 +281,7 @@ class StorageHealth:
 class SupportsHealth(Protocol):
     """A storage that can say whether it works: what :func:`fineflow.health_app` asks.
 
-    :class:`PostgresStorage` (``SELECT 1`` on a pooled connection), :class:`RedisStorage`
+    :class:`PostgresStorage` (a pooled connection finds the schema migrated), :class:`RedisStorage`
     (``PING``) and :class:`MemoryStorage` (open or closed) implement it.
     """
 

@@ -314,14 +314,14 @@ class PostgresStorage:
             await self._pool.close()
 
     async def health(self, *, timeout: float = 1.0) -> StorageHealth:  # noqa: ASYNC109
-        """Whether the storage works now: a pooled connection that
-        answers ``SELECT 1`` within ``timeout`` seconds (default 1).
+        """Whether the storage works now: a pooled connection that finds the schema
+        migrated within ``timeout`` seconds (default 1).
 
         Never raises: a storage that is down, slow, not open or closed is reported
         unhealthy, with the reason. What :func:`fineflow.health_app` asks.
         """
         open_pool = self._pool if self._opened and not self._closing else None
-        return await check_health(open_pool, timeout)
+        return await check_health(open_pool, self.schema, timeout)
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:

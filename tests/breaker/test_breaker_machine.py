@@ -797,3 +797,13 @@ def test_on_failure_is_told_once_per_report_and_slow_calls_are_totalled() -> Non
     m.settle(m.admit(5.0), Outcome.SUCCESS, 7.0, 5.0)  # slow: told
     assert heard == [1.0, 7.0]
     assert (m.failures, m.successes, m.slow_calls) == (3, 2, 1)
+
+
+def test_failures_before_an_open_do_not_count_after_a_close_from_another_instance() -> None:
+    m = BreakerMachine(BreakerConfig(failure_threshold=2), remote=True)
+    m.settle(m.admit(0.0), Outcome.FAILURE, 0.0, 0.0)
+    m.adopt(CircuitState.OPEN, 1.0, open_for=30.0, reason="opened by another instance")
+    m.adopt(CircuitState.CLOSED, 2.0, reason="closed by another instance")
+    assert m.consecutive_failures == 0
+    m.settle(m.admit(3.0), Outcome.FAILURE, 3.0, 3.0)
+    assert (m.state, m.consecutive_failures) == (CircuitState.CLOSED, 1)

@@ -523,6 +523,7 @@ class BreakerMachine:
         elif new is _C:
             self._next_timeout = cfg.reset_timeout
             self._new_window()
+            self._failures_in_row = 0  # failures before an open never count towards the next
         elif new is CircuitState.METRICS_ONLY:
             self._new_window()
         self._refresh()

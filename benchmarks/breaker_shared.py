@@ -159,7 +159,10 @@ async def _counted(make: Factory, samples: int) -> list[float]:
                 permit.failure()
                 if breaker is a:
                     await asyncio.sleep(0.3)  # a's failure reported before b's
-            while not seen:  # noqa: ASYNC110 - polls what the listener appends
+            give_up = time.monotonic() + 10.0
+            while not seen:
+                if time.monotonic() > give_up:
+                    raise RuntimeError("the counted failures never opened the other breaker")
                 await asyncio.sleep(0.0005)
             out.append((seen.pop() - start) * 1000.0)
             a.reset()

@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._health import health_app
 from ._ratelimit.algorithms import Algorithm, BucketState, Decision
+from ._ratelimit.appdefault import install
 from ._ratelimit.decorator import limit
 from ._ratelimit.deniedlog import DeniedLog
 from ._ratelimit.headers import HeaderStyle
@@ -97,6 +98,7 @@ __all__ = [
     "get_circuit_breaker",
     "health_app",
     "http_throttle",
+    "install",
     "keys",
     "limit",
     "storage_from_url",

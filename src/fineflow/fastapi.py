@@ -24,9 +24,7 @@ when the app's lifespan ends; without ``install`` it still works, but nothing cl
 from __future__ import annotations
 
 import logging
-import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -34,7 +32,8 @@ from fastapi.routing import APIRoute
 
 from ._asgi.problem import ProblemResponse
 from ._errors import ConfigurationError
-from ._logfields import log_extra
+from ._ratelimit.appdefault import app_default, installed
+from ._ratelimit.appdefault import install as install_default
 from ._ratelimit.limiter import Decisions, RateLimiter
 from ._ratelimit.route import DefaultGate, RouteLimit
 from ._ratelimit.rules import CostFunc, QuotaFunc, QuotaSpec
@@ -84,50 +83,28 @@ async def problem_response(request: Request, exc: Exception) -> Response:
     return Response(problem.body, problem.status, headers)
 
 
-_APP_DEFAULTS: weakref.WeakKeyDictionary[Any, DefaultGate] = weakref.WeakKeyDictionary()
-
-
 def install(app: FastAPI, *, problem_json: bool = True) -> None:
     """Set up fineflow on ``app`` (one line, before it serves; a second call does nothing).
 
     * Answer the app's :class:`RateLimitExceeded` with problem+json (``problem_json=False``
       keeps FastAPI's ``{"detail": ...}``).
-    * Give the app its default storage, for the :class:`RateLimit` dependencies that have
-      neither ``limiter=`` nor a ``RateLimitMiddleware`` around them: built from
-      ``FINEFLOW_STORAGE_URL`` / ``FINEFLOW_DSN`` and opened on first use, closed when the
-      app's lifespan ends (after the app's own shutdown), so no pool outlives the app.
+    * Close the app's default storage when its lifespan ends (after the app's own
+      shutdown), so no pool outlives the app (:func:`fineflow.install`). It serves the
+      :class:`RateLimit` dependencies that have neither ``limiter=`` nor a
+      ``RateLimitMiddleware`` around them: one per app, built from ``FINEFLOW_STORAGE_URL``
+      / ``FINEFLOW_DSN``, opened on first use.
     """
-    if app in _APP_DEFAULTS:
+    if installed(app):
         return
     if problem_json:
         app.add_exception_handler(RateLimitExceeded, problem_response)
-    defaults = _APP_DEFAULTS[app] = DefaultGate()
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(served: Any) -> AsyncIterator[Any]:
-        try:
-            async with inner(served) as state:
-                yield state
-        finally:
-            await defaults.aclose()
-
-    app.router.lifespan_context = lifespan
+    install_default(app)
 
 
 def _default_gate(app: Any) -> DefaultGate:
-    """The app's default gate; for an app :func:`install` did not set up, made on its first
-    rate-limited request (with a warning: nothing closes its storage with the app)."""
-    defaults = _APP_DEFAULTS.get(app)
-    if defaults is None:
-        defaults = _APP_DEFAULTS[app] = DefaultGate()
-        logger.warning(
-            "fineflow.fastapi.install(app) was not called: the default rate-limit storage "
-            "(FINEFLOW_STORAGE_URL / FINEFLOW_DSN) is opened for this app and not closed with "
-            "its lifespan; call install(app) at setup to close it",
-            extra=log_extra("ratelimit_default_storage_unmanaged"),
-        )
-    return defaults
+    """The app's default gate (made on first use; with a warning if :func:`install` was not
+    called: nothing closes its storage with the app)."""
+    return app_default(app, install_hint="fineflow.fastapi.install(app)")
 
 
 class RateLimit:

@@ -6,7 +6,6 @@ import logging
 import secrets
 from typing import Any
 
-import anyio
 import httpx
 import psycopg
 import pytest
@@ -25,6 +24,7 @@ from fineflow import (
 )
 from fineflow.fastapi import RateLimit, RateLimitExceeded, install, problem_response
 from fineflow.testing import FakeClock
+from pg_connections import connections, connections_left
 
 pytestmark = pytest.mark.anyio
 
@@ -179,27 +179,6 @@ async def test_per_request_quotas_and_tiers_in_the_dependency() -> None:
         assert sf(pro[0].headers["ratelimit-policy"].encode()) == [
             ("GET /tiered", {"q": 3, "w": 60})
         ]
-
-
-def connections(dsn: str, application_name: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            (application_name,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-async def connections_left(dsn: str, application_name: str) -> int:
-    """The count once closed connections are gone: a server process leaves
-    pg_stat_activity a moment after its client closed, so poll (bounded) for 0."""
-    for _ in range(100):
-        left = connections(dsn, application_name)
-        if left == 0:
-            break
-        await anyio.sleep(0.05)
-    return left
 
 
 async def test_the_default_storage_lives_and_dies_with_the_app_lifespan(

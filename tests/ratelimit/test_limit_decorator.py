@@ -3,12 +3,16 @@ client and a real uvicorn)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
+from asgi_lifespan import LifespanManager
 from quart.testing.connections import WebsocketResponseError
 from quart_limited_app import create_app as create_quart_app
 from starlette.applications import Starlette
@@ -20,6 +24,7 @@ from starlette.routing import Route
 import fineflow as ff
 from asgi_helpers import sf
 from fineflow.testing import FakeClock, UvicornProcess
+from pg_connections import connections, connections_left
 
 pytestmark = pytest.mark.anyio
 
@@ -169,3 +174,84 @@ def test_quart_views_under_a_real_uvicorn(quart_server: UvicornProcess) -> None:
         assert search[2].json()["violated-policies"] == ["search"]
         stream = client.get("/stream")
         assert stream.text == "ab" and "ratelimit" in stream.headers
+
+
+# -- the app's default storage -------------------------------------------------------------
+
+
+def shared_limit_app() -> Starlette:
+    """Two endpoints under one limit name, without a limiter: the app's default storage."""
+
+    @ff.limit("2/minute", name="shared")
+    async def a(request: Request) -> Response:
+        return PlainTextResponse("a")
+
+    @ff.limit("2/minute", name="shared")
+    async def b(request: Request) -> Response:
+        return PlainTextResponse("b")
+
+    return Starlette(routes=[Route("/a", a), Route("/b", b)])
+
+
+async def test_every_endpoint_of_an_app_shares_its_default_storage_and_install_is_advised(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("FINEFLOW_STORAGE_URL", "memory://")
+    app = shared_limit_app()
+    with caplog.at_level(logging.WARNING, logger="fineflow.middleware"):
+        statuses = [r.status_code for r in await get_all(app, "/a", "/a", "/b")]
+        statuses += [r.status_code for r in await get_all(shared_limit_app(), "/b")]
+    assert statuses == [200, 200, 429, 200]  # one storage per app (a new app: a new one)
+    advice = [r.getMessage() for r in caplog.records if "fineflow.install(app)" in r.getMessage()]
+    assert len(advice) == 2  # once per app
+    caplog.clear()
+    installed = shared_limit_app()
+    ff.install(installed)
+    ff.install(installed)  # (a second call does nothing)
+    with caplog.at_level(logging.WARNING, logger="fineflow.middleware"):
+        assert (await get_all(installed, "/a"))[0].status_code == 200
+    assert not [r for r in caplog.records if "install(app)" in r.getMessage()]
+
+
+async def test_install_closes_a_starlette_apps_default_storage_with_its_lifespan(
+    monkeypatch: pytest.MonkeyPatch, pg_dsn: str
+) -> None:
+    name = f"ff_starlette_{secrets.token_hex(4)}"
+    monkeypatch.delenv("FINEFLOW_STORAGE_URL", raising=False)
+    dsn = psycopg.conninfo.make_conninfo(pg_dsn, application_name=name)
+    monkeypatch.setenv("FINEFLOW_DSN", dsn)
+    app = shared_limit_app()
+    ff.install(app)
+    for expected in ([200, 200, 429], [429, 429, 429]):  # a second lifespan: a new storage
+        async with LifespanManager(app) as manager:
+            assert await connections_left(pg_dsn, name) == 0  # nothing opened before needed
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert [(await client.get(p)).status_code for p in ("/a", "/b", "/a")] == expected
+            assert connections(pg_dsn, name) >= 1
+        assert await connections_left(pg_dsn, name) == 0
+
+
+async def test_install_closes_a_quart_apps_default_storage_after_serving(
+    monkeypatch: pytest.MonkeyPatch, pg_dsn: str
+) -> None:
+    name = f"ff_quart_{secrets.token_hex(4)}"
+    monkeypatch.delenv("FINEFLOW_STORAGE_URL", raising=False)
+    monkeypatch.setenv(
+        "FINEFLOW_DSN", psycopg.conninfo.make_conninfo(pg_dsn, application_name=name)
+    )
+    app = create_quart_app()
+    ff.install(app)
+    async with app.test_app() as served:  # runs before_serving / after_serving
+        client = served.test_client()
+        statuses = [(await client.get(p)).status_code for p in ("/search", "/users/1", "/users/2")]
+        assert statuses == [200, 200, 429]
+        assert connections(pg_dsn, name) >= 1
+    assert await connections_left(pg_dsn, name) == 0
+
+
+def test_install_refuses_an_app_it_cannot_close_with() -> None:
+    async def bare(scope: object, receive: object, send: object) -> None: ...
+
+    with pytest.raises(ff.ConfigurationError, match="Starlette, FastAPI or Quart"):
+        ff.install(bare)

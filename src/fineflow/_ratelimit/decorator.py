@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, Protocol, cast
 
 from .._asgi.types import ASGIApp, Receive, Scope, Send
+from .appdefault import app_default
 from .gate import Headers, adding_headers
 from .limiter import RateLimiter
 from .route import RouteLimit
@@ -60,8 +61,10 @@ def limit(
         async def search(): ...  # Quart
 
     Args: as :class:`fineflow.fastapi.RateLimit`'s; ``name`` defaults to the endpoint's
-    module and qualified name. The decisions are in ``request.state.fineflow_route``
-    (Starlette) or ``request.scope["state"]["fineflow_route"]`` (Quart).
+    module and qualified name. Without ``limiter=`` or a middleware, the app's default
+    storage decides (one per app; :func:`fineflow.install` closes it with the app). The
+    decisions are in ``request.state.fineflow_route`` (Starlette) or
+    ``request.scope["state"]["fineflow_route"]`` (Quart).
 
     Raises:
         ConfigurationError: for an invalid quota, key, tier or cost (at decoration).
@@ -81,7 +84,9 @@ def limit(
                 return await limited_view(route, limit_name, endpoint, kwargs)
             request = cast(HasScope, args[0])
             scope = request.scope
-            outcome = await route.decide(scope, limit_name)
+            app = scope.get("app")  # (Starlette's: one default storage per app)
+            default = None if app is None else lambda: app_default(app)
+            outcome = await route.decide(scope, limit_name, default=default)
             if outcome is None:
                 return await endpoint(*args, **kwargs)
             scope.setdefault("state", {})["fineflow_route"] = outcome.decisions

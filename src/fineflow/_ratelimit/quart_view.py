@@ -12,12 +12,20 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
-from quart import Response, has_websocket_context, make_response, request, websocket
+from quart import (
+    Response,
+    current_app,
+    has_websocket_context,
+    make_response,
+    request,
+    websocket,
+)
 from quart.typing import ResponseTypes
 
 from .._asgi.problem import ProblemResponse
 from .._asgi.types import Scope
-from .route import RouteLimit
+from .appdefault import app_default
+from .route import DefaultGate, RouteLimit
 
 __all__ = ["limited_view"]
 
@@ -28,7 +36,7 @@ async def limited_view(
     """Decide the current Quart request under ``route``, then run ``view(**view_args)``
     or answer the denial. The decisions are in ``request.scope["state"]["fineflow_route"]``."""
     scope = cast(Scope, (websocket if has_websocket_context() else request).scope)
-    outcome = await route.decide(scope, name)
+    outcome = await route.decide(scope, name, default=_app_default)
     if outcome is None:
         return await view(**view_args)
     scope.setdefault("state", {})["fineflow_route"] = outcome.decisions
@@ -40,6 +48,12 @@ async def limited_view(
     response = await make_response(result)
     _add_headers(response, outcome.headers)
     return response
+
+
+def _app_default() -> DefaultGate:
+    # The app behind Quart's context proxy (the documented way to reach it: the proxy
+    # itself is the same object for every app).
+    return app_default(current_app._get_current_object())  # type: ignore[attr-defined]
 
 
 def _quart_response(problem: ProblemResponse) -> Response:

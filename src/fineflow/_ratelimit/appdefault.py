@@ -1,0 +1,92 @@
+"""Each app's default rate-limit storage, and ``install(app)``, which closes it with the app.
+
+A route limit (the FastAPI dependency, the ``limit`` decorator) with neither ``limiter=`` nor
+a ``RateLimitMiddleware`` around it decides over the default storage
+(``FINEFLOW_STORAGE_URL`` / ``FINEFLOW_DSN``). There is one per app, so every limited route
+of an app shares one storage (one pool), opened on first use. ``install(app)`` closes it when
+the app's lifespan ends; without it, the first use warns once per app that nothing will.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .._errors import ConfigurationError
+from .._logfields import log_extra
+from .route import DefaultGate
+
+__all__ = ["app_default", "install", "installed"]
+
+logger = logging.getLogger("fineflow.middleware")
+
+_DEFAULTS: weakref.WeakKeyDictionary[Any, DefaultGate] = weakref.WeakKeyDictionary()
+_INSTALLED: weakref.WeakSet[Any] = weakref.WeakSet()
+_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def install(app: Any) -> None:
+    """Close ``app``'s default rate-limit storage when the app stops (one line, at setup; a
+    second call does nothing).
+
+    The storage serves the ``@ff.limit`` endpoints (and ``fineflow.fastapi.RateLimit``
+    dependencies) that have neither ``limiter=`` nor a ``RateLimitMiddleware`` around them:
+    one per app, from ``FINEFLOW_STORAGE_URL`` / ``FINEFLOW_DSN``, opened on first use.
+    ``install`` closes it when the app's lifespan ends (Starlette, FastAPI: after the app's
+    own shutdown) or after it stops serving (Quart's ``after_serving``).
+
+    Raises:
+        ConfigurationError: ``app`` is neither a Starlette (or FastAPI) nor a Quart app.
+    """
+    if app in _INSTALLED:
+        return
+    defaults = _DEFAULTS.setdefault(app, DefaultGate())
+    router = getattr(app, "router", None)
+    if router is not None and hasattr(router, "lifespan_context"):  # Starlette, FastAPI
+        inner = router.lifespan_context
+
+        @asynccontextmanager
+        async def lifespan(served: Any) -> AsyncIterator[Any]:
+            try:
+                async with inner(served) as state:
+                    yield state
+            finally:
+                await defaults.aclose()
+
+        router.lifespan_context = lifespan
+    elif callable(getattr(app, "after_serving", None)):  # Quart
+        app.after_serving(defaults.aclose)
+    else:
+        raise ConfigurationError(
+            f"install(app) closes the default storage with a Starlette, FastAPI or Quart app; "
+            f"got {type(app).__name__}. For another app, give the limits a limiter "
+            "(limiter=RateLimiter(storage)) over a storage you open and close yourself"
+        )
+    _INSTALLED.add(app)
+
+
+def app_default(app: Any, *, install_hint: str = "fineflow.install(app)") -> DefaultGate:
+    """``app``'s default gate; for an app ``install`` did not set up, made on its first
+    use, with a warning (once per app) that nothing closes its storage with the app."""
+    defaults = _DEFAULTS.get(app)
+    if defaults is None:
+        defaults = _DEFAULTS[app] = DefaultGate()
+    if app not in _INSTALLED and app not in _WARNED:
+        _WARNED.add(app)
+        logger.warning(
+            "%s was not called: the default rate-limit storage (FINEFLOW_STORAGE_URL / "
+            "FINEFLOW_DSN) is opened for this app and not closed with it; call %s at setup "
+            "to close it",
+            install_hint,
+            install_hint,
+            extra=log_extra("ratelimit_default_storage_unmanaged"),
+        )
+    return defaults
+
+
+def installed(app: Any) -> bool:
+    """Whether ``install(app)`` was called."""
+    return app in _INSTALLED

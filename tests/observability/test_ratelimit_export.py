@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI
 from obs_ratelimit_burst import Key, decisions
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -134,3 +135,26 @@ async def test_a_dropped_middleware_leaves_the_export() -> None:
     del app
     gc.collect()
     assert not [key for key in decision_counts() if key[0] == rule]
+
+
+async def test_a_route_limit_serving_two_apps_keeps_counting_under_each() -> None:
+    """One ``@ff.limit`` endpoint mounted in two apps, each with its middleware's limiter:
+    the counts of the first app survive the second app's requests (a drop would read as a
+    counter reset)."""
+    rule = unique("two-apps")
+
+    @ff.limit("5/minute", name=rule)
+    async def search(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    def app() -> Starlette:
+        other = [ff.Rule("/other", quota="100/minute")]  # (the middleware's own rules)
+        middleware = Middleware(ff.RateLimitMiddleware, storage=ff.MemoryStorage(), rules=other)
+        return Starlette(routes=[Route("/search", search)], middleware=[middleware])
+
+    one, two = app(), app()
+    assert await statuses(one, "/search", "/search") == [200, 200]
+    assert decision_counts()[rule, "", "allowed"] == 2
+    assert await statuses(two, "/search") == [200]
+    assert await statuses(one, "/search") == [200]
+    assert decision_counts()[rule, "", "allowed"] == 4

@@ -106,7 +106,7 @@ async def test_functions_pin_search_path_and_definer_only_where_needed(
         "cleanup",
         "add_rollups",
         "prune_rollups",
-        *("breaker_notify", "breaker_state", "breaker_step"),
+        *("breaker_notify", "breaker_state", "breaker_step", "breaker_count"),
     }
     for _, definer, config in rows:
         assert definer

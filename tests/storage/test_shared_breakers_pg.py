@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -17,7 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fineflow import CircuitBreaker, CircuitState, PostgresStorage
-from fineflow._breaker.shared import Action, SharedPolicy, SharedRow, breaker_channel, step_row
+from fineflow._breaker.shared import (
+    Action,
+    SharedPolicy,
+    SharedRow,
+    Tally,
+    breaker_channel,
+    count_row,
+    step_row,
+)
 from fineflow.testing import ThrowawayCluster, find_postgres_bindir
 from shared_breaker_helpers import (
     an_open_reaches_a_child,
@@ -71,6 +81,230 @@ def test_breaker_step_follows_the_reference(
             assert (got[0], got[1], got[3]) == (row.state.value, row.generation, granted)
             expected_ms = row.open_until * 1000 if row.state is OPEN else 0.0
             assert abs(got[2] - expected_ms) < 1000.0
+
+
+@dataclass(frozen=True)
+class Count:
+    """``breaker_count()`` of a tally, counted in the row's generation or a stale one."""
+
+    tally: Tally
+    stale: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    """``breaker_step()``, so that generations move (a stale one for a verdict)."""
+
+    action: Action
+    stale: bool
+
+
+@dataclass(frozen=True)
+class Age:
+    """The row's time window started this many windows earlier (on both sides)."""
+
+    windows: float
+
+
+@st.composite
+def tallies(draw: st.DrawFn) -> Tally:
+    successes, failures = draw(st.integers(0, 4)), draw(st.integers(0, 4))
+    slow = draw(st.integers(0, successes + failures))
+    trailing = failures if successes == 0 else draw(st.integers(0, failures))
+    return Tally(successes, failures, slow, trailing)
+
+
+@st.composite
+def count_policies(draw: st.DrawFn) -> SharedPolicy:
+    """Count windows of 1 to 20 calls, or time windows of 1e6 s (the statements' real
+    milliseconds cannot end one: the test moves their start instead, with ``Age``)."""
+    reset, max_calls = draw(st.sampled_from([0.0, 1000.0])), draw(st.integers(1, 3))
+    window_calls = draw(st.just(0) | st.integers(1, 20))
+    return SharedPolicy(
+        reset,
+        2.0,
+        max(reset, 1.0) * 8,
+        max_calls,
+        max_calls,
+        1e6,
+        failure_threshold=draw(st.none() | st.integers(1, 10)),
+        failure_rate=draw(st.none() | st.sampled_from([0.25, 0.5, 0.75, 1.0])),
+        slow_rate=draw(st.none() | st.sampled_from([0.25, 0.5, 1.0])),
+        minimum_calls=draw(st.integers(1, 10)),
+        window_calls=window_calls,
+        window_seconds=0.0 if window_calls else 1e6,
+    )
+
+
+COUNT_OPS = st.one_of(
+    st.builds(Count, tallies(), st.booleans()),
+    *[st.builds(Count, tallies(), st.just(False))] * 2,  # (most tallies count)
+    st.builds(Step, ACTIONS, st.booleans()),
+    st.builds(Age, st.sampled_from([0.25, 0.5, 0.75, 1.25, 2.5])),
+)
+
+
+def _db_clock(conn: psycopg.Connection[Any]) -> float:
+    row = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+def _counting(row: SharedRow) -> tuple[object, ...]:
+    """What of a row the SQL must agree on exactly (the counters only while they count)."""
+    counters = (
+        (
+            row.streak,
+            row.calls,
+            row.failures,
+            row.slow,
+            row.previous_calls,
+            row.previous_failures,
+            row.previous_slow,
+        )
+        if row.counted == row.generation
+        else None
+    )
+    return (row.state.value, row.generation, row.step, row.granted, row.successes, counters)
+
+
+def _stored(conn: psycopg.Connection[Any], name: str) -> tuple[tuple[object, ...], float]:
+    """The stored row of ``name`` as ``_counting`` has it, and its window's start."""
+    row = conn.execute(
+        "SELECT state, generation, step, granted, successes, counted, streak, calls, "
+        "failures, slow, previous_calls, previous_failures, previous_slow, window_start "
+        "FROM ff_reference.breakers WHERE name = %s",
+        (name,),
+    ).fetchone()
+    assert row is not None
+    counters = tuple(row[6:13]) if row[5] == row[1] else None
+    return (*row[:5], counters), float(row[13])
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    policy=count_policies(),
+    ops=st.lists(COUNT_OPS, min_size=1, max_size=20),
+    shorten=st.sampled_from([1.0, 0.5]),
+)
+def test_breaker_count_follows_the_reference(
+    pg_dsn: str, policy: SharedPolicy, ops: list[Count | Step | Age], shorten: float
+) -> None:
+    """The SQL against ``count_row`` (and ``step_row``, which moves the generations)."""
+    _against_the_reference(pg_dsn, policy, ops, shorten)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    policy=count_policies().filter(lambda p: p.window_calls == 0),
+    ops=st.lists(
+        st.builds(Count, tallies(), st.just(False))
+        | st.builds(Age, st.sampled_from([0.1, 0.25, 0.5, 0.75, 0.9, 1.25, 1.5])),
+        min_size=1,
+        max_size=20,
+    ),
+)
+def test_breaker_count_slides_time_windows_like_the_reference(
+    pg_dsn: str, policy: SharedPolicy, ops: list[Count | Step | Age]
+) -> None:
+    """The same, tallies only, in time windows that end and slide: the estimate's weight."""
+    policy = replace(policy, failure_threshold=None)
+    _against_the_reference(pg_dsn, policy, ops, 1.0)
+
+
+def _against_the_reference(
+    pg_dsn: str, policy: SharedPolicy, ops: list[Count | Step | Age], shorten: float
+) -> None:
+    """Run ``ops`` on a new row through the SQL and the reference, which runs on the
+    database clock read just before each statement. Only a time window's weight depends on
+    the instant within the statement; where a threshold lies in between, the reference at
+    the reading after it decides too, and the SQL must agree with one of the two (a reset
+    timeout of 0 or 1000 s and windows of 1e6 s leave every other rule far from the
+    statements' milliseconds)."""
+    name = secrets.token_hex(6)
+    row = SharedRow()
+    count_sql = (
+        "SELECT * FROM ff_reference.breaker_count("
+        "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    )
+    step_sql = "SELECT * FROM ff_reference.breaker_step(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    timeouts = (policy.reset_timeout * 1000, 2.0, policy.max_reset_timeout * 1000, shorten)
+    verdicts = (policy.half_open_max_calls, policy.successes_to_close, 1e9)
+    trips = (
+        policy.failure_threshold,
+        policy.failure_rate,
+        policy.slow_rate,
+        policy.minimum_calls,
+        policy.window_calls,
+        policy.window_seconds,
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for op in ops:
+            if isinstance(op, Age):
+                back = op.windows * 1e6
+                conn.execute(
+                    "UPDATE ff_reference.breakers SET window_start = window_start - %s "
+                    "WHERE name = %s",
+                    (back, name),
+                )
+                row = replace(row, window_start=row.window_start - back)
+                continue
+            generation = row.generation - 1 if op.stale else row.generation
+            before = _db_clock(conn)
+            if isinstance(op, Step):
+                got = conn.execute(
+                    step_sql,
+                    (name, op.action.value, generation, 1, *timeouts, *verdicts),
+                ).fetchone()
+                after = _db_clock(conn)
+                candidates = [
+                    step_row(
+                        row,
+                        op.action,
+                        before,
+                        policy,
+                        generation=generation,
+                        want=1,
+                        shorten=shorten,
+                    )
+                ]
+            else:
+                tally = op.tally
+                got = conn.execute(
+                    count_sql,
+                    (
+                        name,
+                        generation,
+                        tally.successes,
+                        tally.failures,
+                        tally.slow,
+                        tally.trailing,
+                        *trips,
+                        *timeouts,
+                    ),
+                ).fetchone()
+                after = _db_clock(conn)
+                candidates = [
+                    (count_row(row, tally, now, policy, generation=generation, shorten=shorten), 0)
+                    for now in (before, after)
+                ]
+            assert got is not None
+            stored, window_start = _stored(conn, name)
+            matching = [c for c in candidates if _counting(c[0]) == stored]
+            assert matching, (op, stored, [_counting(c[0]) for c in candidates])
+            row, granted = matching[0]
+            seen = row.seen_at(before, granted)
+            assert (got[0], got[1], got[3]) == (
+                seen.state.value,
+                seen.generation,
+                seen.granted if isinstance(op, Step) else seen.failures,
+            )
+            assert abs(got[2] - seen.open_for * 1000) < 1000.0
+            if row.counted == row.generation:
+                # The window starts on the database clock, within the statement at the first
+                # tally of a generation; from then on the two move it alike, to the bit.
+                assert abs(window_start - row.window_start) <= after - before
+                row = replace(row, window_start=window_start)
 
 
 @pytest.fixture(scope="module", autouse=True)

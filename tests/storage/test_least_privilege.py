@@ -20,6 +20,7 @@ from fineflow import (
     RateLimiter,
     StorageError,
 )
+from fineflow._breaker.shared import SharedPolicy, Tally
 from fineflow.cli import main
 from shared_breaker_helpers import in_state, opened, postgres_instances
 
@@ -106,7 +107,7 @@ async def test_functions_pin_search_path_and_definer_only_where_needed(
         "cleanup",
         "add_rollups",
         "prune_rollups",
-        *("breaker_notify", "breaker_state", "breaker_step"),
+        *("breaker_notify", "breaker_state", "breaker_step", "breaker_count"),
     }
     for _, definer, config in rows:
         assert definer
@@ -155,6 +156,30 @@ async def test_a_runtime_role_shares_breakers_through_the_functions_only(
         for statement in (
             sql.SQL("SELECT * FROM {}").format(table),
             sql.SQL("UPDATE {} SET state = 'closed'").format(table),
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+
+
+async def test_a_runtime_role_counts_breaker_failures_through_the_function_only(
+    pg_dsn: str, pg_schema: str, runtime_role: str
+) -> None:
+    async with PostgresStorage(pg_dsn, schema=pg_schema) as admin:
+        await admin.migrate()
+        await admin.grant_runtime(runtime_role, create=True)
+    runtime_dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=runtime_role)
+    policy = SharedPolicy(30.0, 2.0, 240.0, 1, 1, 60.0, failure_threshold=3)
+    async with PostgresStorage(runtime_dsn, schema=pg_schema) as runtime:
+        store = runtime.breaker_store()
+        two = Tally(failures=2, trailing=2)
+        assert (await store.count("api", two, policy, generation=0)).failures == 2
+        tripped = await store.count("api", two, policy, generation=0)
+        assert (tripped.state, tripped.generation) == (CircuitState.OPEN, 1)
+    with psycopg.connect(runtime_dsn, autocommit=True) as conn:
+        table = sql.SQL("{}.breakers").format(sql.Identifier(pg_schema))
+        for statement in (
+            sql.SQL("SELECT streak, calls FROM {}").format(table),
+            sql.SQL("UPDATE {} SET streak = 0, counted = -1").format(table),
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)

@@ -1,7 +1,8 @@
 """Shared circuit-breaker state in PostgreSQL: the ``BreakerStore`` of a ``PostgresStorage``.
 
-Rows live in ``{schema}.breakers`` (migration 3). A step is one call of
-``breaker_step()`` on a pool connection; it NOTIFYs every change on the schema's channel.
+Rows live in ``{schema}.breakers`` (migrations 3 and 4). A step is one call of
+``breaker_step()`` (or ``breaker_count()``, for a tally of a closed breaker's outcomes) on a
+pool connection; it NOTIFYs every change on the schema's channel.
 One dedicated connection (not a pool connection: a listening session must stay the same
 session) LISTENs on that channel while the storage is open and breakers watch it; it
 reconnects with backoff when lost, and tells the breakers when notifications stop and flow
@@ -20,17 +21,18 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..._breaker.config import CircuitState
 from ..._breaker.hub import ListeningStore
-from ..._breaker.shared import Action, SharedPolicy, SharedState, breaker_channel
+from ..._breaker.shared import Action, SharedPolicy, SharedState, Tally, breaker_channel
 from ..base import storage_key
 from .errors import driver_errors, one_line
 
 __all__ = ["PostgresBreakerStore"]
 
 
-def _state(row: tuple[Any, ...] | None, granted: int = 0) -> SharedState:
+def _state(row: tuple[Any, ...] | None, granted: int = 0, failures: int = 0) -> SharedState:
     if row is None:
         raise psycopg.DataError("a breaker function returned no row")
-    return SharedState(CircuitState(row[0]), int(row[1]), float(row[2]) / 1000.0, granted)
+    open_for = float(row[2]) / 1000.0
+    return SharedState(CircuitState(row[0]), int(row[1]), open_for, granted, failures)
 
 
 async def _resolve(value: Any) -> Any:
@@ -63,6 +65,10 @@ class PostgresBreakerStore(ListeningStore):
         self._read_sql = sql.SQL("SELECT * FROM {}.breaker_state(%s)").format(ident)
         self._step_sql = sql.SQL(
             "SELECT * FROM {}.breaker_step(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(ident)
+        self._count_sql = sql.SQL(
+            "SELECT * FROM {}.breaker_count("
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         ).format(ident)
 
     # -- BreakerStore ----------------------------------------------------------------------
@@ -105,6 +111,42 @@ class PostgresBreakerStore(ListeningStore):
                 cur = await conn.execute(self._step_sql, params, prepare=True)
                 row = await cur.fetchone()
         return _state(row, int(row[3]) if row else 0)
+
+    async def count(
+        self,
+        name: str,
+        tally: Tally,
+        policy: SharedPolicy,
+        *,
+        generation: int,
+        shorten: float = 1.0,
+    ) -> SharedState:
+        """One ``breaker_count()`` on the row of ``name``: the shared streak in
+        ``failures``."""
+        self.listen_if_watched()
+        params = (
+            storage_key(name),
+            generation,
+            tally.successes,
+            tally.failures,
+            tally.slow,
+            tally.trailing,
+            policy.failure_threshold,
+            policy.failure_rate,
+            policy.slow_rate,
+            policy.minimum_calls,
+            policy.window_calls,
+            policy.window_seconds,
+            policy.reset_timeout * 1000.0,
+            policy.backoff_multiplier,
+            policy.max_reset_timeout * 1000.0,
+            shorten,
+        )
+        with driver_errors("shared breaker count"):
+            async with self._pool().connection() as conn:
+                cur = await conn.execute(self._count_sql, params, prepare=True)
+                row = await cur.fetchone()
+        return _state(row, failures=int(row[3]) if row else 0)
 
     # -- the listening connection (ListeningStore) ------------------------------------------
 

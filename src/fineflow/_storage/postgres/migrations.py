@@ -105,6 +105,17 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         compatible_with=1,
     ),
+    # Shared failure counting: columns added to the breakers table and one function;
+    # additive, older code keeps running (its breaker_step() never reads the counters).
+    Migration(
+        4,
+        (
+            "migrations/0004_breaker_counts.sql",
+            "functions/breaker_count.sql",
+            "revoke.sql",
+        ),
+        compatible_with=1,
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

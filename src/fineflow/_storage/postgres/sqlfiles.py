@@ -23,7 +23,13 @@ INITIAL_FUNCTIONS = ("hit", "hit_keys", "hit_many", "decide", "peek", "status", 
 # The functions of shared circuit breakers (migration 3).
 BREAKER_FUNCTIONS = ("breaker_notify", "breaker_state", "breaker_step")
 # Every function of the schema (later ones are created by their migration).
-FUNCTIONS = (*INITIAL_FUNCTIONS, "add_rollups", "prune_rollups", *BREAKER_FUNCTIONS)
+FUNCTIONS = (
+    *INITIAL_FUNCTIONS,
+    "add_rollups",
+    "prune_rollups",
+    *BREAKER_FUNCTIONS,
+    "breaker_count",  # shared failure counting (migration 4)
+)
 # The administration queries too long to read inline: sql/queries/<name>.sql.
 QUERIES = ("stats", "stats_series")
 

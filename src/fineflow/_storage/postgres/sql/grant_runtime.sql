@@ -24,3 +24,9 @@ GRANT EXECUTE ON FUNCTION {schema}.breaker_step(
     text, text, bigint, int, double precision, double precision, double precision,
     double precision, int, int, double precision
 ) TO {role};
+-- ... and add their instance's tallies of a closed breaker's outcomes.
+GRANT EXECUTE ON FUNCTION {schema}.breaker_count(
+    text, bigint, bigint, bigint, bigint, bigint, int, double precision, double precision,
+    int, int, double precision, double precision, double precision, double precision,
+    double precision
+) TO {role};

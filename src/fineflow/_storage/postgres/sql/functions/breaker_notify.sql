@@ -2,7 +2,8 @@
 -- row: NOTIFY on the channel 'fineflow_breakers.<schema>', or 'fineflow_breakers.<md5 of
 -- the schema>' when that would pass PostgreSQL's 63-byte limit (what PostgresBreakerStore
 -- LISTENs to: fineflow._breaker.shared.breaker_channel), with the row as JSON, its deadline as the milliseconds left on the database
--- clock. Fired by breaker_step()'s UPDATE when the generation changes.
+-- clock. Fired by the UPDATE of breaker_step() or breaker_count() when the generation
+-- changes.
 CREATE OR REPLACE FUNCTION {schema}.breaker_notify()
 RETURNS trigger
 LANGUAGE plpgsql

@@ -9,7 +9,7 @@ import contextlib
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 import anyio
@@ -17,6 +17,15 @@ import anyio.to_thread
 import pytest
 
 from fineflow import CircuitBreaker, CircuitState, MemoryStorage, PostgresStorage, RedisStorage
+from fineflow._breaker.shared import (
+    Action,
+    BreakerStore,
+    SharedPolicy,
+    SharedState,
+    Tally,
+    Task,
+    Watcher,
+)
 from fineflow.testing.redis import delete_prefix, shared_cluster, shared_redis, unique_prefix
 
 #: Bound on waiting for background work (never a speed assertion: a generous ceiling).
@@ -41,6 +50,42 @@ async def eventually(check: Callable[[], bool], what: str, *, within: float = PA
 
 async def in_state(breaker: CircuitBreaker, state: CircuitState, what: str = "") -> None:
     await eventually(lambda: breaker.state is state, what or f"{breaker!r} to be {state.name}")
+
+
+class DelegatingStore:
+    """A real ``BreakerStore`` behind another object: the tests' stores in front of one
+    subclass it and change what they need (fail, wait, count what is sent)."""
+
+    def __init__(self, inner: BreakerStore) -> None:
+        self.inner = inner
+
+    async def read(self, name: str) -> SharedState:
+        return await self.inner.read(name)
+
+    async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
+        return await self.inner.step(name, action, policy, **kw)
+
+    async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
+        return await self.inner.count(name, tally, policy, **kw)
+
+    def watch(self, name: str, watcher: Watcher) -> None:
+        self.inner.watch(name, watcher)
+
+    def unwatch(self, name: str, watcher: Watcher) -> None:
+        self.inner.unwatch(name, watcher)
+
+    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
+        return self.inner.spawn(work)
+
+
+class Sharing:
+    """A storage whose breaker store is ``store`` (what ``shared=`` takes)."""
+
+    def __init__(self, store: BreakerStore) -> None:
+        self.store = store
+
+    def breaker_store(self) -> BreakerStore:
+        return self.store
 
 
 def postgres_instances(dsn: str, schema: str) -> Callable[[], PostgresStorage]:

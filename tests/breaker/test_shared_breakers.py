@@ -8,7 +8,7 @@ wait for them; background work is awaited by bounded polling. No duration is ass
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -25,15 +25,18 @@ from fineflow import (
     RedisStorage,
 )
 from fineflow._breaker.shared import (
-    Action,
     BreakerStore,
-    SharedPolicy,
     SharedState,
-    Tally,
-    Task,
-    Watcher,
 )
-from shared_breaker_helpers import STORES, eventually, in_state, opened, store_instances
+from shared_breaker_helpers import (
+    STORES,
+    DelegatingStore,
+    Sharing,
+    eventually,
+    in_state,
+    opened,
+    store_instances,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -203,41 +206,18 @@ async def test_a_store_not_open_is_logged_once_and_calls_go_on(
     await b.aclose()
 
 
-class OvertakenReads:
+class OvertakenReads(DelegatingStore):
     """A store whose reads answer with the row as it was when asked, once ``gate`` opens:
     a read's reply overtaken by a notification of a newer row (two connections)."""
 
     def __init__(self, inner: BreakerStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.gate = anyio.Event()
 
     async def read(self, name: str) -> SharedState:
         state = await self.inner.read(name)
         await self.gate.wait()
         return state
-
-    async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
-        return await self.inner.step(name, action, policy, **kw)
-
-    async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
-        return await self.inner.count(name, tally, policy, **kw)
-
-    def watch(self, name: str, watcher: Watcher) -> None:
-        self.inner.watch(name, watcher)
-
-    def unwatch(self, name: str, watcher: Watcher) -> None:
-        self.inner.unwatch(name, watcher)
-
-    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
-        return self.inner.spawn(work)
-
-
-class Sharing:
-    def __init__(self, store: BreakerStore) -> None:
-        self.store = store
-
-    def breaker_store(self) -> BreakerStore:
-        return self.store
 
 
 async def test_a_read_overtaken_by_a_newer_notification_is_dropped() -> None:

@@ -9,7 +9,7 @@ work is awaited by bounded polling; no duration is asserted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -32,12 +32,18 @@ from fineflow._breaker.shared import (
     SharedRow,
     SharedState,
     Tally,
-    Task,
-    Watcher,
     count_row,
     step_row,
 )
-from shared_breaker_helpers import STORES, eventually, in_state, opened, store_instances
+from shared_breaker_helpers import (
+    STORES,
+    DelegatingStore,
+    Sharing,
+    eventually,
+    in_state,
+    opened,
+    store_instances,
+)
 
 CLOSED, OPEN = CircuitState.CLOSED, CircuitState.OPEN
 
@@ -284,39 +290,16 @@ async def test_slow_calls_are_summed_across_instances(instances: Callable[[], An
 # -- never a round trip per call ------------------------------------------------------------
 
 
-class CountedSteps:
+class CountedSteps(DelegatingStore):
     """A real store that counts the count steps sent to it."""
 
     def __init__(self, inner: BreakerStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.counts = 0
-
-    async def read(self, name: str) -> SharedState:
-        return await self.inner.read(name)
-
-    async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
-        return await self.inner.step(name, action, policy, **kw)
 
     async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
         self.counts += 1
         return await self.inner.count(name, tally, policy, **kw)
-
-    def watch(self, name: str, watcher: Watcher) -> None:
-        self.inner.watch(name, watcher)
-
-    def unwatch(self, name: str, watcher: Watcher) -> None:
-        self.inner.unwatch(name, watcher)
-
-    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
-        return self.inner.spawn(work)
-
-
-class Sharing:
-    def __init__(self, store: BreakerStore) -> None:
-        self.store = store
-
-    def breaker_store(self) -> BreakerStore:
-        return self.store
 
 
 @pytest.mark.anyio

@@ -12,19 +12,19 @@ import anyio
 import pytest
 
 from fineflow import CircuitBreaker, CircuitOpenError, CircuitState, MemoryStorage
-from fineflow._breaker.shared import Action, BreakerStore, SharedPolicy, SharedState, Tally, Task
+from fineflow._breaker.shared import Action, BreakerStore, SharedPolicy, SharedState, Tally
 from fineflow.testing import FakeClock
-from shared_breaker_helpers import eventually, in_state
+from shared_breaker_helpers import DelegatingStore, Sharing, eventually, in_state
 
 pytestmark = pytest.mark.anyio
 
 
-class Wrapped:
+class Wrapped(DelegatingStore):
     """A BreakerStore in front of another: ``down`` fails every step and read,
     ``hold[action]`` (an event) makes steps of that action wait for it."""
 
     def __init__(self, inner: BreakerStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.down = False
         self.hold: dict[Action, anyio.Event] = {}
         self.sent: list[Action] = []
@@ -35,37 +35,18 @@ class Wrapped:
 
     async def read(self, name: str) -> SharedState:
         self._check()
-        return await self.inner.read(name)
+        return await super().read(name)
 
     async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
         self._check()
         if action in self.hold:
             await self.hold[action].wait()
         self.sent.append(action)
-        return await self.inner.step(name, action, policy, **kw)
+        return await super().step(name, action, policy, **kw)
 
     async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
         self._check()
-        return await self.inner.count(name, tally, policy, **kw)
-
-    def watch(self, name: str, watcher: Any) -> None:
-        self.inner.watch(name, watcher)
-
-    def unwatch(self, name: str, watcher: Any) -> None:
-        self.inner.unwatch(name, watcher)
-
-    def spawn(self, work: Any) -> Task | None:
-        return self.inner.spawn(work)
-
-
-class Sharing:
-    """A storage whose breaker store is ``store``."""
-
-    def __init__(self, store: Wrapped) -> None:
-        self.store = store
-
-    def breaker_store(self) -> Wrapped:
-        return self.store
+        return await super().count(name, tally, policy, **kw)
 
 
 async def boom() -> None:

@@ -34,6 +34,7 @@ from ._asgi.problem import ProblemResponse
 from ._errors import ConfigurationError
 from ._ratelimit.appdefault import app_default, installed
 from ._ratelimit.appdefault import install as install_default
+from ._ratelimit.deniedlog import DeniedLog
 from ._ratelimit.limiter import Decisions, RateLimiter
 from ._ratelimit.route import DefaultGate, RouteLimit
 from ._ratelimit.rules import CostFunc, QuotaFunc, QuotaSpec
@@ -131,6 +132,8 @@ class RateLimit:
             middleware's, else the app's default storage (see :func:`install`).
         enabled: ``False`` (or ``FINEFLOW_ENABLED=0`` when the dependency is built) lets
             every request through undecided.
+        log_denied: ``True`` or a :class:`fineflow.DeniedLog` to log denied requests, at
+            most 10 per limit name per minute by default (as the middleware's option).
 
     Raises:
         ConfigurationError: for an invalid quota, key, tier or cost; on a request, when no
@@ -147,12 +150,19 @@ class RateLimit:
         cost: int | CostFunc = 1,
         limiter: RateLimiter | None = None,
         enabled: bool = True,
+        log_denied: bool | DeniedLog = False,
     ) -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise ConfigurationError("name must be a non-empty string")
         self._name = name
         self._limit = RouteLimit(
-            quota, key=key, tier=tier, cost=cost, limiter=limiter, enabled=enabled
+            quota,
+            key=key,
+            tier=tier,
+            cost=cost,
+            limiter=limiter,
+            enabled=enabled,
+            log_denied=log_denied,
         )
         self.enabled = self._limit.enabled
 

@@ -195,3 +195,52 @@ async def test_the_json_logging_example_prints_one_json_object_per_record() -> N
         "open",
     )
     assert "sk-live-example" not in out.getvalue()
+
+
+async def test_route_limits_log_their_denials_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    """``log_denied`` on the FastAPI dependency and on ``@ff.limit``, as on the middleware."""
+    import httpx
+    from fastapi import Depends, FastAPI
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from fineflow.fastapi import RateLimit, install
+
+    limiter = ff.RateLimiter(ff.MemoryStorage())
+    api = FastAPI()
+    install(api)
+    quiet = RateLimit("1/minute", name="quiet", limiter=limiter)
+    logged = RateLimit("1/minute", name="fastapi", limiter=limiter, log_denied=True)
+
+    @api.get("/quiet", dependencies=[Depends(quiet)])
+    async def quiet_route() -> str:
+        return "ok"
+
+    @api.get("/logged", dependencies=[Depends(logged)])
+    async def logged_route() -> str:
+        return "ok"
+
+    once = ff.DeniedLog(max_records=1)
+
+    @ff.limit("1/minute", name="starlette", limiter=limiter, log_denied=once)
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    site = Starlette(routes=[Route("/limited", endpoint)])
+    caplog.set_level(logging.INFO, logger="fineflow.middleware")
+    for app, path in ((api, "/quiet"), (api, "/logged"), (site, "/limited")):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            statuses = [(await client.get(path)).status_code for _ in range(4)]
+        assert statuses == [200, 429, 429, 429]
+    records = [(r.event, r.rule, r.path) for r in caplog.records if hasattr(r, "event")]  # type: ignore[attr-defined]
+    assert records == [
+        ("ratelimit_denied", "fastapi", "/logged"),
+        ("ratelimit_denied", "fastapi", "/logged"),
+        ("ratelimit_denied", "fastapi", "/logged"),
+        ("ratelimit_denied", "starlette", "/limited"),  # then suppressed, by its DeniedLog
+    ]
+    with pytest.raises(ff.ConfigurationError, match="log_denied"):
+        ff.limit("1/minute", log_denied="yes")  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, Protocol, cast
 
 from .._asgi.types import ASGIApp, Receive, Scope, Send
 from .appdefault import app_default
+from .deniedlog import DeniedLog
 from .gate import Headers, adding_headers
 from .limiter import RateLimiter
 from .route import RouteLimit
@@ -47,6 +48,7 @@ def limit(
     cost: int | CostFunc = 1,
     limiter: RateLimiter | None = None,
     enabled: bool = True,
+    log_denied: bool | DeniedLog = False,
 ) -> Callable[[Endpoint[P]], Endpoint[P]]:
     """Limit a Starlette endpoint (``async def endpoint(request) -> Response``) or a Quart
     view (``async def view(**path_params)``, below ``@app.route``).
@@ -69,7 +71,15 @@ def limit(
     Raises:
         ConfigurationError: for an invalid quota, key, tier or cost (at decoration).
     """
-    route = RouteLimit(quota, key=key, tier=tier, cost=cost, limiter=limiter, enabled=enabled)
+    route = RouteLimit(
+        quota,
+        key=key,
+        tier=tier,
+        cost=cost,
+        limiter=limiter,
+        enabled=enabled,
+        log_denied=log_denied,
+    )
 
     def decorate(endpoint: Endpoint[P]) -> Endpoint[P]:
         limit_name = name or f"{endpoint.__module__}.{endpoint.__qualname__}"

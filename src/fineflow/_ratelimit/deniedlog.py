@@ -151,3 +151,18 @@ class DeniedLog:
                 self.interval,
                 extra=log_extra("ratelimit_denied_suppressed", rule=rule, count=window.suppressed),
             )
+
+
+def denied_log_of(option: bool | DeniedLog, *, shadow: bool = False) -> DeniedLog | None:
+    """The denied-request log a ``log_denied=`` option asks for: the one given, one with the
+    defaults for ``True`` (and in shadow mode, whose would-be denials are always logged),
+    else none.
+
+    Raises:
+        ConfigurationError: ``option`` is neither a bool nor a :class:`DeniedLog`.
+    """
+    if isinstance(option, DeniedLog):
+        return option
+    if not isinstance(option, bool):
+        raise ConfigurationError("log_denied must be True, False or a fineflow.DeniedLog")
+    return DeniedLog() if option or shadow else None

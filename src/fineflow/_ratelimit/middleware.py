@@ -41,7 +41,7 @@ from .._storage.base import Storage
 from .._storage.lifespan import OwnedStorage
 from .._storage.memory import MemoryStorage
 from ..keys import client_ip
-from .deniedlog import DeniedLog
+from .deniedlog import DeniedLog, denied_log_of
 from .environment import default_storage, limits_enabled
 from .gate import LIMITER_STATE, Gate, adding_headers
 from .headers import HeaderStyle, validate_style
@@ -165,8 +165,6 @@ class RateLimitMiddleware:
             raise ConfigurationError("deny_app must be an ASGI app")
         if isinstance(exempt_paths, str) or isinstance(exempt_methods, str):
             raise ConfigurationError("exempt_paths and exempt_methods must be lists")
-        if not isinstance(log_denied, bool | DeniedLog):
-            raise ConfigurationError("log_denied must be True, False or a fineflow.DeniedLog")
 
         self.app = app
         self.limiter = limiter
@@ -188,7 +186,7 @@ class RateLimitMiddleware:
             headers_for=headers_for,
             shadow=self.shadow,
             deny_app=deny_app,
-            denied_log=_denied_log(log_denied, self.shadow),
+            denied_log=denied_log_of(log_denied, shadow=self.shadow),
         )
         # The metrics counters: plain attributes, the cheapest to increment.
         self._n_requests = self._n_allowed = self._n_limited = self._n_shadow = 0
@@ -326,11 +324,3 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     return path
-
-
-def _denied_log(option: bool | DeniedLog, shadow: bool) -> DeniedLog | None:
-    """The middleware's denied-request log: the one given, one with the defaults for
-    ``True`` and in shadow mode (whose would-be denials are always logged), else none."""
-    if isinstance(option, DeniedLog):
-        return option
-    return DeniedLog() if option or shadow else None

@@ -24,6 +24,7 @@ from .._logfields import error_text, log_extra
 from .._storage.base import Storage
 from .._storage.lifespan import OwnedStorage
 from ..keys import client_ip
+from .deniedlog import DeniedLog, denied_log_of
 from .environment import default_storage, limits_enabled
 from .gate import LIMITER_STATE, Gate, Headers
 from .limiter import Decisions, RateLimiter
@@ -109,8 +110,10 @@ class RouteLimit:
         cost: int | CostFunc = 1,
         limiter: RateLimiter | None = None,
         enabled: bool = True,
+        log_denied: bool | DeniedLog = False,
     ) -> None:
         self.enabled = limits_enabled(enabled)
+        self._denied_log = denied_log_of(log_denied)
         if tier is not None and not callable(tier):
             raise ConfigurationError("tier must be a callable of the ASGI scope")
         if key is not None and not callable(key):
@@ -176,6 +179,8 @@ class RouteLimit:
         if decisions is None:
             decisions = await gate.decide(hits)
         if not decisions.allowed:
+            if self._denied_log is not None:
+                self._denied_log.record(scope, hits, applied, decisions, shadow=False)
             return RouteOutcome(decisions, (), gate.problem(scope, applied, decisions))
         if decisions.storage_failed:
             return RouteOutcome(decisions, (), None)

@@ -785,18 +785,20 @@ TestTimeWindowModel = TimeWindowModel.TestCase
 TestWrapperModel = WrapperModel.TestCase
 
 
-def test_on_failure_is_told_once_per_report_and_slow_calls_are_totalled() -> None:
-    heard: list[float] = []
+def test_on_outcome_hears_the_first_call_and_failure_per_report_and_slow_calls_count() -> None:
+    heard: list[tuple[float, bool]] = []
     config = BreakerConfig(failure_threshold=None, slow_call_duration=1.0, minimum_calls=100)
-    m = BreakerMachine(config, on_failure=heard.append)
+    m = BreakerMachine(config, on_outcome=lambda now, failed: heard.append((now, failed)))
+    m.settle(m.admit(0.5), Outcome.SUCCESS, 0.5, 0.5)
     for t in (1.0, 2.0, 3.0):
         m.settle(m.admit(t), Outcome.FAILURE, t, t)
-    assert heard == [1.0]  # the first failure since the last report only
-    m.failures_reported()
-    m.settle(m.admit(4.0), Outcome.SUCCESS, 4.0, 4.0)  # fast: nothing to tell
-    m.settle(m.admit(5.0), Outcome.SUCCESS, 7.0, 5.0)  # slow: told
-    assert heard == [1.0, 7.0]
-    assert (m.failures, m.successes, m.slow_calls) == (3, 2, 1)
+    assert heard == [(0.5, False), (1.0, True)]  # the first call, then the first failure
+    m.outcomes_reported()
+    m.settle(m.admit(4.0), Outcome.SUCCESS, 4.0, 4.0)  # fast: a call, no failure
+    m.settle(m.admit(5.0), Outcome.SUCCESS, 7.0, 5.0)  # slow: told as a failure
+    m.settle(m.admit(8.0), Outcome.SUCCESS, 9.5, 8.0)  # slow again: already told
+    assert heard[2:] == [(4.0, False), (7.0, True)]
+    assert (m.failures, m.successes, m.slow_calls) == (3, 4, 2)
 
 
 def test_failures_before_an_open_do_not_count_after_a_close_from_another_instance() -> None:

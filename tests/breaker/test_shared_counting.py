@@ -9,7 +9,7 @@ work is awaited by bounded polling; no duration is asserted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
@@ -22,7 +22,6 @@ from fineflow import (
     CircuitState,
     ConfigurationError,
     MemoryStorage,
-    RedisStorage,
 )
 from fineflow._breaker.link import COUNT_INTERVAL
 from fineflow._breaker.shared import (
@@ -32,6 +31,8 @@ from fineflow._breaker.shared import (
     SharedRow,
     SharedState,
     Tally,
+    Task,
+    Watcher,
     count_row,
     step_row,
 )
@@ -330,6 +331,18 @@ async def test_outcomes_go_in_batches_never_one_step_per_call() -> None:
         assert b.state is CLOSED
 
 
+class FailingCounts(DelegatingStore):
+    """A real store whose count steps fail (the store is down for them)."""
+
+    def __init__(self, inner: BreakerStore) -> None:
+        super().__init__(inner)
+        self.attempts = 0
+
+    async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
+        self.attempts += 1
+        raise OSError("store down")
+
+
 @pytest.mark.anyio
 async def test_a_store_that_fails_drops_the_tally_and_calls_go_on(
     caplog: pytest.LogCaptureFixture,
@@ -339,17 +352,136 @@ async def test_a_store_that_fails_drops_the_tally_and_calls_go_on(
     def unavailable() -> int:
         return sum("shared state unavailable" in r.getMessage() for r in caplog.records)
 
-    async with RedisStorage("redis://127.0.0.1:1/0") as storage:  # nothing listens there
-        b = CircuitBreaker("down", failure_threshold=3, shared=storage, shared_failures=True)
+    async with MemoryStorage() as storage:
+        failing = FailingCounts(storage.breaker_store())
+        b = CircuitBreaker(
+            "down", failure_threshold=3, shared=Sharing(failing), shared_failures=True
+        )
+        assert await b.sync()
         settle(b, failures=2)  # nothing raises; the tally's step fails in the background
+        await eventually(lambda: failing.attempts == 1, "the count step tried")
         await eventually(lambda: unavailable() == 1, "the store's failure logged")
-        await anyio.sleep(3 * COUNT_INTERVAL)
         assert b.state is CLOSED
         settle(b, failures=1)
         assert b.state is OPEN  # the local threshold still applies
         await anyio.sleep(3 * COUNT_INTERVAL)
-        assert unavailable() == 1  # said once
+        assert (unavailable(), failing.attempts) == (1, 1)  # said once; the tally not resent
         await b.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_healthy_instances_calls_count_in_the_shared_rate() -> None:
+    """An instance whose calls all succeed reports them too (after QUIET_INTERVAL): two
+    instances failing half of their calls do not open the breaker of a service whose third
+    instance answered 200 calls."""
+    options: dict[str, Any] = {
+        "failure_threshold": None,
+        "failure_rate_threshold": 0.5,
+        "minimum_calls": 10,
+        "reset_timeout": 30.0,
+        "shared_failures": True,
+    }
+    async with MemoryStorage() as storage:
+        steps = CountedSteps(storage.breaker_store())
+        a, b, c = (CircuitBreaker("rate", **options, shared=Sharing(steps)) for _ in range(3))
+        assert all([await x.sync() for x in (a, b, c)])
+        settle(a, successes=200)
+        await eventually(lambda: steps.counts == 1, "the healthy instance's report", within=10)
+        settle(b, successes=3, failures=3)
+        settle(c, successes=3, failures=3)
+        await eventually(lambda: steps.counts == 3, "the failing instances' reports")
+        assert [x.state for x in (a, b, c)] == [CLOSED] * 3  # 6 of 212 failed
+
+
+@pytest.mark.anyio
+async def test_a_success_after_a_quiet_spell_ends_the_shared_streak() -> None:
+    async with MemoryStorage() as storage:
+        a, b = (
+            CircuitBreaker("quiet", failure_threshold=4, shared=storage, shared_failures=True)
+            for _ in range(2)
+        )
+        assert await a.sync() and await b.sync()
+        settle(a, failures=2)
+        await streak_reaches(storage, "quiet", 2)
+        await anyio.sleep(3 * COUNT_INTERVAL)  # nothing to report for a while
+        settle(a, successes=1)
+        await streak_reaches(storage, "quiet", 0)
+        settle(b, failures=2)
+        await streak_reaches(storage, "quiet", 2)
+        assert (a.state, b.state) == (CLOSED, CLOSED)
+
+
+class Deaf(DelegatingStore):
+    """A store that never tells its watchers anything (notifications not flowing yet)."""
+
+    def watch(self, name: str, watcher: Watcher) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_tally_waits_for_the_row_to_be_read() -> None:
+    """Before any read or notification, the breaker does not know the row's generation: its
+    tally goes after a read, not with a generation the store would drop."""
+    async with MemoryStorage() as storage:
+        a = CircuitBreaker(
+            "unread",
+            failure_threshold=3,
+            shared=Sharing(Deaf(storage.breaker_store())),
+            shared_failures=True,
+        )
+        settle(a, failures=2)
+        await streak_reaches(storage, "unread", 2)
+
+
+@pytest.mark.anyio
+async def test_failures_forgotten_by_reset_are_not_reported() -> None:
+    async with MemoryStorage() as storage:
+        a, b = (
+            CircuitBreaker("forgot", failure_threshold=3, shared=storage, shared_failures=True)
+            for _ in range(2)
+        )
+        assert await a.sync() and await b.sync()
+        settle(a, failures=2)
+        a.reset()  # before the tally went out
+        settle(b, failures=1)
+        await streak_reaches(storage, "forgot", 1)
+        await anyio.sleep(3 * COUNT_INTERVAL)
+        assert (a.state, b.state) == (CLOSED, CLOSED)
+        assert await shared_streak(storage, "forgot", policy()) == 1
+
+
+class Refusing(DelegatingStore):
+    """A store that cannot start background work while ``refusing`` (say, no event loop
+    running yet)."""
+
+    def __init__(self, inner: BreakerStore) -> None:
+        super().__init__(inner)
+        self.refusing = False
+        self.refused = 0
+
+    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> Task | None:
+        if self.refusing:
+            self.refused += 1
+            work().close()
+            return None
+        return super().spawn(work)
+
+
+@pytest.mark.anyio
+async def test_a_tally_the_store_could_not_start_is_sent_with_the_next_one() -> None:
+    async with MemoryStorage() as storage:
+        store = Refusing(storage.breaker_store())
+        a = CircuitBreaker(
+            "refused", failure_threshold=3, shared=Sharing(store), shared_failures=True
+        )
+        assert await a.sync()
+        await anyio.sleep(3 * COUNT_INTERVAL)  # (the read on listening, done)
+        store.refusing = True
+        settle(a, failures=1)  # its worker could not start (told of a call, then a failure)
+        assert store.refused == 2
+        store.refusing = False
+        settle(a, failures=1)  # heard again: both failures go now
+        await streak_reaches(storage, "refused", 2)
 
 
 @pytest.mark.anyio

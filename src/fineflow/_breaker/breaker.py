@@ -164,8 +164,8 @@ class CircuitBreaker(Listeners):
         shared_failures: with ``shared``, also count a closed breaker's failures with the
             other instances': their sum trips the breaker everywhere (``failure_threshold``
             failures since the last success, and the rates over the window), reported in
-            batches every 0.1 s at most, never a round trip per call. Each instance still
-            trips on its own evidence too.
+            batches (0.1 s after a failure, else 1 s after a call), never a round trip per
+            call. Each instance still trips on its own evidence too.
 
     Raises:
         ConfigurationError: an option is invalid; the message says the fix.
@@ -244,7 +244,7 @@ class CircuitBreaker(Listeners):
             on_transition=_weak(self._moved),
             remote=shared is not None,
             on_trial_success=_weak(self._trial_succeeded),
-            on_failure=_weak(self._failed) if shared_failures else None,
+            on_outcome=_weak(self._heard) if shared_failures else None,
         )
         self.shared = shared
         self.shared_failures = shared_failures
@@ -618,9 +618,9 @@ class CircuitBreaker(Listeners):
             self._machine.hold(self._clock(), seconds)
         return _IGNORED
 
-    def _failed(self, now: float) -> None:
+    def _heard(self, now: float, failed: bool) -> None:
         if self._link is not None:
-            self._link.failed(now)
+            self._link.heard(now, failed)
 
     def _trial_succeeded(self, now: float) -> None:
         if self._link is not None:

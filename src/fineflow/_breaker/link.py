@@ -12,12 +12,13 @@ between the machine and a ``BreakerStore`` (see ``shared`` for the row and its r
   read) and enters the machine through ``BreakerMachine.adopt`` and ``grant``; anything
   older than the newest generation seen is dropped.
 * With ``count=True`` (``shared_failures=True``) a closed breaker's outcomes are counted
-  with the other instances' (``Action``-free ``BreakerStore.count``, see ``shared``): a
-  failure or slow call here makes a ``Tally`` of the outcomes since the last report due in
-  ``COUNT_INTERVAL``, so an instance sends at most one count step per interval, and none
-  while its calls succeed. While the shared streak is above zero, the instance keeps
-  reporting each interval in which it had calls, so its successes end the streak too.
-  The tally is read off the machine's totals: the calls themselves do no extra work.
+  with the other instances' (``BreakerStore.count``, see ``shared``). The outcomes since the
+  last report make one ``Tally``, read off the machine's totals (the calls themselves do no
+  extra work), sent ``COUNT_INTERVAL`` after a failure or slow call (or after any call while
+  the shared streak last seen was above zero: a success ends it), else ``QUIET_INTERVAL``
+  after the first call since the last report (the rates need every instance's calls). So an
+  instance sends at most one count step per interval, and none while it has no calls. A
+  tally waits for a read of the row when the row's generation is not known yet.
 * One worker task at a time (run by the store, so closing the storage stops it) sends the
   pending work, in order of precedence. When the store fails or is slow, the machine goes on
   with its local budget and verdicts (``follow(False)``), the link says so once (WARNING),
@@ -37,14 +38,16 @@ from .config import CircuitState
 from .machine import BreakerMachine
 from .shared import Action, BreakerStore, SharedPolicy, SharedState, Tally, Task
 
-__all__ = ["COUNT_INTERVAL", "STEP_TIMEOUT", "SharedLink"]
+__all__ = ["COUNT_INTERVAL", "QUIET_INTERVAL", "STEP_TIMEOUT", "SharedLink"]
 
 logger = logging.getLogger("fineflow.breaker")
 
 #: Seconds one store step may take before it counts as a failure of the store.
 STEP_TIMEOUT = 2.0
-#: Seconds outcomes are gathered before a count step sends them (``count=True``).
+#: Seconds outcomes are gathered after a failure before a count step sends them.
 COUNT_INTERVAL = 0.1
+#: Seconds outcomes without a failure are gathered before a count step sends them.
+QUIET_INTERVAL = 1.0
 _FIRST_RETRY, _LAST_RETRY = 0.05, 5.0
 _C, _O, _H = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 _SHARED = (_C, _O, _H)
@@ -96,11 +99,12 @@ class SharedLink:
         self._verdicts: deque[tuple[int, Action]] = deque(maxlen=16)
         self._worker: Task | None = None
         self._wake: anyio.Event | None = None  # set to cut the worker's wait for a tally
-        # Shared counting: the machine's totals when outcomes were last reported, and when
-        # the pending tally is to be sent (the event loop's clock; None: not yet set).
+        # Shared counting: the machine's totals when outcomes were last reported; whether a
+        # tally is pending, soon (a failure) or not, since when (the event loop's clock, set
+        # by the worker); whether the shared streak last seen was above zero.
         self.counting = count
-        self._tally_pending = False
-        self._tally_at: float | None = None
+        self._tally_pending = self._tally_soon = self._streak_up = False
+        self._tally_since: float | None = None
         self._reported = (0, 0, 0)
         self._rebase()
         store.watch(name, self)
@@ -110,6 +114,7 @@ class SharedLink:
     def moved(self, old: CircuitState, new: CircuitState, now: float) -> None:
         """A transition of the machine (adopted ones are not sent: they came from the store)."""
         self._rebase()  # outcomes before a transition are not the next generation's
+        self._streak_up = False
         if self._adopting:
             return
         if new is _C:
@@ -125,12 +130,21 @@ class SharedLink:
             return
         self._kick()
 
-    def failed(self, now: float) -> None:
-        """A failure (or slow call) of the closed breaker, the first since the last report
-        (``BreakerMachine.failures_reported``): report the outcomes soon."""
-        if self.counting and not self._tally_pending:
-            self._tally_pending = True
-            self._kick()
+    def heard(self, now: float, failed: bool) -> None:
+        """The machine settled its first call since the last report, or (``failed``) its
+        first failure or slow call of a closed breaker: a tally is due (see the module
+        docstring)."""
+        if not self.counting or self._detached:
+            return
+        soon = failed or self._streak_up
+        if self._tally_pending and (self._tally_soon or not soon):
+            return
+        self._tally_pending = True
+        self._tally_soon |= soon
+        self._kick()
+        if self._worker is None:  # the store cannot run it: drop it, and hear the next call
+            self._drop_tally()
+            self._machine.outcomes_reported()
 
     def trial_succeeded(self, now: float) -> None:
         """A trial call succeeded; the store counts it towards closing."""
@@ -146,6 +160,7 @@ class SharedLink:
 
     def reset(self) -> None:
         """``reset()`` by hand: close the row for every instance."""
+        self._rebase()  # the failures forgotten here are not reported
         self._open = False
         self._verdicts.clear()
         self._want = 0
@@ -230,17 +245,33 @@ class SharedLink:
             self._worker = None
             self._wake = None
 
+    def _tally_at(self) -> float | None:
+        """When the pending tally is to be sent (``None``: none, or not yet timed)."""
+        since = self._tally_since
+        if since is None or not self._tally_pending:
+            return None
+        return since + (COUNT_INTERVAL if self._tally_soon else QUIET_INTERVAL)
+
     def _tally_due(self) -> bool:
-        return self._tally_at is not None and anyio.current_time() >= self._tally_at
+        at = self._tally_at()
+        return at is not None and anyio.current_time() >= at
 
     async def _gather(self) -> None:
-        """Wait until the pending tally is due, or other work comes in."""
-        if self._tally_at is None:
-            self._tally_at = anyio.current_time() + COUNT_INTERVAL
+        """Wait until the pending tally is due, or other work comes in (or a failure makes
+        the tally due sooner)."""
+        if self._tally_since is None:
+            self._tally_since = anyio.current_time()
+        at = self._tally_at()
+        if at is None:
+            return
         self._wake = anyio.Event()
-        with anyio.move_on_after(self._tally_at - anyio.current_time()):
+        with anyio.move_on_after(at - anyio.current_time()):
             await self._wake.wait()
         self._wake = None
+
+    def _drop_tally(self) -> None:
+        self._tally_pending = self._tally_soon = False
+        self._tally_since = None
 
     async def _send_one(self) -> None:
         """Send the most important pending item.
@@ -278,7 +309,7 @@ class SharedLink:
             except Exception:
                 self._verdicts.appendleft(item)
                 raise
-        elif self._tally_due():
+        elif self._tally_due() and not self._read and self.generation >= 0:
             await self._report()
             return
         elif self._asking():
@@ -304,7 +335,7 @@ class SharedLink:
     async def _report(self) -> None:
         """Send the outcomes counted since the last report (a count step). A tally that
         fails to go is dropped, not sent again: the step may have been applied."""
-        self._tally_pending, self._tally_at = False, None
+        self._drop_tally()
         tally = self._take_tally()
         if tally.calls == 0:
             return
@@ -315,8 +346,7 @@ class SharedLink:
         )
         self._available()
         self._apply(state, own=True, why="failures counted across instances")
-        if state.state is _C and state.failures > 0:
-            self._tally_pending = True  # report the next interval's calls too: they may end it
+        self._streak_up = state.state is _C and state.failures > 0
 
     def _take_tally(self) -> Tally:
         """The closed breaker's outcomes since the last report (none outside CLOSED)."""
@@ -327,7 +357,7 @@ class SharedLink:
             m.slow_calls - self._reported[2],
         )
         self._rebase()
-        m.failures_reported()
+        m.outcomes_reported()
         if m.state is not _C:
             return Tally()
         trailing = m.consecutive_failures if successes else failures

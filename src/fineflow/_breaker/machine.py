@@ -36,9 +36,10 @@ Theory of operation
   enters through ``adopt(state, now, open_for=..., reason=...)``, as a transition of the
   table like any other (manual states ignore it). With ``remote`` off (the store
   unreachable) the machine keeps its own budget and verdicts. When the instances also count
-  failures together, ``on_failure`` hears of the first failure (or slow call) of a closed
-  breaker that did not trip it since the last ``failures_reported()``, and ``slow_calls``
-  totals the slow ones: the caller reads the totals in batches, not once per call.
+  failures together, ``on_outcome`` hears of the first call settled since the last
+  ``outcomes_reported()``, and of the first failure (or slow call) of a closed breaker that
+  did not trip it; ``slow_calls`` totals the slow calls. The owner reads the totals in
+  batches: the hook runs at most twice per batch, not once per call.
 * DISABLED, FORCED_OPEN and METRICS_ONLY are entered and left only by hand (``reset()``
   returns to CLOSED). DISABLED and METRICS_ONLY admit everything and never trip; only
   METRICS_ONLY keeps the sliding window. FORCED_OPEN rejects everything.
@@ -85,6 +86,7 @@ __all__ = [
     "BreakerMachine",
     "IllegalTransitionError",
     "Outcome",
+    "OutcomeHook",
     "TransitionHook",
     "TrialHook",
     "check_transition",
@@ -134,6 +136,9 @@ TransitionHook = Callable[[CircuitState, CircuitState, str, float], None]
 #: Called with ``now`` for each successful trial call while ``remote`` is on.
 TrialHook = Callable[[float], None]
 
+#: Called with ``(now, failed)``: see ``BreakerMachine``'s ``on_outcome``.
+OutcomeHook = Callable[[float, bool], None]
+
 
 class IllegalTransitionError(RuntimeError):
     """A state change that is not in ``TRANSITIONS`` was attempted (a bug, never user input)."""
@@ -163,18 +168,20 @@ class BreakerMachine:
         remote: start with half-open permits and verdicts coming from a shared store
             (see ``follow``).
         on_trial_success: called with ``now`` for each successful trial while ``remote``.
-        on_failure: called with ``now`` for the first failure or slow call (of the current
-            epoch) that leaves the breaker CLOSED since ``failures_reported()``.
+        on_outcome: called with ``(now, failed)`` for the first call settled since
+            ``outcomes_reported()`` (``failed`` ``False``), and for the first failure or slow
+            call (of the current epoch) since then that leaves the breaker CLOSED (``True``).
     """
 
     __slots__ = (
+        "_call_told",
         "_epoch",
         "_failure_told",
         "_failures_in_row",
         "_half_open_since",
         "_hold_until",
         "_next_timeout",
-        "_on_failure",
+        "_on_outcome",
         "_on_transition",
         "_on_trial_success",
         "_open_until",
@@ -210,11 +217,13 @@ class BreakerMachine:
         on_transition: TransitionHook | None = None,
         remote: bool = False,
         on_trial_success: TrialHook | None = None,
-        on_failure: TrialHook | None = None,
+        on_outcome: OutcomeHook | None = None,
     ) -> None:
         self.config = config
-        self._on_failure = on_failure
-        self._failure_told = False
+        self._on_outcome = on_outcome
+        # Whether on_outcome was told of a call / a failure since outcomes_reported() (both
+        # true without a hook: one check on the hot path, never a call).
+        self._call_told = self._failure_told = on_outcome is None
         self._random = random
         self._on_transition = on_transition
         self._remote = remote
@@ -261,6 +270,8 @@ class BreakerMachine:
             started: the ``now`` the call was admitted at; ``now - started`` is its
                 duration, read only with a slow-call policy.
         """
+        if not self._call_told:
+            self._tell(now, False)
         if outcome is _SUCCESS:
             self.successes += 1
             self.last_success_time = now
@@ -349,13 +360,20 @@ class BreakerMachine:
             self._heard_failure(now)
 
     def _heard_failure(self, now: float) -> None:
-        if self._on_failure is not None and not self._failure_told and self.state is _C:
-            self._failure_told = True
-            self._on_failure(now)
+        if not self._failure_told and self.state is _C:
+            self._tell(now, True)
 
-    def failures_reported(self) -> None:
-        """The owner has read the totals: call ``on_failure`` again at the next failure."""
-        self._failure_told = False
+    def _tell(self, now: float, failed: bool) -> None:
+        self._call_told = True
+        self._failure_told |= failed
+        if self._on_outcome is not None:
+            self._on_outcome(now, failed)
+
+    def outcomes_reported(self) -> None:
+        """The owner has read the totals: tell ``on_outcome`` of the next call and the next
+        failure again."""
+        if self._on_outcome is not None:
+            self._call_told = self._failure_told = False
 
     def retry_after(self, now: float) -> float | None:
         """Seconds until a caller may be admitted again, or ``None`` when unknown."""

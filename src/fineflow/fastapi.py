@@ -24,6 +24,7 @@ when the app's lifespan ends; without ``install`` it still works, but nothing cl
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ from fastapi.routing import APIRoute
 
 from ._asgi.problem import ProblemResponse
 from ._errors import ConfigurationError
-from ._ratelimit.appdefault import app_default, installed
+from ._ratelimit.appdefault import app_default, app_of
 from ._ratelimit.appdefault import install as install_default
 from ._ratelimit.deniedlog import DeniedLog
 from ._ratelimit.limiter import Decisions, RateLimiter
@@ -84,6 +85,9 @@ async def problem_response(request: Request, exc: Exception) -> Response:
     return Response(problem.body, problem.status, headers)
 
 
+_SET_UP: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps install() set up
+
+
 def install(app: FastAPI, *, problem_json: bool = True) -> None:
     """Set up fineflow on ``app`` (one line, before it serves; a second call does nothing).
 
@@ -95,11 +99,12 @@ def install(app: FastAPI, *, problem_json: bool = True) -> None:
       ``RateLimitMiddleware`` around them: one per app, built from ``FINEFLOW_STORAGE_URL``
       / ``FINEFLOW_DSN``, opened on first use.
     """
-    if installed(app):
+    if app in _SET_UP:
         return
+    _SET_UP.add(app)
     if problem_json:
         app.add_exception_handler(RateLimitExceeded, problem_response)
-    install_default(app)
+    install_default(app)  # (does nothing if fineflow.install(app) did it already)
 
 
 def _default_gate(app: Any) -> DefaultGate:
@@ -172,7 +177,7 @@ class RateLimit:
             return None
         scope = request.scope
         name = self._name or _route_name(scope, scope.get("method") or "GET")
-        app = request.app
+        app = app_of(scope) or request.app
         outcome = await self._limit.decide(scope, name, default=lambda: _default_gate(app))
         if outcome is None:
             return None

@@ -22,6 +22,7 @@ from fineflow import (
     RateLimitMiddleware,
     Rule,
 )
+from fineflow import install as ff_install
 from fineflow.fastapi import RateLimit, RateLimitExceeded, install, problem_response
 from fineflow.testing import FakeClock
 from pg_connections import connections, connections_left
@@ -237,3 +238,15 @@ async def test_install_without_problem_json_keeps_fastapis_error_body(
     install(app, problem_json=False)
     *_, denied = await get_all(app, *["/search"] * 3)
     assert denied.status_code == 429 and denied.json() == {"detail": "Too Many Requests"}
+
+
+async def test_fastapi_install_after_the_generic_one_still_answers_problem_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FINEFLOW_STORAGE_URL", "memory://")
+    app = create_app(problems=False)
+    ff_install(app)
+    install(app)
+    *_, denied = await get_all(app, *["/search"] * 3)
+    assert denied.status_code == 429
+    assert denied.headers["content-type"] == "application/problem+json"

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 import fineflow as ff
 from asgi_helpers import sf
@@ -255,3 +255,22 @@ def test_install_refuses_an_app_it_cannot_close_with() -> None:
 
     with pytest.raises(ff.ConfigurationError, match="Starlette, FastAPI or Quart"):
         ff.install(bare)
+
+
+async def test_a_mounted_apps_limits_use_the_installed_apps_default_storage(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("FINEFLOW_STORAGE_URL", "memory://")
+
+    @ff.limit("2/minute", name="shared")
+    async def inner(request: Request) -> Response:
+        return PlainTextResponse("inner")
+
+    sub = Starlette(routes=[Route("/b", inner)])
+    main = shared_limit_app()
+    main.router.routes.append(Mount("/sub", app=sub))
+    ff.install(main)
+    with caplog.at_level(logging.WARNING, logger="fineflow.middleware"):
+        statuses = [r.status_code for r in await get_all(main, "/a", "/sub/b", "/sub/b")]
+    assert statuses == [200, 200, 429]  # one storage: the installed app's
+    assert not [r for r in caplog.records if "install(app)" in r.getMessage()]

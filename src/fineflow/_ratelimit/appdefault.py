@@ -15,11 +15,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from .._asgi.types import ASGIApp, Receive, Scope, Send
 from .._errors import ConfigurationError
 from .._logfields import log_extra
 from .route import DefaultGate
 
-__all__ = ["app_default", "install", "installed"]
+__all__ = ["OWNER_SCOPE_KEY", "app_default", "app_of", "install"]
+
+#: Where ``install`` marks each request with its app (see ``app_of``).
+OWNER_SCOPE_KEY = "fineflow.app"
 
 logger = logging.getLogger("fineflow.middleware")
 
@@ -36,7 +40,9 @@ def install(app: Any) -> None:
     dependencies) that have neither ``limiter=`` nor a ``RateLimitMiddleware`` around them:
     one per app, from ``FINEFLOW_STORAGE_URL`` / ``FINEFLOW_DSN``, opened on first use.
     ``install`` closes it when the app's lifespan ends (Starlette, FastAPI: after the app's
-    own shutdown) or after it stops serving (Quart's ``after_serving``).
+    own shutdown) or after it stops serving (Quart's ``after_serving``). On Starlette and
+    FastAPI, the limits of apps mounted in ``app`` use ``app``'s default storage too (their
+    own lifespans never run); call it before the app starts (it adds a middleware).
 
     Raises:
         ConfigurationError: ``app`` is neither a Starlette (or FastAPI) nor a Quart app.
@@ -57,6 +63,8 @@ def install(app: Any) -> None:
                 await defaults.aclose()
 
         router.lifespan_context = lifespan
+        if callable(getattr(app, "add_middleware", None)):
+            app.add_middleware(_MarkOwner, owner=app)
     elif callable(getattr(app, "after_serving", None)):  # Quart
         app.after_serving(defaults.aclose)
     else:
@@ -87,6 +95,21 @@ def app_default(app: Any, *, install_hint: str = "fineflow.install(app)") -> Def
     return defaults
 
 
-def installed(app: Any) -> bool:
-    """Whether ``install(app)`` was called."""
-    return app in _INSTALLED
+def app_of(scope: Scope) -> Any:
+    """The app whose default storage decides a request: the outermost app ``install`` set
+    up (so the limits of a mounted sub-app use its parent's), else Starlette's
+    ``scope["app"]`` (``None`` when there is none)."""
+    return scope.get(OWNER_SCOPE_KEY) or scope.get("app")
+
+
+class _MarkOwner:
+    """Marks each request with the installed app (outermost wins): a mounted sub-app's
+    ``scope["app"]`` is the sub-app, whose lifespan never runs."""
+
+    def __init__(self, app: ASGIApp, owner: Any) -> None:
+        self.app = app
+        self.owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault(OWNER_SCOPE_KEY, self.owner)
+        await self.app(scope, receive, send)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, Protocol, cast
 
 from .._asgi.types import ASGIApp, Receive, Scope, Send
-from .appdefault import app_default
+from .appdefault import app_default, app_of
 from .deniedlog import DeniedLog
 from .gate import Headers, adding_headers
 from .limiter import RateLimiter
@@ -94,7 +94,7 @@ def limit(
                 return await limited_view(route, limit_name, endpoint, kwargs)
             request = cast(HasScope, args[0])
             scope = request.scope
-            app = scope.get("app")  # (Starlette's: one default storage per app)
+            app = app_of(scope)  # (one default storage per app)
             default = None if app is None else lambda: app_default(app)
             outcome = await route.decide(scope, limit_name, default=default)
             if outcome is None:

@@ -158,3 +158,18 @@ async def test_a_route_limit_serving_two_apps_keeps_counting_under_each() -> Non
     assert await statuses(two, "/search") == [200]
     assert await statuses(one, "/search") == [200]
     assert decision_counts()[rule, "", "allowed"] == 4
+
+
+async def test_gates_sharing_their_counts_are_exported_once() -> None:
+    """A route limit's gate replaced by one over another limiter keeps the same counts; if
+    both are alive for a moment (a request still holds the old one), a scrape adds them
+    once."""
+    from fineflow._ratelimit.gate import Gate
+
+    rule = unique("shared-counts")
+    hits = [ff.Hit("k", ff.Quota.parse("5/minute"), 1, rule, "")]
+    first = Gate(ff.RateLimiter(ff.MemoryStorage()))
+    second = Gate(ff.RateLimiter(ff.MemoryStorage()), counts=first.counts)
+    await first.decide(hits)
+    await second.decide(hits)
+    assert decision_counts()[rule, "", "allowed"] == 2

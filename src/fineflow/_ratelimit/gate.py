@@ -43,6 +43,8 @@ class Gate:
         shadow: decide, never deny, send no headers.
         deny_app: the ASGI app answering denials instead of the built-in responses.
         denied_log: where denied requests are logged (:meth:`log_denial`), or ``None``.
+        counts: the decision counts to add to (default: the gate's own); a gate that
+            replaces another passes the old one's, so the exported totals never drop.
     """
 
     __slots__ = (
@@ -67,6 +69,7 @@ class Gate:
         shadow: bool = False,
         deny_app: ASGIApp | None = None,
         denied_log: DeniedLog | None = None,
+        counts: DecisionCounts | None = None,
     ) -> None:
         self.limiter = limiter
         self.owned = owned
@@ -75,8 +78,13 @@ class Gate:
         self.shadow = shadow
         self.deny_app = deny_app
         self.denied_log = denied_log
-        self._counts = DecisionCounts(STORAGE_UNAVAILABLE)
+        self._counts = DecisionCounts(STORAGE_UNAVAILABLE) if counts is None else counts
         live.track(self)
+
+    @property
+    def counts(self) -> DecisionCounts:
+        """The decision counts this gate adds to (shared with a gate it replaced)."""
+        return self._counts
 
     def decision_counts(self) -> dict[DecisionKey, int]:
         """The decisions this gate made, by ``(rule, tier, outcome)``."""

@@ -40,9 +40,14 @@ def gates() -> list[Gate]:
 
 
 def decision_counts() -> dict[DecisionKey, int]:
-    """Decisions by ``(rule, tier, outcome)``, summed over the live gates."""
+    """Decisions by ``(rule, tier, outcome)``, summed over the live gates (a count shared
+    by two gates, one replacing the other, once)."""
     total: dict[DecisionKey, int] = {}
+    counted: set[int] = set()
     for gate in gates():
+        if id(gate.counts) in counted:
+            continue
+        counted.add(id(gate.counts))
         for key, n in gate.decision_counts().items():
             total[key] = total.get(key, 0) + n
     return dict(sorted(total.items()))

@@ -12,7 +12,6 @@ lifespan), else the route limit's own, which lives as long as the process.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,6 @@ __all__ = ["DefaultGate", "RouteLimit", "RouteOutcome"]
 logger = logging.getLogger("fineflow.middleware")
 
 _MAX_NAMES = 10_000  # rule sets kept per route limit (one per route it guards)
-_MAX_LIMITERS = 16  # gates kept per route limit (one per limiter it decided under)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +124,10 @@ class RouteLimit:
         self._rulesets: dict[str, RuleSet] = {}
         self._ruleset("route")  # validates the options now, not on a request
         self._rulesets.clear()
-        # One gate per limiter this limit decided under (the given one, or the middlewares'
-        # of the apps it serves), so each keeps its decision counts; a few at most.
-        self._gates: OrderedDict[RateLimiter, Gate] = OrderedDict()
+        # The gate over the limiter last decided under; a gate over another limiter (another
+        # app's middleware) replaces it but keeps adding to the same decision counts, so the
+        # exported totals never drop, and no dropped app's limiter is kept alive.
+        self._gate: Gate | None = None
         self._default = DefaultGate()
 
     def _ruleset(self, name: str) -> RuleSet:
@@ -154,11 +153,11 @@ class RouteLimit:
             limiter = (scope.get("state") or {}).get(LIMITER_STATE)
         if limiter is None:
             return (self._default if default is None else default()).get()
-        gate = self._gates.get(limiter)
+        gate = self._gate
         if gate is None:
-            gate = self._gates[limiter] = Gate(limiter)
-            if len(self._gates) > _MAX_LIMITERS:
-                self._gates.popitem(last=False)
+            gate = self._gate = Gate(limiter)
+        elif gate.limiter is not limiter:
+            gate = self._gate = Gate(limiter, counts=gate.counts)
         return gate
 
     async def decide(

@@ -26,8 +26,8 @@ Theory of operation
   nothing. Every change of state bumps the generation, and the store tells every instance
   (PostgreSQL NOTIFY, Redis pub/sub, a direct call in process).
 * With ``shared_failures=True`` the instances also count a closed breaker's outcomes
-  together: each counts in process and reports a ``Tally`` every ``COUNT_INTERVAL`` at most
-  (never a round trip per call), which ``count_row`` adds to the row of the same closed
+  together: each counts in process and reports a ``Tally`` in batches (``link``'s
+  ``COUNT_INTERVAL`` and ``QUIET_INTERVAL``; never a round trip per call), which ``count_row`` adds to the row of the same closed
   generation (a tally of an older one is stale and dropped):
 
   - the *streak*, failures since the last success as the tallies arrive: a tally with a
@@ -309,7 +309,7 @@ def count_row(
         shorten: jitter factor in ``(0, 1]`` for the open this step may start.
 
     The arithmetic is written in the same order as in ``breaker_count()`` (SQL) and
-    ``lua/breaker.lua`` so that the three agree to the last bit.
+    ``lua/breaker.lua`` (which counts time in milliseconds), so that the three agree.
     """
     if row.state is not CircuitState.CLOSED or row.generation != generation:
         return row

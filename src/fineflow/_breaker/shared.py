@@ -27,8 +27,9 @@ Theory of operation
   (PostgreSQL NOTIFY, Redis pub/sub, a direct call in process).
 * With ``shared_failures=True`` the instances also count a closed breaker's outcomes
   together: each counts in process and reports a ``Tally`` in batches (``link``'s
-  ``COUNT_INTERVAL`` and ``QUIET_INTERVAL``; never a round trip per call), which ``count_row`` adds to the row of the same closed
-  generation (a tally of an older one is stale and dropped):
+  ``COUNT_INTERVAL`` and ``QUIET_INTERVAL``; never a round trip per call), which
+  ``count_row`` adds to the row of the same closed generation (a tally of an older one is
+  stale and dropped):
 
   - the *streak*, failures since the last success as the tallies arrive: a tally with a
     success sets it to the failures after that success, one without adds its failures;

@@ -101,10 +101,10 @@ def install(app: FastAPI, *, problem_json: bool = True) -> None:
     """
     if app in _SET_UP:
         return
-    _SET_UP.add(app)
+    install_default(app)  # (does nothing if fineflow.install(app) did it already)
     if problem_json:
         app.add_exception_handler(RateLimitExceeded, problem_response)
-    install_default(app)  # (does nothing if fineflow.install(app) did it already)
+    _SET_UP.add(app)
 
 
 def _default_gate(app: Any) -> DefaultGate:

@@ -809,3 +809,11 @@ def test_failures_before_an_open_do_not_count_after_a_close_from_another_instanc
     assert m.consecutive_failures == 0
     m.settle(m.admit(3.0), Outcome.FAILURE, 3.0, 3.0)
     assert (m.state, m.consecutive_failures) == (CircuitState.CLOSED, 1)
+
+
+def test_a_closed_period_decided_elsewhere_starts_afresh() -> None:
+    m = BreakerMachine(BreakerConfig(failure_threshold=2), remote=True)
+    m.settle(m.admit(0.0), Outcome.FAILURE, 0.0, 0.0)
+    m.adopt(CircuitState.CLOSED, 1.0, reason="")  # a reset at another instance
+    m.settle(m.admit(2.0), Outcome.FAILURE, 2.0, 2.0)
+    assert (m.state, m.consecutive_failures) == (CircuitState.CLOSED, 1)

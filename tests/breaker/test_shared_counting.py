@@ -186,6 +186,16 @@ async def shared_streak(storage: Any, name: str, p: SharedPolicy) -> int:
     return (await store.count(name, Tally(), p, generation=generation)).failures
 
 
+async def generation_reaches(storage: Any, name: str, expected: int) -> None:
+    """Poll the row until its generation is ``expected`` (a step is on its way)."""
+    store: BreakerStore = storage.breaker_store()
+    with anyio.move_on_after(5.0):
+        while (await store.read(name)).generation != expected:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        return
+    raise AssertionError(f"the generation of {name!r} never reached {expected}")
+
+
 async def streak_reaches(storage: Any, name: str, expected: int) -> None:
     """Poll the row until its shared streak is ``expected`` (the tallies are on their way)."""
     with anyio.move_on_after(5.0):
@@ -443,6 +453,7 @@ async def test_failures_forgotten_by_reset_are_not_reported() -> None:
         assert await a.sync() and await b.sync()
         settle(a, failures=2)
         a.reset()  # before the tally went out
+        await generation_reaches(storage, "forgot", 1)  # the reset, everywhere
         settle(b, failures=1)
         await streak_reaches(storage, "forgot", 1)
         await anyio.sleep(3 * COUNT_INTERVAL)
@@ -482,6 +493,78 @@ async def test_a_tally_the_store_could_not_start_is_sent_with_the_next_one() -> 
         store.refusing = False
         settle(a, failures=1)  # heard again: both failures go now
         await streak_reaches(storage, "refused", 2)
+
+
+class Switchable(DelegatingStore):
+    """A real store that can be taken down: every read, step and count fails while
+    ``down``."""
+
+    def __init__(self, inner: BreakerStore) -> None:
+        super().__init__(inner)
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise OSError("store down")
+
+    async def read(self, name: str) -> SharedState:
+        self._check()
+        return await super().read(name)
+
+    async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
+        self._check()
+        return await super().step(name, action, policy, **kw)
+
+    async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
+        self._check()
+        return await super().count(name, tally, policy, **kw)
+
+
+@pytest.mark.anyio
+async def test_outcomes_gathered_while_the_store_was_away_are_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Failures seen while the store is down are not sent late, as one batch, when it is
+    back (they would land in whatever window is current by then)."""
+    caplog.set_level(logging.INFO, "fineflow.breaker")
+    async with MemoryStorage() as storage:
+        store = Switchable(storage.breaker_store())
+        a = CircuitBreaker("away", failure_threshold=4, shared=Sharing(store), shared_failures=True)
+        assert await a.sync()
+        store.down = True
+        settle(a, failures=2)  # below the local threshold, with the next one too
+        await eventually(
+            lambda: any("unavailable" in r.getMessage() for r in caplog.records),
+            "the store's failure noticed",
+        )
+        store.down = False
+        await eventually(
+            lambda: any("available again" in r.getMessage() for r in caplog.records),
+            "the store back",
+            within=10.0,
+        )
+        settle(a, failures=1)  # counted: the first failure after the store came back
+        await streak_reaches(storage, "away", 1)
+        await anyio.sleep(3 * COUNT_INTERVAL)
+        assert a.state is CLOSED
+        assert await shared_streak(storage, "away", policy()) == 1
+
+
+@pytest.mark.anyio
+async def test_outcomes_before_a_reset_elsewhere_are_not_counted_after_it() -> None:
+    async with MemoryStorage() as storage:
+        a, b = (
+            CircuitBreaker("elsewhere", failure_threshold=3, shared=storage, shared_failures=True)
+            for _ in range(2)
+        )
+        assert await a.sync() and await b.sync()
+        settle(b, failures=2)
+        a.reset()  # closes the (closed) row: a new generation, before b's tally went out
+        await generation_reaches(storage, "elsewhere", 1)
+        settle(b, failures=1)
+        await streak_reaches(storage, "elsewhere", 1)
+        await anyio.sleep(3 * COUNT_INTERVAL)
+        assert (a.state, b.state) == (CLOSED, CLOSED)
 
 
 @pytest.mark.anyio

@@ -274,3 +274,13 @@ async def test_a_mounted_apps_limits_use_the_installed_apps_default_storage(
         statuses = [r.status_code for r in await get_all(main, "/a", "/sub/b", "/sub/b")]
     assert statuses == [200, 200, 429]  # one storage: the installed app's
     assert not [r for r in caplog.records if "install(app)" in r.getMessage()]
+
+
+async def test_install_after_the_app_started_says_to_call_it_at_setup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FINEFLOW_STORAGE_URL", "memory://")
+    app = shared_limit_app()
+    await get_all(app, "/a")  # (serving builds the middleware stack)
+    with pytest.raises(ff.ConfigurationError, match="before the app starts"):
+        ff.install(app)

@@ -92,6 +92,7 @@ class SharedLink:
         self._adopting = False
         self._listening = False
         self._down: str | None = None  # why the store is unavailable, once said
+        self._away = False  # the store failed since the last step that worked
         self._detached = False
         # Pending work for the worker.
         self._close = self._open = self._read = False
@@ -142,9 +143,11 @@ class SharedLink:
         self._tally_pending = True
         self._tally_soon |= soon
         self._kick()
-        if self._worker is None:  # the store cannot run it: drop it, and hear the next call
+        if self._worker is None:
+            # The store cannot run it (closed, or no event loop): drop it and hear the next
+            # failure (only: a closed storage must not cost every call a try).
             self._drop_tally()
-            self._machine.outcomes_reported()
+            self._machine.outcomes_reported(failures_only=True)
 
     def trial_succeeded(self, now: float) -> None:
         """A trial call succeeded; the store counts it towards closing."""
@@ -347,6 +350,8 @@ class SharedLink:
         self._available()
         self._apply(state, own=True, why="failures counted across instances")
         self._streak_up = state.state is _C and state.failures > 0
+        if self._streak_up and self._tally_pending:
+            self._tally_soon = True  # calls settled during the round trip may end it
 
     def _take_tally(self) -> Tally:
         """The closed breaker's outcomes since the last report (none outside CLOSED)."""
@@ -388,6 +393,7 @@ class SharedLink:
     def _unavailable(self, reason: str) -> None:
         self._machine.follow(False)
         self._read = True  # re-read on rejoining
+        self._away = True
         if self._down is None:
             self._down = reason
             logger.warning(
@@ -402,6 +408,11 @@ class SharedLink:
 
     def _available(self) -> None:
         self._machine.follow(True)
+        if self._away:
+            # The outcomes gathered while the store was away are dropped, not sent late as
+            # one batch into whatever window is current by now.
+            self._away = False
+            self._rebase()
         if self._down is not None and self._listening:
             logger.info(
                 "circuit breaker %r: shared state available again (was: %s)",
@@ -426,13 +437,15 @@ class SharedLink:
         if shared.generation < self.generation and not read:
             return  # older than what this instance already adopted (delivered late)
         fresh = shared.generation != self.generation
+        if fresh and self.generation >= 0:
+            self._rebase()  # outcomes before it are not the new generation's to count
         self.generation = shared.generation
         local, target = self._machine.state, shared.state
         if local not in _SHARED:
             return  # a state set by hand stays until reset()
         if target is local:
-            if target is _O or (target is _H and fresh):
-                self._adopt(target, shared, "")  # a new deadline, or a new round
+            if target is _O or fresh:
+                self._adopt(target, shared, "")  # a new deadline, round or closed period
             return
         if not fresh or self._close or (self._open and target is _C):
             # Same generation, another state: this instance moved ahead (a trip, a verdict,

@@ -369,11 +369,13 @@ class BreakerMachine:
         if self._on_outcome is not None:
             self._on_outcome(now, failed)
 
-    def outcomes_reported(self) -> None:
+    def outcomes_reported(self, *, failures_only: bool = False) -> None:
         """The owner has read the totals: tell ``on_outcome`` of the next call and the next
-        failure again."""
+        failure again (``failures_only``: of the next failure only)."""
         if self._on_outcome is not None:
-            self._call_told = self._failure_told = False
+            self._failure_told = False
+            if not failures_only:
+                self._call_told = False
 
     def retry_after(self, now: float) -> float | None:
         """Seconds until a caller may be admitted again, or ``None`` when unknown."""
@@ -495,9 +497,10 @@ class BreakerMachine:
 
         OPEN takes the store's deadline (``open_for`` seconds from ``now``; already OPEN,
         only the deadline changes); HALF_OPEN starts a new round (with no permits while
-        ``remote``); CLOSED closes. The move goes through ``check_transition`` and the
-        transition hook like any other, with ``reason``. DISABLED, FORCED_OPEN and
-        METRICS_ONLY, set by hand, ignore it.
+        ``remote``); CLOSED closes (already CLOSED: a new closed period, its window and
+        consecutive failures afresh, as after ``reset()``). The move goes through
+        ``check_transition`` and the transition hook like any other, with ``reason``.
+        DISABLED, FORCED_OPEN and METRICS_ONLY, set by hand, ignore it.
 
         Raises:
             ValueError: ``state`` is not CLOSED, OPEN or HALF_OPEN.
@@ -515,6 +518,10 @@ class BreakerMachine:
         elif state is _H:  # a new round: trials of the old one no longer count
             self._epoch += 1
             self._new_round(now)
+        else:  # a new closed period decided elsewhere (a reset): start it afresh
+            self._epoch += 1
+            self._new_window()
+            self._failures_in_row = 0
 
     # -- internals --------------------------------------------------------------------------
 

@@ -45,13 +45,20 @@ def install(app: Any) -> None:
     own lifespans never run); call it before the app starts (it adds a middleware).
 
     Raises:
-        ConfigurationError: ``app`` is neither a Starlette (or FastAPI) nor a Quart app.
+        ConfigurationError: ``app`` is neither a Starlette (or FastAPI) nor a Quart app, or
+            a Starlette app has started already.
     """
     if app in _INSTALLED:
         return
-    defaults = _DEFAULTS.setdefault(app, DefaultGate())
     router = getattr(app, "router", None)
     if router is not None and hasattr(router, "lifespan_context"):  # Starlette, FastAPI
+        if getattr(app, "middleware_stack", None) is not None:
+            raise ConfigurationError(
+                "install(app) must be called before the app starts (at setup, next to "
+                "creating it): it adds a middleware, which Starlette refuses afterwards"
+            )
+        defaults = _DEFAULTS.setdefault(app, DefaultGate())
+        app.add_middleware(_MarkOwner, owner=app)
         inner = router.lifespan_context
 
         @asynccontextmanager
@@ -63,10 +70,8 @@ def install(app: Any) -> None:
                 await defaults.aclose()
 
         router.lifespan_context = lifespan
-        if callable(getattr(app, "add_middleware", None)):
-            app.add_middleware(_MarkOwner, owner=app)
     elif callable(getattr(app, "after_serving", None)):  # Quart
-        app.after_serving(defaults.aclose)
+        app.after_serving(_DEFAULTS.setdefault(app, DefaultGate()).aclose)
     else:
         raise ConfigurationError(
             f"install(app) closes the default storage with a Starlette, FastAPI or Quart app; "

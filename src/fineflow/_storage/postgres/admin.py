@@ -34,7 +34,14 @@ class Admin:
         ident = sql.Identifier(schema)
         self._lock = cleanup_lock(schema)
         self._try_lock = sql.SQL("SELECT pg_try_advisory_lock(hashtext(%s))")
-        self._unlock = sql.SQL("SELECT pg_advisory_unlock(hashtext(%s))")
+        self._unlock = sql.SQL("SELECT pg_advisory_unlock(hashtext(%(lock)s))")
+        # (As _unlock, without the server's warning when the session does not hold it.)
+        self._unlock_if_held = sql.SQL(
+            "SELECT pg_advisory_unlock(hashtext(%(lock)s)) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+            "AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) "
+            "= hashtext(%(lock)s)::bigint"
+        )
         self._status = sql.SQL("SELECT * FROM {}.status(%s, %s::bigint)").format(ident)
         self._reset = sql.SQL("SELECT {}.reset(%s, %s)").format(ident)
         self._cleanup = sql.SQL("SELECT {}.cleanup(%s, %s)").format(ident)
@@ -88,19 +95,26 @@ class Admin:
         session holds that lock: then return ``None`` and do nothing."""
         with driver_errors("background cleanup"):
             async with pool.connection() as conn:
-                cur = await conn.execute(self._try_lock, (self._lock,))
-                row = await cur.fetchone()
-                if not (row and row[0]):
-                    return None
+                locked: bool | None = None  # None: the try-lock has not answered
                 try:
+                    cur = await conn.execute(self._try_lock, (self._lock,))
+                    row = await cur.fetchone()
+                    locked = bool(row and row[0])
+                    if not locked:
+                        return None
                     return await _drain(
                         partial(self._cleanup_batch, conn, batch_size, None), batch_size
                     )
                 finally:
-                    # (A connection this fails on is broken: the pool discards it, and the
-                    # server ends the lock with the session.)
-                    with contextlib.suppress(psycopg.Error):
-                        await conn.execute(self._unlock, (self._lock,))
+                    # Interrupted before the answer (a round cancelled by close()), the
+                    # server may have granted the lock all the same: the session goes back
+                    # to the pool, so release it if held. (A connection this fails on is
+                    # broken: the pool discards it, and the server ends the lock with the
+                    # session.)
+                    if locked is not False:
+                        unlock = self._unlock if locked else self._unlock_if_held
+                        with contextlib.suppress(psycopg.Error):
+                            await conn.execute(unlock, {"lock": self._lock})
 
     async def _cleanup_batch(
         self, conn: psycopg.AsyncConnection[Any], batch_size: int, now: int | None

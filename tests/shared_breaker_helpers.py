@@ -78,6 +78,37 @@ class DelegatingStore:
         return self.inner.spawn(work)
 
 
+class Switchable(DelegatingStore):
+    """A real store that can be taken down: while ``down`` every read, step and count
+    fails; ``hold[action]`` (an event) makes steps of that action wait for it; ``sent``
+    lists the actions of the steps sent."""
+
+    def __init__(self, inner: BreakerStore) -> None:
+        super().__init__(inner)
+        self.down = False
+        self.hold: dict[Action, anyio.Event] = {}
+        self.sent: list[Action] = []
+
+    def _check(self) -> None:
+        if self.down:
+            raise OSError("store down")
+
+    async def read(self, name: str) -> SharedState:
+        self._check()
+        return await super().read(name)
+
+    async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
+        self._check()
+        if action in self.hold:
+            await self.hold[action].wait()
+        self.sent.append(action)
+        return await super().step(name, action, policy, **kw)
+
+    async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
+        self._check()
+        return await super().count(name, tally, policy, **kw)
+
+
 class Sharing:
     """A storage whose breaker store is ``store`` (what ``shared=`` takes)."""
 

@@ -12,41 +12,11 @@ import anyio
 import pytest
 
 from fineflow import CircuitBreaker, CircuitOpenError, CircuitState, MemoryStorage
-from fineflow._breaker.shared import Action, BreakerStore, SharedPolicy, SharedState, Tally
+from fineflow._breaker.shared import Action
 from fineflow.testing import FakeClock
-from shared_breaker_helpers import DelegatingStore, Sharing, eventually, in_state
+from shared_breaker_helpers import Sharing, Switchable, eventually, in_state
 
 pytestmark = pytest.mark.anyio
-
-
-class Wrapped(DelegatingStore):
-    """A BreakerStore in front of another: ``down`` fails every step and read,
-    ``hold[action]`` (an event) makes steps of that action wait for it."""
-
-    def __init__(self, inner: BreakerStore) -> None:
-        super().__init__(inner)
-        self.down = False
-        self.hold: dict[Action, anyio.Event] = {}
-        self.sent: list[Action] = []
-
-    def _check(self) -> None:
-        if self.down:
-            raise OSError("store down")
-
-    async def read(self, name: str) -> SharedState:
-        self._check()
-        return await super().read(name)
-
-    async def step(self, name: str, action: Action, policy: SharedPolicy, **kw: Any) -> SharedState:
-        self._check()
-        if action in self.hold:
-            await self.hold[action].wait()
-        self.sent.append(action)
-        return await super().step(name, action, policy, **kw)
-
-    async def count(self, name: str, tally: Tally, policy: SharedPolicy, **kw: Any) -> SharedState:
-        self._check()
-        return await super().count(name, tally, policy, **kw)
 
 
 async def boom() -> None:
@@ -66,7 +36,7 @@ async def test_a_reset_while_a_verdict_is_in_flight_loses_nothing(
 ) -> None:
     clock = FakeClock()
     async with MemoryStorage(clock=clock.time_ns) as storage:
-        store = Wrapped(storage.breaker_store())
+        store = Switchable(storage.breaker_store())
         breaker = CircuitBreaker(
             "svc",
             shared=Sharing(store),
@@ -105,7 +75,7 @@ async def test_an_open_made_while_the_store_was_down_is_dropped_once_recovered(
     when the store is back, its stale open must not open B."""
     clock = FakeClock()
     async with MemoryStorage(clock=clock.time_ns) as storage:
-        store = Wrapped(storage.breaker_store())
+        store = Switchable(storage.breaker_store())
         options: dict[str, Any] = {
             "failure_threshold": 1,
             "reset_timeout": 10,

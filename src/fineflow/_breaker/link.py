@@ -18,7 +18,9 @@ between the machine and a ``BreakerStore`` (see ``shared`` for the row and its r
   the shared streak last seen was above zero: a success ends it), else ``QUIET_INTERVAL``
   after the first call since the last report (the rates need every instance's calls). So an
   instance sends at most one count step per interval, and none while it has no calls. A
-  tally waits for a read of the row when the row's generation is not known yet.
+  tally waits for a read of the row when the row's generation is not known yet. Outcomes
+  from before a new generation (a transition, a reset anywhere) or gathered while the store
+  was away are dropped, never sent into a later period.
 * One worker task at a time (run by the store, so closing the storage stops it) sends the
   pending work, in order of precedence. When the store fails or is slow, the machine goes on
   with its local budget and verdicts (``follow(False)``), the link says so once (WARNING),

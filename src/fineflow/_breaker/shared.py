@@ -315,31 +315,9 @@ def count_row(
     if row.state is not CircuitState.CLOSED or row.generation != generation:
         return row
     if row.counted != row.generation:  # the first tally of this closed generation
-        row = replace(
-            row,
-            counted=row.generation,
-            streak=0,
-            window_start=now,
-            calls=0,
-            failures=0,
-            slow=0,
-            previous_calls=0,
-            previous_failures=0,
-            previous_slow=0,
-        )
-    width = policy.window_seconds
-    if policy.window_calls == 0 and now - row.window_start >= width:
-        ended = math.floor((now - row.window_start) / width)
-        row = replace(  # the current window ended: it becomes the previous one (if adjacent)
-            row,
-            window_start=row.window_start + ended * width,
-            previous_calls=row.calls if ended == 1 else 0,
-            previous_failures=row.failures if ended == 1 else 0,
-            previous_slow=row.slow if ended == 1 else 0,
-            calls=0,
-            failures=0,
-            slow=0,
-        )
+        row = replace(_window_ended(row, now, adjacent=False), counted=row.generation, streak=0)
+    if policy.window_calls == 0:
+        row = _roll_time_window(row, now, policy.window_seconds)
     streak = tally.trailing if tally.successes > 0 else row.streak + tally.failures
     row = replace(
         row,
@@ -349,33 +327,51 @@ def count_row(
         slow=row.slow + tally.slow,
     )
     if policy.window_calls > 0 and row.calls >= policy.window_calls:
-        row = replace(
-            row,
-            previous_calls=row.calls,
-            previous_failures=row.failures,
-            previous_slow=row.slow,
-            calls=0,
-            failures=0,
-            slow=0,
-        )
+        row = _window_ended(row, row.window_start)  # a full count window
+    return _reopen(row, now, policy, shorten) if _trips(row, now, policy) else row
+
+
+def _window_ended(row: SharedRow, start: float, *, adjacent: bool = True) -> SharedRow:
+    """The current window becomes the previous one (none, if not ``adjacent`` to the new
+    one starting at ``start``), and the new one is empty."""
+    return replace(
+        row,
+        window_start=start,
+        previous_calls=row.calls if adjacent else 0,
+        previous_failures=row.failures if adjacent else 0,
+        previous_slow=row.slow if adjacent else 0,
+        calls=0,
+        failures=0,
+        slow=0,
+    )
+
+
+def _roll_time_window(row: SharedRow, now: float, width: float) -> SharedRow:
+    """A time window's row at ``now``: windows ended since its start are rolled over."""
+    if now - row.window_start < width:
+        return row
+    ended = math.floor((now - row.window_start) / width)
+    return _window_ended(row, row.window_start + ended * width, adjacent=ended == 1)
+
+
+def _trips(row: SharedRow, now: float, policy: SharedPolicy) -> bool:
+    """Whether the row's streak, or a rate over the estimated sliding window (the previous
+    window weighted by how much of it still overlaps), reaches its threshold."""
+    if policy.failure_threshold is not None and row.streak >= policy.failure_threshold:
+        return True
     if policy.window_calls > 0:
         weight = 1.0 - row.calls / policy.window_calls
     else:
-        weight = 1.0 - (now - row.window_start) / width
+        weight = 1.0 - (now - row.window_start) / policy.window_seconds
     calls = row.previous_calls * weight + row.calls
+    if calls < policy.minimum_calls or calls <= 0:
+        return False
     failures = row.previous_failures * weight + row.failures
     slow = row.previous_slow * weight + row.slow
-    threshold, failure_rate, slow_rate = (
-        policy.failure_threshold,
-        policy.failure_rate,
-        policy.slow_rate,
+    failure_rate, slow_rate = policy.failure_rate, policy.slow_rate
+    return (failure_rate is not None and failures / calls >= failure_rate) or (
+        slow_rate is not None and slow / calls >= slow_rate
     )
-    trips = threshold is not None and streak >= threshold
-    if not trips and calls >= policy.minimum_calls and calls > 0:
-        trips = (failure_rate is not None and failures / calls >= failure_rate) or (
-            slow_rate is not None and slow / calls >= slow_rate
-        )
-    return _reopen(row, now, policy, shorten) if trips else row
 
 
 _MAX_CHANNEL_BYTES = 63  # PostgreSQL's identifier limit (NAMEDATALEN - 1)

@@ -12,14 +12,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
-from quart import (
-    Response,
-    current_app,
-    has_websocket_context,
-    make_response,
-    request,
-    websocket,
-)
+from quart import Response, has_websocket_context, make_response, request, websocket
+from quart.globals import request_ctx, websocket_ctx
 from quart.typing import ResponseTypes
 
 from .._asgi.problem import ProblemResponse
@@ -51,9 +45,10 @@ async def limited_view(
 
 
 def _app_default() -> DefaultGate:
-    # The app behind Quart's context proxy (the documented way to reach it: the proxy
-    # itself is the same object for every app).
-    return app_default(current_app._get_current_object())  # type: ignore[attr-defined]
+    # The app serving this request (the context's, not the ``current_app`` proxy: the
+    # default storage is kept per app object).
+    context = websocket_ctx if has_websocket_context() else request_ctx
+    return app_default(context.app)
 
 
 def _quart_response(problem: ProblemResponse) -> Response:

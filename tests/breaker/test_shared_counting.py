@@ -537,6 +537,26 @@ async def test_outcomes_before_a_reset_elsewhere_are_not_counted_after_it() -> N
 
 
 @pytest.mark.anyio
+async def test_a_failure_right_after_this_instances_reset_counts(
+    instances: Callable[[], Any],
+) -> None:
+    """The reset's own confirmation (its reply or notification, after the failure) is not a
+    new period decided elsewhere: the failure counts."""
+    async with opened(instances, 2) as (one, two):
+        a, b = (
+            CircuitBreaker("own-reset", failure_threshold=2, shared=s, shared_failures=True)
+            for s in (one, two)
+        )
+        assert await a.sync() and await b.sync()
+        a.reset()
+        settle(a, failures=1)  # before the store confirmed the reset
+        await streak_reaches(one, "own-reset", 1)
+        settle(b, failures=1)
+        await in_state(a, OPEN, "two failures across instances")
+        await in_state(b, OPEN)
+
+
+@pytest.mark.anyio
 async def test_a_registry_counts_its_breakers_failures_across_instances() -> None:
     async with MemoryStorage() as storage:
         one = BreakerRegistry(shared=storage, shared_failures=True, failure_threshold=2)

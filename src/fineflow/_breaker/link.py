@@ -98,6 +98,7 @@ class SharedLink:
         self._detached = False
         # Pending work for the worker.
         self._close = self._open = self._read = False
+        self._closing = False  # this instance's reset is on its way to the store
         self._want = 0
         self._verdicts: deque[tuple[int, Action]] = deque(maxlen=16)
         self._worker: Task | None = None
@@ -291,11 +292,11 @@ class SharedLink:
         store, name, policy = self._store, self.name, self._policy
         shorten = 1.0 - self._machine.config.jitter * self._random()
         if self._close:
-            self._close = False
+            self._close, self._closing = False, True
             try:
                 state = await store.step(name, Action.CLOSE, policy)
             except Exception:
-                self._close = True
+                self._close, self._closing = True, False
                 raise
         elif self._open:
             self._open = False
@@ -336,6 +337,7 @@ class SharedLink:
             return
         self._available()
         self._apply(state, own=True)
+        self._closing = False  # (this instance's own close, confirmed: see _apply)
 
     async def _report(self) -> None:
         """Send the outcomes counted since the last report (a count step). A tally that
@@ -439,15 +441,19 @@ class SharedLink:
         if shared.generation < self.generation and not read:
             return  # older than what this instance already adopted (delivered late)
         fresh = shared.generation != self.generation
-        if fresh and self.generation >= 0:
-            self._rebase()  # outcomes before it are not the new generation's to count
+        known = self.generation >= 0  # (the first read is no new period: just the first news)
         self.generation = shared.generation
         local, target = self._machine.state, shared.state
         if local not in _SHARED:
             return  # a state set by hand stays until reset()
         if target is local:
-            if target is _O or fresh:
-                self._adopt(target, shared, "")  # a new deadline, round or closed period
+            if target is _O or (target is _H and fresh):
+                self._adopt(target, shared, "")  # a new deadline, or a new round
+            elif target is _C and fresh and known and not self._closing:
+                # A new closed period decided elsewhere (a reset, or a close this instance
+                # missed): start it afresh here too, and report nothing from before it.
+                self._rebase()
+                self._adopt(target, shared, "")
             return
         if not fresh or self._close or (self._open and target is _C):
             # Same generation, another state: this instance moved ahead (a trip, a verdict,

@@ -197,6 +197,17 @@ async def generation_reaches(storage: Any, name: str, expected: int) -> None:
     raise AssertionError(f"the generation of {name!r} never reached {expected}")
 
 
+async def counting(name: str, threshold: int, *storages: Any) -> list[CircuitBreaker]:
+    """Breakers called ``name`` counting failures together, one per storage, synced."""
+    breakers = [
+        CircuitBreaker(name, failure_threshold=threshold, shared=s, shared_failures=True)
+        for s in storages
+    ]
+    for b in breakers:
+        assert await b.sync()
+    return breakers
+
+
 async def streak_reaches(storage: Any, name: str, expected: int) -> None:
     """Poll the row until its shared streak is ``expected`` (the tallies are on their way)."""
     with anyio.move_on_after(5.0):
@@ -400,11 +411,7 @@ async def test_a_healthy_instances_calls_count_in_the_shared_rate() -> None:
 @pytest.mark.anyio
 async def test_a_success_after_a_quiet_spell_ends_the_shared_streak() -> None:
     async with MemoryStorage() as storage:
-        a, b = (
-            CircuitBreaker("quiet", failure_threshold=4, shared=storage, shared_failures=True)
-            for _ in range(2)
-        )
-        assert await a.sync() and await b.sync()
+        a, b = await counting("quiet", 4, storage, storage)
         settle(a, failures=2)
         await streak_reaches(storage, "quiet", 2)
         await anyio.sleep(3 * COUNT_INTERVAL)  # nothing to report for a while
@@ -440,11 +447,7 @@ async def test_a_tally_waits_for_the_row_to_be_read() -> None:
 @pytest.mark.anyio
 async def test_failures_forgotten_by_reset_are_not_reported() -> None:
     async with MemoryStorage() as storage:
-        a, b = (
-            CircuitBreaker("forgot", failure_threshold=3, shared=storage, shared_failures=True)
-            for _ in range(2)
-        )
-        assert await a.sync() and await b.sync()
+        a, b = await counting("forgot", 3, storage, storage)
         settle(a, failures=2)
         a.reset()  # before the tally went out
         await generation_reaches(storage, "forgot", 1)  # the reset, everywhere
@@ -522,11 +525,7 @@ async def test_outcomes_gathered_while_the_store_was_away_are_dropped(
 @pytest.mark.anyio
 async def test_outcomes_before_a_reset_elsewhere_are_not_counted_after_it() -> None:
     async with MemoryStorage() as storage:
-        a, b = (
-            CircuitBreaker("elsewhere", failure_threshold=3, shared=storage, shared_failures=True)
-            for _ in range(2)
-        )
-        assert await a.sync() and await b.sync()
+        a, b = await counting("elsewhere", 3, storage, storage)
         settle(b, failures=2)
         a.reset()  # closes the (closed) row: a new generation, before b's tally went out
         await generation_reaches(storage, "elsewhere", 1)
@@ -543,11 +542,7 @@ async def test_a_failure_right_after_this_instances_reset_counts(
     """The reset's own confirmation (its reply or notification, after the failure) is not a
     new period decided elsewhere: the failure counts."""
     async with opened(instances, 2) as (one, two):
-        a, b = (
-            CircuitBreaker("own-reset", failure_threshold=2, shared=s, shared_failures=True)
-            for s in (one, two)
-        )
-        assert await a.sync() and await b.sync()
+        a, b = await counting("own-reset", 2, one, two)
         a.reset()
         settle(a, failures=1)  # before the store confirmed the reset
         await streak_reaches(one, "own-reset", 1)
